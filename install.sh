@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Sets up task-broker on this machine: Node 24 when the system's is too old, the npm dependencies,
+# the TypeScript build, and (when Go is present) the local Kubernetes control plane of test/cluster.
+# Idempotent: a second run skips what is already up to date. One line of output per step.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cd "$root"
+
+NODE_VERSION=24.21.0   # the npm registry's `node` package, used only when the system Node is < 22
+GO_MIN=1.26            # test/cluster/go.mod's `go` line
+KUBE_VERSION=v1.36.3   # k8s.io/kubernetes in test/cluster/go.mod
+
+step() { printf '==> %s\n' "$*"; }
+fail() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
+
+version_ge() { # version_ge A B: A >= B (dotted numbers)
+  [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]
+}
+
+# --- Node -------------------------------------------------------------------------------------
+command -v npm >/dev/null 2>&1 || fail "npm is missing: install Node.js and npm (any version) first, e.g. apt-get install nodejs npm"
+local_node="$root/.node/node_modules/node/bin/node"
+system_node=$(command -v node 2>/dev/null || true)
+system_major=0
+[ -n "$system_node" ] && system_major=$("$system_node" -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+if [ "$system_major" -ge 22 ] && [ ! -x "$local_node" ]; then
+  step "Node: using the system's $("$system_node" --version)"
+else
+  if [ ! -x "$local_node" ] || [ "$("$local_node" --version)" != "v$NODE_VERSION" ]; then
+    step "Node: system Node is ${system_major:-missing} (< 22): installing Node $NODE_VERSION from the npm registry into .node/"
+    rm -rf "$root/.node"
+    npm install --prefix "$root/.node" --no-save --no-package-lock --no-audit --no-fund --loglevel=error \
+      "node@$NODE_VERSION" >/dev/null || fail "could not install node@$NODE_VERSION from the npm registry"
+    [ -x "$local_node" ] || fail "node@$NODE_VERSION installed, but $local_node is missing"
+  else
+    step "Node: using $("$local_node" --version) from .node/ (system Node is ${system_major} < 22)"
+  fi
+  export PATH="$root/.node/node_modules/node/bin:$PATH"
+fi
+
+# --- npm dependencies and build ---------------------------------------------------------------
+lock_hash=$(sha256sum package-lock.json | cut -d' ' -f1)
+if [ -f node_modules/.install-stamp ] && [ "$(cat node_modules/.install-stamp)" = "$lock_hash" ]; then
+  step "npm: dependencies up to date"
+else
+  step "npm: npm ci"
+  npm ci --no-audit --no-fund --loglevel=error >/dev/null || fail "npm ci failed"
+  echo "$lock_hash" > node_modules/.install-stamp
+fi
+step "build: tsc"
+npm run --silent build || fail "the TypeScript build failed"
+
+# --- test/cluster -----------------------------------------------------------------------------
+bin_dir="$root/.cache/cluster-bin"
+if ! command -v go >/dev/null 2>&1; then
+  step "Go not found: skipping test/cluster (integration tests, 'npm test' and 'broker dev-cluster' need it; install Go >= $GO_MIN)"
+  exit 0
+fi
+go_version=$(go env GOVERSION | sed 's/^go//')
+version_ge "$go_version" "$GO_MIN" || fail "Go $go_version is older than $GO_MIN, which test/cluster needs"
+
+stamp=$( { echo "$KUBE_VERSION $go_version"; cd test/cluster && find . -name '*.go' -o -name go.mod -o -name go.sum | sort | xargs sha256sum; } | sha256sum | cut -d' ' -f1)
+if [ -x "$bin_dir/kube-apiserver" ] && [ -x "$bin_dir/kubectl" ] && [ -f "$bin_dir/.stamp" ] && [ "$(cat "$bin_dir/.stamp")" = "$stamp" ]; then
+  step "test/cluster: kube-apiserver and kubectl $KUBE_VERSION up to date"
+  exit 0
+fi
+step "test/cluster: building kube-apiserver and kubectl $KUBE_VERSION with Go $go_version (minutes when cold; log in .cache/go-build.log)"
+mkdir -p "$bin_dir"
+v=k8s.io/component-base/version
+ldflags="-s -w -X $v.gitVersion=$KUBE_VERSION -X $v.gitMajor=1 -X $v.gitMinor=36 -X $v.gitTreeState=clean -X $v.buildDate=2026-01-01T00:00:00Z"
+started=$(date +%s)
+# go.sum is committed and complete, so the checksum database is not needed (it is not reachable here);
+# GOTOOLCHAIN=local: never fetch another Go toolchain.
+if ! (cd test/cluster && export GOSUMDB=off GOTOOLCHAIN=local GOFLAGS=-mod=readonly &&
+      go build -trimpath -ldflags "$ldflags" -o "$bin_dir/kube-apiserver.new" ./cmd/kube-apiserver &&
+      go build -trimpath -ldflags "$ldflags" -o "$bin_dir/kubectl.new" ./cmd/kubectl) >"$root/.cache/go-build.log" 2>&1; then
+  tail -n 20 "$root/.cache/go-build.log" >&2
+  fail "building test/cluster failed (full log: .cache/go-build.log)"
+fi
+mv "$bin_dir/kube-apiserver.new" "$bin_dir/kube-apiserver"
+mv "$bin_dir/kubectl.new" "$bin_dir/kubectl"
+echo "$stamp" > "$bin_dir/.stamp"
+step "test/cluster: built in $(( $(date +%s) - started )) s"

@@ -1,0 +1,61 @@
+/**
+ * `broker`: the command line for people and CI. The exec credential plugin has its own lean entry
+ * (bin/broker dispatches `broker credential` there before this module is loaded).
+ */
+import { readFileSync } from 'node:fs';
+import { Command, CommanderError } from 'commander';
+import { BrokerError, isBrokerError } from '../errors.ts';
+import { EXIT, exitCodeFor } from './exit-codes.ts';
+import { devClusterCommand } from './dev-cluster.ts';
+import { style } from './output.ts';
+
+export function buildProgram(): Command {
+  const program = new Command('broker')
+    .description('task-broker: short-lived, per-task Kubernetes access for agents, people and CI')
+    .version(packageVersion(), '-V, --version')
+    .showHelpAfterError('(run with --help for usage)')
+    .exitOverride()
+    .addHelpText('after', '\nExample:\n  eval "$(broker dev-cluster up)"   # a local kube-apiserver to try task-broker against\n\nExit codes: see docs/cli.md (0 ok, 1 error, 2 usage).');
+  program.addCommand(devClusterCommand());
+  // Subcommands inherit exit handling and error display.
+  const inherit = (cmd: Command) => {
+    cmd.exitOverride().showHelpAfterError('(run with --help for usage)');
+    cmd.commands.forEach(inherit);
+  };
+  program.commands.forEach(inherit);
+  return program;
+}
+
+function packageVersion(): string {
+  const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
+  return pkg.version;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const program = buildProgram();
+  try {
+    await program.parseAsync(argv, { from: 'user' });
+    return EXIT.ok;
+  } catch (err) {
+    return report(err);
+  }
+}
+
+function report(err: unknown): number {
+  if (err instanceof CommanderError) {
+    // Commander has already printed its message (and help, when asked for).
+    if (err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.code === 'commander.help') return EXIT.ok;
+    if (err.code === 'commander.executeSubCommandAsync') return err.exitCode;
+    return err.exitCode === 0 ? EXIT.ok : EXIT.usage;
+  }
+  if (isBrokerError(err)) {
+    const field = err.field ? ` (${err.field})` : '';
+    process.stderr.write(`${style.error('error')}: ${err.message}${field} [${err.code}]\n`);
+    return exitCodeFor(err.code);
+  }
+  const internal = new BrokerError('internal', 'unexpected failure', { cause: err });
+  process.stderr.write(`${style.error('error')}: ${internal.message}: ${err instanceof Error ? err.message : String(err)} [internal]\n`);
+  return EXIT.error;
+}
+
+process.exitCode = await main(process.argv.slice(2));

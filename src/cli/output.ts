@@ -1,0 +1,21 @@
+import chalk from 'chalk';
+import { Option } from 'commander';
+
+export type OutputFormat = 'text' | 'json';
+
+/** `-o json|text`, the same on every command that prints data. */
+export function outputOption(): Option {
+  return new Option('-o, --output <format>', 'output format').choices(['text', 'json']).default('text');
+}
+
+/** One JSON document on stdout, for scripts. */
+export function printJson(value: unknown): void {
+  process.stdout.write(JSON.stringify(value, null, 2) + '\n');
+}
+
+/** Colour only on a TTY and never with NO_COLOR set: chalk's own detection handles both. */
+export const style = {
+  error: (s: string) => chalk.red(s),
+  dim: (s: string) => chalk.dim(s),
+  ok: (s: string) => chalk.green(s),
+};
