@@ -4,13 +4,32 @@
  * the two in sync in both directions).
  */
 export const ERROR_CODES = {
+  // command line
   usage: 'The command line was not understood: an unknown command, flag or missing argument.',
-  invalid_argument: 'A value given on the command line or in a request is not valid; `field` names it.',
+  invalid_argument: 'A value in a request or on the command line is not valid; `field` names it.',
+  // local control plane (test/cluster, broker dev-cluster)
   cluster_binaries_missing:
     'The local control plane (test/cluster) has not been built: run ./install.sh with Go installed.',
   cluster_start_failed: 'The local kube-apiserver did not become ready; the message quotes its log.',
   cluster_not_found: 'No local control plane state was found in the given directory.',
   cluster_dir_not_empty: 'dev-cluster up was given a directory that exists and is not empty.',
+  // policy
+  policy_invalid: 'The policy file failed validation; each problem names its path and line.',
+  // broker API
+  bad_request: 'The request body is not valid JSON, or not the JSON object the endpoint takes.',
+  body_too_large: 'The request body is larger than the broker accepts.',
+  unauthenticated: 'The caller could not be identified: no credential, or one the broker does not accept.',
+  forbidden: 'The caller is known but the policy does not allow this action (for example another agent\'s task).',
+  not_found: 'No such task (or other object) exists.',
+  unknown_template: 'The policy has no template of that name.',
+  namespace_not_allowed: 'The template does not allow tasks in that namespace.',
+  ttl_out_of_range: 'The requested TTL is below the minimum or above the template\'s maximum.',
+  task_exists: 'The agent already has an active task of that name.',
+  no_active_task: 'The agent has no active task of that name: start one first.',
+  audit_unavailable: 'The audit log cannot be written; the broker refuses to act without recording (fail closed).',
+  audit_chain_broken: 'audit verify found a record whose hash chain does not hold; the message names it.',
+  cluster_unavailable: 'The Kubernetes API server could not be reached or refused the broker\'s request.',
+  broker_unreachable: 'The broker could not be reached at the URL given (--broker / BROKER_URL).',
   internal: 'An unexpected failure inside task-broker. The message is generic; details go to the log.',
 } as const satisfies Record<string, string>;
 
