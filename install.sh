@@ -21,20 +21,25 @@ version_ge() { # version_ge A B: A >= B (dotted numbers)
 # --- Node -------------------------------------------------------------------------------------
 command -v npm >/dev/null 2>&1 || fail "npm is missing: install Node.js and npm (any version) first, e.g. apt-get install nodejs npm"
 local_node="$root/.node/node_modules/node/bin/node"
-system_node=$(command -v node 2>/dev/null || true)
+# The system's node: whatever PATH finds outside this project's .node/.
+system_path=$(printf '%s' "$PATH" | tr ':' '\n' | grep -vF "$root/.node" | grep -vF "$root/node_modules" | paste -sd: -)
+system_node=$(PATH="$system_path" command -v node 2>/dev/null || true)
 system_major=0
 [ -n "$system_node" ] && system_major=$("$system_node" -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
-if [ "$system_major" -ge 22 ] && [ ! -x "$local_node" ]; then
+use_local=0
+if [ "$system_major" -ge 22 ]; then
   step "Node: using the system's $("$system_node" --version)"
 else
+  use_local=1
+  described=${system_node:+Node $system_major}
   if [ ! -x "$local_node" ] || [ "$("$local_node" --version)" != "v$NODE_VERSION" ]; then
-    step "Node: system Node is ${system_major:-missing} (< 22): installing Node $NODE_VERSION from the npm registry into .node/"
+    step "Node: system has ${described:-no Node} (< 22): installing Node $NODE_VERSION from the npm registry into .node/"
     rm -rf "$root/.node"
     npm install --prefix "$root/.node" --no-save --no-package-lock --no-audit --no-fund --loglevel=error \
       "node@$NODE_VERSION" >/dev/null || fail "could not install node@$NODE_VERSION from the npm registry"
     [ -x "$local_node" ] || fail "node@$NODE_VERSION installed, but $local_node is missing"
   else
-    step "Node: using $("$local_node" --version) from .node/ (system Node is ${system_major} < 22)"
+    step "Node: using $("$local_node" --version) from .node/ (system has ${described:-no Node}, < 22)"
   fi
   export PATH="$root/.node/node_modules/node/bin:$PATH"
 fi
@@ -47,6 +52,10 @@ else
   step "npm: npm ci"
   npm ci --no-audit --no-fund --loglevel=error >/dev/null || fail "npm ci failed"
   echo "$lock_hash" > node_modules/.install-stamp
+fi
+if [ "$use_local" = 1 ]; then
+  # npm scripts put node_modules/.bin first on PATH: this makes `npm test` run on Node 24 too.
+  ln -sf "$local_node" node_modules/.bin/node
 fi
 step "build: tsc"
 npm run --silent build || fail "the TypeScript build failed"

@@ -2,7 +2,7 @@
  * LocalCluster: a real kube-apiserver (with an embedded etcd) on random loopback ports in a fresh
  * directory, built from Go modules by test/cluster. Used by the tests and by `broker dev-cluster`.
  *
- * What it sets up: RBAC (never AlwaysAllow), service-account token issuance (an ECDSA signing key),
+ * What it sets up: RBAC (never allow-all authorization), service-account token issuance (an ECDSA signing key),
  * an admin identity in `system:masters` (a static token, kept only in this directory), a Metadata-level
  * audit policy with a log file, and, when asked, an audit webhook pointing at a given URL.
  */

@@ -1,0 +1,49 @@
+/** The command line's contract: help, usage errors and their exit codes (docs/cli.md). */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { run } from '../helpers/kube.ts';
+import { EXIT } from '../../src/cli/exit-codes.ts';
+
+const broker = new URL('../../bin/broker', import.meta.url).pathname;
+
+test('an unknown flag prints usage help and exits with the usage code', async () => {
+  const res = await run(broker, ['dev-cluster', 'up', '--no-such-flag']);
+  assert.equal(res.code, EXIT.usage);
+  assert.match(res.stderr, /unknown option '--no-such-flag'/);
+  assert.match(res.stderr, /run with --help for usage/);
+  assert.equal(res.stdout, '');
+});
+
+test('an unknown command exits with the usage code', async () => {
+  const res = await run(broker, ['frobnicate']);
+  assert.equal(res.code, EXIT.usage);
+  assert.match(res.stderr, /unknown command 'frobnicate'/);
+});
+
+test('a missing required option exits with the usage code and names it', async () => {
+  const res = await run(broker, ['dev-cluster', 'down']);
+  assert.equal(res.code, EXIT.usage);
+  assert.match(res.stderr, /required option '--dir <dir>' not specified/);
+});
+
+test('-o takes only json or text', async () => {
+  const res = await run(broker, ['dev-cluster', 'up', '-o', 'yaml']);
+  assert.equal(res.code, EXIT.usage);
+  assert.match(res.stderr, /Allowed choices are text, json/);
+});
+
+test('--help shows an example and exits 0', async () => {
+  for (const args of [['--help'], ['dev-cluster', 'up', '--help'], ['dev-cluster', 'down', '--help']]) {
+    const res = await run(broker, args);
+    assert.equal(res.code, EXIT.ok, args.join(' '));
+    assert.match(res.stdout, /Example:\n/, args.join(' '));
+  }
+});
+
+test('docs/cli.md documents every exit code with its number', () => {
+  const doc = readFileSync(new URL('../../docs/cli.md', import.meta.url), 'utf8');
+  for (const [name, code] of Object.entries(EXIT)) {
+    assert.match(doc, new RegExp(`^\\| ${code} \\| \`${name}\` \\|`, 'm'), `exit code ${code} (${name})`);
+  }
+});
