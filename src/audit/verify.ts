@@ -1,0 +1,249 @@
+/**
+ * The audit chain rule, in one place: how a record is serialized for hashing, and how a file of
+ * records is walked and checked. AuditLog (log.ts) writes with the same functions it verifies with.
+ *
+ * Canonical JSON of a record (the text that is hashed): the record without `hash`, serialized with no
+ * whitespace by JSON.stringify rules, top-level keys in RECORD_FIELD_ORDER (absent optional fields
+ * left out), then any unlisted keys in UTF-16 code-unit order, then `prev`; nested object keys in
+ * code-unit order, arrays in their order. The line on disk is that text with `,"hash":"<hex>"`
+ * inserted before the closing brace, then "\n" — so `hash` is SHA-256 over the line minus its hash
+ * member. docs/audit.md gives a shell recipe.
+ */
+import { createHash } from 'node:crypto';
+import { open, type FileHandle } from 'node:fs/promises';
+import { BrokerError } from '../errors.ts';
+import {
+  AUDIT_OUTCOMES,
+  GENESIS_HASH,
+  OPTIONAL_STRING_FIELDS,
+  RECORD_FIELD_ORDER,
+  type VerifyResult,
+} from './types.ts';
+
+export type { VerifyResult } from './types.ts';
+
+export interface VerifyOptions {
+  /**
+   * The hash the last record must have (kept outside the log, e.g. from an earlier `verify`). The
+   * chain alone cannot show that records were cut from the end; this can.
+   */
+  expectLast?: string | undefined;
+}
+
+/** A line longer than this is not a record (records are a few hundred bytes, details at most 8 KiB). */
+const MAX_LINE_BYTES = 1 << 20;
+const HEX64 = /^[0-9a-f]{64}$/;
+
+/** Canonical JSON of a record without its `hash` member: the text `hash` is computed over. */
+export function canonicalRecordJson(value: object): string {
+  const record = value as Readonly<Record<string, unknown>>;
+  const listed: readonly string[] = RECORD_FIELD_ORDER;
+  const keys: string[] = listed.filter((k) => record[k] !== undefined);
+  const extra = Object.keys(record)
+    .filter((k) => !listed.includes(k) && k !== 'prev' && k !== 'hash' && record[k] !== undefined)
+    .sort();
+  keys.push(...extra, 'prev');
+  return '{' + keys.map((k) => JSON.stringify(k) + ':' + canonicalValue(record[k])).join(',') + '}';
+}
+
+function canonicalValue(value: unknown): string {
+  if (value === null || typeof value !== 'object') {
+    const text = JSON.stringify(value) as string | undefined;
+    if (text === undefined) throw new TypeError(`not a JSON value: ${typeof value}`);
+    return text;
+  }
+  if (Array.isArray(value)) return '[' + value.map((v) => canonicalValue(v ?? null)).join(',') + ']';
+  const obj = value as Record<string, unknown>;
+  const keys = Object.keys(obj)
+    .filter((k) => obj[k] !== undefined)
+    .sort();
+  return '{' + keys.map((k) => JSON.stringify(k) + ':' + canonicalValue(obj[k])).join(',') + '}';
+}
+
+export function sha256Hex(text: string): string {
+  return createHash('sha256').update(text, 'utf8').digest('hex');
+}
+
+/** The line as written (without its "\n") for a record whose canonical JSON and hash are given. */
+export function recordLine(canonical: string, hash: string): string {
+  return `${canonical.slice(0, -1)},"hash":"${hash}"}`;
+}
+
+/**
+ * Walks a chain one line at a time and remembers the first break. Used by verifyAuditText,
+ * verifyAuditFile and AuditLog.open.
+ */
+export class ChainVerifier {
+  #records = 0;
+  #lastHash = GENESIS_HASH;
+  #line = 0;
+  #failure: Extract<VerifyResult, { ok: false }> | undefined;
+
+  get broken(): boolean {
+    return this.#failure !== undefined;
+  }
+
+  /** One line, without its terminating "\n". Does nothing once the chain is broken. */
+  push(line: string): void {
+    if (this.#failure) return;
+    this.#line++;
+    const expectedSeq = this.#records;
+    if (line === '') return this.#fail('empty line');
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(line);
+    } catch {
+      return this.#fail('not valid JSON (a garbled or cut line)');
+    }
+    if (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed)) return this.#fail('not a JSON object');
+    const rec = parsed as Record<string, unknown>;
+    const seq = Number.isSafeInteger(rec['seq']) && (rec['seq'] as number) >= 0 ? (rec['seq'] as number) : undefined;
+    const bad = shapeProblem(rec);
+    if (bad) return this.#fail(bad, seq);
+    const canonical = canonicalRecordJson(rec);
+    const hash = sha256Hex(canonical);
+    if (hash !== rec['hash']) return this.#fail('hash does not match the record\'s contents (the record was altered)', seq);
+    if (recordLine(canonical, hash) !== line) return this.#fail('the line is not in canonical form (it was rewritten)', seq);
+    if (seq !== expectedSeq) {
+      return this.#fail(`seq ${seq} where ${expectedSeq} was expected (a record was removed, inserted or moved)`, seq);
+    }
+    if (rec['prev'] !== this.#lastHash) {
+      return this.#fail(
+        expectedSeq === 0
+          ? 'prev of the first record is not 64 zeros (records before it were removed)'
+          : 'prev does not match the hash of the previous record (the previous record was altered, removed or moved)',
+        seq,
+      );
+    }
+    this.#records++;
+    this.#lastHash = hash;
+  }
+
+  /** A line that could not even be read as text. */
+  pushUnreadable(reason: string): void {
+    if (this.#failure) return;
+    this.#line++;
+    this.#fail(reason);
+  }
+
+  /**
+   * The result. `incompleteTail`: bytes after the last "\n", if any (a broker-written file always
+   * ends with "\n", so these are a torn write or a cut file).
+   */
+  finish(incompleteTail: boolean, options: VerifyOptions = {}): VerifyResult {
+    if (!this.#failure && incompleteTail) {
+      this.#line++;
+      this.#fail('the last line is incomplete (no trailing newline): a torn write or a cut file');
+    }
+    if (this.#failure) return this.#failure;
+    if (options.expectLast !== undefined && options.expectLast !== this.#lastHash) {
+      return {
+        ok: false,
+        records: this.#records,
+        line: Math.max(this.#records, 1),
+        ...(this.#records > 0 ? { seq: this.#records - 1 } : {}),
+        reason: `the last record's hash ${this.#lastHash} is not the expected ${options.expectLast} (records were cut from the end, or added)`,
+      };
+    }
+    return { ok: true, records: this.#records, lastHash: this.#lastHash };
+  }
+
+  #fail(reason: string, seq?: number): void {
+    this.#failure = { ok: false, records: this.#records, line: this.#line, ...(seq === undefined ? {} : { seq }), reason };
+  }
+}
+
+function shapeProblem(rec: Record<string, unknown>): string | undefined {
+  const { seq, time, type, actor, prev, hash, outcome, details } = rec;
+  if (!Number.isSafeInteger(seq) || (seq as number) < 0) return 'field seq is missing or not a non-negative integer';
+  if (typeof time !== 'string' || Number.isNaN(Date.parse(time))) return 'field time is missing or not a timestamp';
+  if (typeof type !== 'string' || type === '') return 'field type is missing or empty';
+  if (typeof actor !== 'string' || actor === '') return 'field actor is missing or empty';
+  if (typeof prev !== 'string' || !HEX64.test(prev)) return 'field prev is missing or not 64 hex digits';
+  if (typeof hash !== 'string' || !HEX64.test(hash)) return 'field hash is missing or not 64 hex digits';
+  for (const k of OPTIONAL_STRING_FIELDS) {
+    if (rec[k] !== undefined && typeof rec[k] !== 'string') return `field ${k} is not a string`;
+  }
+  if (outcome !== undefined && !(AUDIT_OUTCOMES as readonly unknown[]).includes(outcome)) return `field outcome is not one of ${AUDIT_OUTCOMES.join(', ')}`;
+  if (details !== undefined && (details === null || typeof details !== 'object' || Array.isArray(details))) return 'field details is not an object';
+  return undefined;
+}
+
+/** Verify the chain in a string holding a whole audit file. */
+export function verifyAuditText(text: string, options: VerifyOptions = {}): VerifyResult {
+  const v = new ChainVerifier();
+  const lines = text.split('\n');
+  const tail = lines.pop() ?? '';
+  for (const line of lines) {
+    v.push(line);
+    if (v.broken) break;
+  }
+  return v.finish(tail !== '', options);
+}
+
+/** Verify the chain of an audit file, streaming it (the file may be large). */
+export async function verifyAuditFile(path: string, options: VerifyOptions = {}): Promise<VerifyResult> {
+  const fh = await open(path, 'r');
+  try {
+    return await verifyHandle(fh, options);
+  } finally {
+    await fh.close();
+  }
+}
+
+/** @internal Verify from an open handle, reading from offset 0 (AuditLog.open uses the handle it appends to). */
+export async function verifyHandle(fh: Pick<FileHandle, 'read'>, options: VerifyOptions = {}): Promise<VerifyResult> {
+  const v = new ChainVerifier();
+  const decoder = new TextDecoder('utf-8', { fatal: true });
+  const buf = Buffer.allocUnsafe(1 << 20);
+  let carry: Buffer[] = [];
+  let carryBytes = 0;
+  let position = 0;
+  const pushLine = (bytes: Uint8Array) => {
+    let text: string;
+    try {
+      text = decoder.decode(bytes);
+    } catch {
+      v.pushUnreadable('not valid UTF-8 (a garbled line)');
+      return;
+    }
+    v.push(text);
+  };
+  for (;;) {
+    const { bytesRead } = await fh.read(buf, 0, buf.length, position);
+    if (bytesRead === 0) break;
+    position += bytesRead;
+    let start = 0;
+    for (;;) {
+      const nl = buf.indexOf(0x0a, start);
+      if (nl === -1 || nl >= bytesRead) {
+        if (start < bytesRead) {
+          carry.push(Buffer.from(buf.subarray(start, bytesRead)));
+          carryBytes += bytesRead - start;
+        }
+        break;
+      }
+      pushLine(carry.length > 0 ? Buffer.concat([...carry, buf.subarray(start, nl)]) : buf.subarray(start, nl));
+      carry = [];
+      carryBytes = 0;
+      if (v.broken) return v.finish(false, options);
+      start = nl + 1;
+    }
+    if (carryBytes > MAX_LINE_BYTES) {
+      v.pushUnreadable(`longer than ${MAX_LINE_BYTES} bytes without a newline: not a record`);
+      return v.finish(false, options);
+    }
+  }
+  return v.finish(carryBytes > 0, options);
+}
+
+/** A broken result as the one-line message `broker audit verify` prints. */
+export function describeBreak(result: Extract<VerifyResult, { ok: false }>): string {
+  const seq = result.seq === undefined ? '' : ` (seq ${result.seq})`;
+  return `broken at line ${result.line}${seq}: ${result.reason}`;
+}
+
+/** Throws audit_chain_broken for a broken result. */
+export function assertChainOk(result: VerifyResult, what: string): asserts result is Extract<VerifyResult, { ok: true }> {
+  if (!result.ok) throw new BrokerError('audit_chain_broken', `${what}: ${describeBreak(result)}`);
+}
