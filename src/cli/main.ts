@@ -6,7 +6,9 @@ import { readFileSync } from 'node:fs';
 import { Command, CommanderError } from 'commander';
 import { BrokerError, isBrokerError } from '../errors.ts';
 import { EXIT, exitCodeFor } from './exit-codes.ts';
+import { auditCommand } from './audit.ts';
 import { devClusterCommand } from './dev-cluster.ts';
+import { policyCommand } from './policy.ts';
 import { style } from './output.ts';
 
 export function buildProgram(): Command {
@@ -17,6 +19,8 @@ export function buildProgram(): Command {
     .exitOverride()
     .addHelpText('after', '\nExample:\n  eval "$(broker dev-cluster up)"   # a local kube-apiserver to try task-broker against\n\nExit codes: see docs/cli.md (0 ok, 1 error, 2 usage).');
   program.addCommand(devClusterCommand());
+  program.addCommand(policyCommand());
+  program.addCommand(auditCommand());
   // Subcommands inherit exit handling and error display.
   const inherit = (cmd: Command) => {
     cmd.exitOverride().showHelpAfterError('(run with --help for usage)');

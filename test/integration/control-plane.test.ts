@@ -69,7 +69,7 @@ describe('local control plane', () => {
       namespace: ns,
       body: { spec: { audiences: [], expirationSeconds: 600 } },
     });
-    const kubeconfig = writeTokenKubeconfig(join(scratch, 'agent.kubeconfig'), cluster, tr.status!.token);
+    const kubeconfig = writeTokenKubeconfig(join(scratch, 'agent.kubeconfig'), cluster, tr.status!.token!);
 
     const denied = await kubectl(kubeconfig, 'get', 'pods', '-n', ns);
     assert.notEqual(denied.code, 0);

@@ -1,0 +1,118 @@
+/**
+ * The one JSON schema of the policy file (after YAML parsing). It checks structure only: every
+ * object is closed (`additionalProperties: false`, so a misspelt key is an error), types, required
+ * keys and the form of names and durations. What a schema cannot say (uniqueness, references
+ * between sections, N-of-M, ttl.default <= ttl.max, ...) is checked in parse.ts.
+ */
+import { Ajv, type ErrorObject, type ValidateFunction } from 'ajv';
+import { DURATION_PATTERN } from './duration.ts';
+
+export const POLICY_API_VERSION = 'task-broker/v1alpha1';
+export const POLICY_KIND = 'Policy';
+
+/** DNS-1123 label: lowercase alphanumerics and '-', at most 63 characters, starting and ending alphanumeric. */
+export const DNS_LABEL_PATTERN = '^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$';
+const LABEL = DNS_LABEL_PATTERN.slice(1, -1);
+
+const ref = (name: string) => ({ $ref: `#/$defs/${name}` });
+const closed = (properties: Record<string, unknown>, required: string[] = []) => ({
+  type: 'object',
+  additionalProperties: false,
+  ...(required.length ? { required } : {}),
+  properties,
+});
+const arrayOf = (items: unknown, minItems = 0) => ({ type: 'array', ...(minItems ? { minItems } : {}), items });
+
+export const POLICY_SCHEMA = {
+  $schema: 'http://json-schema.org/draft-07/schema#',
+  title: 'task-broker policy',
+  ...closed(
+    {
+      apiVersion: { type: 'string', const: POLICY_API_VERSION },
+      kind: { type: 'string', const: POLICY_KIND },
+      broker: closed(
+        {
+          taskNamespace: ref('dnsLabel'),
+          serviceAccount: ref('dnsLabel'),
+          tokenTTL: ref('duration'),
+          identityAudience: ref('text'),
+          approvalRequestTTL: ref('duration'),
+          notifyWebhook: ref('text'),
+        },
+        ['taskNamespace'],
+      ),
+      agents: arrayOf(ref('agent')),
+      templates: arrayOf(ref('template')),
+      gated: arrayOf(ref('gated')),
+      approvers: arrayOf(ref('approverGroup')),
+      approvals: ref('approval'),
+    },
+    ['apiVersion', 'kind', 'broker', 'agents', 'templates'],
+  ),
+  $defs: {
+    // `title` names the kind of value so that parse.ts can word errors about it ("must be a duration").
+    text: { title: 'text', type: 'string', minLength: 1 },
+    dnsLabel: { title: 'dnsLabel', type: 'string', pattern: DNS_LABEL_PATTERN },
+    duration: { title: 'duration', type: 'string', pattern: DURATION_PATTERN },
+    serviceAccountRef: { title: 'serviceAccountRef', type: 'string', pattern: `^${LABEL}/${LABEL}$` },
+    oidc: closed({ issuer: ref('text'), subject: ref('text') }, ['issuer', 'subject']),
+    oidcGroup: closed({ issuer: ref('text'), group: ref('text') }, ['issuer', 'group']),
+    identity: {
+      title: 'identity',
+      ...closed({ serviceAccount: ref('serviceAccountRef'), oidc: ref('oidc') }),
+      minProperties: 1,
+      maxProperties: 1,
+    },
+    member: {
+      title: 'member',
+      ...closed({ serviceAccount: ref('serviceAccountRef'), oidc: ref('oidc'), oidcGroup: ref('oidcGroup') }),
+      minProperties: 1,
+      maxProperties: 1,
+    },
+    // `identities` may be empty or absent: an agent enrolled with an agent key (broker agent enroll) needs only its name.
+    agent: closed({ name: ref('dnsLabel'), identities: arrayOf(ref('identity')) }, ['name']),
+    rule: closed(
+      {
+        apiGroups: arrayOf({ type: 'string' }, 1),
+        resources: arrayOf(ref('text'), 1),
+        resourceNames: arrayOf(ref('text'), 1),
+        nonResourceURLs: arrayOf(ref('text'), 1),
+        verbs: arrayOf(ref('text'), 1),
+      },
+      ['verbs'],
+    ),
+    approval: closed({
+      approvers: arrayOf(ref('dnsLabel'), 1),
+      required: { type: 'integer', minimum: 1 },
+    }),
+    template: closed(
+      {
+        name: ref('dnsLabel'),
+        description: { type: 'string' },
+        namespaces: arrayOf(ref('dnsLabel'), 1),
+        rules: arrayOf(ref('rule'), 1),
+        clusterRole: ref('text'),
+        ttl: closed({ default: ref('duration'), max: ref('duration') }, ['default', 'max']),
+        agents: arrayOf(ref('dnsLabel'), 1),
+        approval: ref('approval'),
+      },
+      ['name', 'namespaces', 'ttl', 'agents'],
+    ),
+    gated: closed({
+      verb: ref('text'),
+      verbs: arrayOf(ref('text'), 1),
+      resource: ref('text'),
+      resources: arrayOf(ref('text'), 1),
+      apiGroup: { type: 'string' },
+    }),
+    approverGroup: closed({ name: ref('dnsLabel'), members: arrayOf(ref('member'), 1) }, ['name', 'members']),
+  },
+} as const;
+
+let compiled: ValidateFunction | undefined;
+
+/** Validates `data` against POLICY_SCHEMA; returns every error (allErrors), each with the offending data (verbose). */
+export function schemaErrors(data: unknown): ErrorObject[] {
+  compiled ??= new Ajv({ allErrors: true, verbose: true, strict: true }).compile(POLICY_SCHEMA);
+  return compiled(data) ? [] : [...(compiled.errors ?? [])];
+}

@@ -1,0 +1,448 @@
+/** The policy file: YAML form, strict validation with paths and line numbers, defaults, durations, `policy check`. */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { execFile } from 'node:child_process';
+import { BrokerError } from '../../src/errors.ts';
+import {
+  DEFAULT_GATED,
+  PolicyError,
+  formatIssues,
+  formatDuration,
+  gatedPairsHitBy,
+  loadPolicy,
+  parseDuration,
+  parsePolicy,
+} from '../../src/policy/parse.ts';
+import type { PolicyIssue } from '../../src/policy/types.ts';
+
+const example = new URL('../../docs/examples/policy.yaml', import.meta.url).pathname;
+const invalid = new URL('../fixtures/policy/invalid.yaml', import.meta.url).pathname;
+
+/** A small valid policy; tests splice problems into it. */
+const MINIMAL = `apiVersion: task-broker/v1alpha1
+kind: Policy
+broker:
+  taskNamespace: task-broker
+agents:
+  - name: bot
+    identities:
+      - serviceAccount: agents/bot
+templates:
+  - name: read
+    namespaces: [dev]
+    clusterRole: view
+    ttl: { default: 10m, max: 1h }
+    agents: [bot]
+`;
+
+function issuesOf(text: string): PolicyIssue[] {
+  try {
+    parsePolicy(text, 'p.yaml');
+  } catch (err) {
+    assert.ok(err instanceof PolicyError, `expected PolicyError, got ${String(err)}`);
+    return err.issues;
+  }
+  assert.fail('expected the policy to be rejected');
+}
+
+const where = (issues: PolicyIssue[]) => issues.map((i) => `${i.line} ${i.path}`);
+
+test('the example policy in docs/examples parses, with its values converted', async () => {
+  const p = await loadPolicy(example);
+  assert.deepEqual(p.agents.map((a) => a.name), ['code-agent', 'ci']);
+  assert.deepEqual(p.templates.map((t) => t.name), ['read-pods', 'deployer', 'debug-exec']);
+  assert.deepEqual(p.agents[0]!.identities, [
+    { kind: 'serviceAccount', namespace: 'agents', name: 'code-agent', username: 'system:serviceaccount:agents:code-agent' },
+  ]);
+  const readPods = p.templates[0]!;
+  assert.equal(readPods.defaultTtl, 900);
+  assert.equal(readPods.maxTtl, 3600);
+  assert.deepEqual(readPods.rules, [{ apiGroups: [''], resources: ['pods', 'pods/log', 'events'], verbs: ['get', 'list', 'watch'] }]);
+  assert.deepEqual(p.templates[2]!.approval, { approvers: ['sre', 'security'], required: 2 });
+  assert.deepEqual(p.gated, DEFAULT_GATED);
+  assert.deepEqual(p.defaultApproval, { approvers: ['sre'], required: 1 });
+  assert.deepEqual(p.approverGroups.map((g) => g.name), ['sre', 'security']);
+  assert.equal(p.broker.notifyWebhook, 'https://hooks.example.com/task-broker');
+});
+
+test('the example policy: only debug-exec touches the default gated set', async () => {
+  const p = await loadPolicy(example);
+  const hits = p.templates.map((t) => gatedPairsHitBy(t.rules ?? [], p.gated).map((g) => `${g.verb} ${g.resource}`));
+  assert.deepEqual(hits, [[], [], ['create pods/exec']]);
+});
+
+test('defaults are applied when keys are absent: broker settings, default gated set, approval requirement', () => {
+  const p = parsePolicy(MINIMAL + 'approvers:\n  - name: sre\n    members: [{ oidc: { issuer: "https://idp", subject: a } }]\n  - name: sec\n    members: [{ oidc: { issuer: "https://idp", subject: b } }]\n');
+  assert.deepEqual(p.broker, {
+    taskNamespace: 'task-broker',
+    serviceAccount: 'task-broker',
+    tokenTtl: 600,
+    identityAudience: 'task-broker',
+    approvalRequestTtl: 3600,
+  });
+  assert.deepEqual(p.gated, DEFAULT_GATED);
+  assert.equal(p.gated.length, 10);
+  assert.notEqual(p.gated, DEFAULT_GATED, 'the policy gets its own copy');
+  assert.deepEqual(p.defaultApproval, { approvers: ['sre', 'sec'], required: 1 });
+  assert.equal(p.templates[0]!.clusterRole, 'view');
+  assert.equal(p.templates[0]!.rules, undefined);
+  assert.equal(p.templates[0]!.approval, undefined);
+});
+
+test('the default gated set is the documented one', () => {
+  assert.deepEqual(
+    DEFAULT_GATED.map((g) => `${g.verb} ${g.apiGroup || 'core'}/${g.resource}`),
+    [
+      'delete core/namespaces',
+      'create core/pods/exec',
+      'create core/pods/attach',
+      'create core/pods/portforward',
+      'get core/secrets',
+      'list core/secrets',
+      'watch core/secrets',
+      'escalate */*',
+      'bind */*',
+      'impersonate */*',
+    ],
+  );
+});
+
+test('a template approval without required takes required from approvals; without approvers, from approvals too', () => {
+  const p = parsePolicy(
+    MINIMAL.replace('    agents: [bot]\n', '    agents: [bot]\n    approval: { approvers: [sre] }\n') +
+      'approvers:\n  - name: sre\n    members: [{ oidc: { issuer: "https://idp", subject: a } }, { oidc: { issuer: "https://idp", subject: b } }]\n' +
+      'approvals: { required: 2 }\n',
+  );
+  assert.deepEqual(p.templates[0]!.approval, { approvers: ['sre'], required: 2 });
+  assert.deepEqual(p.defaultApproval, { approvers: ['sre'], required: 2 });
+});
+
+test('an explicit gated list replaces the defaults and expands verbs × resources', () => {
+  const p = parsePolicy(
+    MINIMAL +
+      'gated:\n  - verbs: [delete, deletecollection]\n    resources: [deployments, statefulsets]\n    apiGroup: apps\n  - verb: create\n    resource: pods/exec\n',
+  );
+  assert.deepEqual(p.gated, [
+    { verb: 'delete', resource: 'deployments', apiGroup: 'apps' },
+    { verb: 'delete', resource: 'statefulsets', apiGroup: 'apps' },
+    { verb: 'deletecollection', resource: 'deployments', apiGroup: 'apps' },
+    { verb: 'deletecollection', resource: 'statefulsets', apiGroup: 'apps' },
+    { verb: 'create', resource: 'pods/exec', apiGroup: '' },
+  ]);
+});
+
+test('every problem in a file is reported at once, each with its exact path and line', () => {
+  const issues = issuesOf(readFileSync(invalid, 'utf8'));
+  assert.deepEqual(where(issues), [
+    '4 broker.taskNamespace', // not a DNS-1123 label
+    '5 broker.tokenTTL', // below 10m
+    '6 broker.approvalRequestTTL', // bare number
+    '7 broker.colour', // unknown key
+    '12 agents[1].name', // duplicate agent name
+    '14 agents[1].identities[0]', // identity already used by another agent
+    '15 agents[1].identities[1].oidc.issuer', // http issuer that is not localhost
+    '21 templates[0].rules[0].verbs', // empty verbs
+    '22 templates[0].clusterRole', // both rules and clusterRole
+    '24 templates[0].ttl.default', // default > max
+    '26 templates[0].agents[1]', // undeclared agent
+    '29 templates[0].approval.required', // more approvals than members
+    '30 templates[1].name', // not a DNS-1123 label
+    '33 templates[1].ttl.max', // missing key: the line of its parent map
+    '35 templates[1].extra', // unknown key in a template
+    '42 approvers[1].members[0]', // two identity kinds in one entry
+    '45 approvals.approvers[1]', // undeclared approver group
+  ]);
+});
+
+test('messages quote the field and name the element they are in', () => {
+  const byPath = new Map(issuesOf(readFileSync(invalid, 'utf8')).map((i) => [i.path, i.message]));
+  assert.equal(byPath.get('broker.tokenTTL'), `"broker.tokenTTL" must be at least 10m (600s, TokenRequest's minimum), got "5m"`);
+  assert.equal(byPath.get('templates[1].ttl.max'), `template "Bad_Name": "ttl.max" is required`);
+  assert.equal(byPath.get('templates[0].ttl.default'), `template "read-pods": "ttl.default" (2h) must not be longer than "ttl.max" (1h)`);
+  assert.match(byPath.get('templates[0].agents[1]')!, /agent "ghost" is not declared in "agents"/);
+  assert.match(byPath.get('agents[1].identities[0]')!, /already belongs to agent "code-agent" \(line 11\)/);
+  assert.match(byPath.get('templates[0].approval.required')!, /"required" is 3 but approver group "sre" has only 1 distinct member/);
+  assert.match(byPath.get('templates[1].extra')!, /unknown key "extra" \(expected one of: name, description,/);
+});
+
+test('a duration given as a bare number is rejected with the field quoted', () => {
+  const issues = issuesOf(MINIMAL.replace('max: 1h', 'max: 5'));
+  assert.deepEqual(issues, [
+    {
+      path: 'templates[0].ttl.max',
+      line: 13,
+      message: 'template "read": "ttl.max" must be a duration like "1h", got 5 (bare numbers are not durations: write "5s" or "5m")',
+    },
+  ]);
+});
+
+test('unknown keys are errors at every depth', () => {
+  const text = `apiVersion: task-broker/v1alpha1
+kind: Policy
+extra: 1
+broker:
+  taskNamespace: tb
+  tokenTtl: 10m
+agents:
+  - name: bot
+    nick: b
+    identities:
+      - serviceAccount: agents/bot
+      - oidc: { issuer: "https://idp", subject: s, audience: x }
+templates:
+  - name: read
+    namespaces: [dev]
+    rules:
+      - resources: [pods]
+        verbs: [get]
+        verb: list
+    ttl: { default: 10m, max: 1h, min: 1m }
+    agents: [bot]
+    approval: { approvers: [], required: 1, quorum: 2 }
+gated:
+  - verb: delete
+    resource: pods
+    group: apps
+`;
+  const issues = issuesOf(text);
+  assert.deepEqual(where(issues), [
+    '3 extra',
+    '6 broker.tokenTtl',
+    '9 agents[0].nick',
+    '12 agents[0].identities[1].oidc.audience',
+    '19 templates[0].rules[0].verb',
+    '20 templates[0].ttl.min',
+    '22 templates[0].approval.approvers', // empty list
+    '22 templates[0].approval.quorum',
+    '22 templates[0].approval.required', // 1 > the 0 members of no groups
+    '26 gated[0].group',
+  ]);
+  for (const i of issues.filter((x) => !/approvers|required/.test(x.path))) assert.match(i.message, /unknown key "/);
+});
+
+test('a YAML syntax error is reported with its line', () => {
+  const issues = issuesOf('apiVersion: task-broker/v1alpha1\nkind: Policy\nbroker:\n  taskNamespace: [unclosed\nagents: []\n');
+  assert.equal(issues.length, 1);
+  assert.match(issues[0]!.message, /^YAML syntax error: Flow sequence .* end with a \]/);
+  assert.equal(issues[0]!.path, '');
+  assert.equal(issues[0]!.line, 5); // where the parser found the unclosed [ ended
+});
+
+test('a key given twice in YAML is reported at the second occurrence', () => {
+  const issues = issuesOf(MINIMAL.replace('kind: Policy\n', 'kind: Policy\nkind: Policy\n'));
+  assert.equal(issues.length, 1);
+  assert.equal(issues[0]!.line, 3);
+  assert.match(issues[0]!.message, /YAML syntax error: .*unique/i);
+});
+
+test('an empty file and missing top-level keys are reported on the document', () => {
+  assert.deepEqual(issuesOf(''), [{ path: '', line: 1, message: '"the policy" must be a map, got nothing' }]);
+  const issues = issuesOf('# a comment\n\napiVersion: v1\n');
+  // Same line: sorted by path.
+  assert.deepEqual(where(issues), ['3 agents', '3 apiVersion', '3 broker', '3 kind', '3 templates']);
+  assert.equal(issues[1]!.message, '"apiVersion" must be "task-broker/v1alpha1", got "v1"');
+  assert.equal(issues[3]!.message, '"kind" is required');
+});
+
+test('names must be DNS-1123 labels: templates, agents, approver groups, namespaces', () => {
+  const text = MINIMAL.replace('- name: bot', '- name: Bot')
+    .replace('agents: [bot]', 'agents: [Bot]')
+    .replace('- name: read', `- name: ${'r'.repeat(64)}`)
+    .replace('namespaces: [dev]', 'namespaces: [dev-, ok]') + 'approvers:\n  - name: "-sre"\n    members: [{ oidc: { issuer: "https://idp", subject: a } }]\n';
+  const issues = issuesOf(text);
+  assert.deepEqual(where(issues), ['6 agents[0].name', '10 templates[0].name', '11 templates[0].namespaces[0]', '14 templates[0].agents[0]', '16 approvers[0].name']);
+  assert.match(issues[0]!.message, /"name" must be a DNS-1123 label .*got "Bot"/);
+});
+
+test('template and approver group names must be unique', () => {
+  const tpl = '  - name: read\n    namespaces: [dev]\n    clusterRole: edit\n    ttl: { default: 10m, max: 1h }\n    agents: [bot]\n';
+  const text = MINIMAL + tpl + 'approvers:\n  - name: sre\n    members: [{ oidc: { issuer: "https://idp", subject: a } }]\n  - name: sre\n    members: [{ oidc: { issuer: "https://idp", subject: b } }]\n';
+  const issues = issuesOf(text);
+  assert.deepEqual(where(issues), ['15 templates[1].name', '23 approvers[1].name']);
+  assert.match(issues[0]!.message, /template name "read" is already used by templates\[0\] \(line 10\)/);
+});
+
+test('a template needs exactly one of rules and clusterRole, and rules need verbs and resources', () => {
+  const neither = issuesOf(MINIMAL.replace('    clusterRole: view\n', ''));
+  assert.deepEqual(neither.map((i) => [i.line, i.path, i.message]), [
+    [10, 'templates[0]', 'template "read": a template has exactly one of "rules" and "clusterRole"'],
+  ]);
+  const badRules = issuesOf(
+    MINIMAL.replace('    clusterRole: view\n', '    rules:\n      - verbs: [get]\n      - resources: [pods]\n      - nonResourceURLs: [/healthz]\n        verbs: [get]\n'),
+  );
+  assert.deepEqual(where(badRules), ['13 templates[0].rules[0]', '14 templates[0].rules[1].verbs', '15 templates[0].rules[2].nonResourceURLs']);
+  assert.match(badRules[1]!.message, /"rules\[1\]\.verbs" is required/);
+});
+
+test('a serviceAccount identity must be NAMESPACE/NAME and an identity has exactly one kind', () => {
+  const issues = issuesOf(
+    MINIMAL.replace('      - serviceAccount: agents/bot\n', '      - serviceAccount: bot\n      - {}\n      - serviceAccount: agents/bot\n        oidc: { issuer: "https://idp", subject: s }\n'),
+  );
+  assert.deepEqual(where(issues), ['8 agents[0].identities[0].serviceAccount', '9 agents[0].identities[1]', '10 agents[0].identities[2]']);
+  assert.match(issues[0]!.message, /must be "NAMESPACE\/NAME" with both parts DNS-1123 labels, got "bot"/);
+  assert.match(issues[1]!.message, /exactly one key, "serviceAccount" or "oidc"; got none/);
+  assert.match(issues[2]!.message, /got "serviceAccount", "oidc"/);
+});
+
+test('an agent may have no identities (it enrols with an agent key)', () => {
+  const p = parsePolicy(MINIMAL.replace('    identities:\n      - serviceAccount: agents/bot\n', ''));
+  assert.deepEqual(p.agents, [{ name: 'bot', identities: [] }]);
+});
+
+test('an identity may appear only once, even within one agent', () => {
+  const issues = issuesOf(MINIMAL.replace('      - serviceAccount: agents/bot\n', '      - serviceAccount: agents/bot\n      - serviceAccount: agents/bot\n'));
+  assert.deepEqual(where(issues), ['9 agents[0].identities[1]']);
+  assert.match(issues[0]!.message, /listed twice/);
+});
+
+test('an OIDC issuer must be https, except http on localhost or 127.0.0.1', () => {
+  const withIssuer = (issuer: string) =>
+    MINIMAL.replace('      - serviceAccount: agents/bot\n', `      - oidc: { issuer: "${issuer}", subject: s }\n`);
+  assert.equal(parsePolicy(withIssuer('https://idp.example.com')).agents[0]!.identities[0]!.kind, 'oidc');
+  parsePolicy(withIssuer('http://127.0.0.1:8080/realms/x'));
+  parsePolicy(withIssuer('http://localhost:9000'));
+  assert.deepEqual(where(issuesOf(withIssuer('http://idp.example.com'))), ['8 agents[0].identities[0].oidc.issuer']);
+  assert.deepEqual(where(issuesOf(withIssuer('not a url'))), ['8 agents[0].identities[0].oidc.issuer']);
+  const group = MINIMAL + 'approvers:\n  - name: sre\n    members:\n      - oidcGroup: { issuer: "ftp://idp", group: g }\n';
+  assert.deepEqual(where(issuesOf(group)), ['18 approvers[0].members[0].oidcGroup.issuer']);
+});
+
+test('required approvals are bounded by the distinct members of the named groups; an OIDC group has no bound', () => {
+  const groups =
+    'approvers:\n  - name: a\n    members: [{ oidc: { issuer: "https://idp", subject: x } }]\n' +
+    '  - name: b\n    members: [{ oidc: { issuer: "https://idp", subject: x } }, { oidc: { issuer: "https://idp", subject: y } }]\n';
+  // a ∪ b has 2 distinct members (x is in both).
+  assert.equal(parsePolicy(MINIMAL + groups + 'approvals: { approvers: [a, b], required: 2 }\n').defaultApproval.required, 2);
+  const issues = issuesOf(MINIMAL + groups + 'approvals: { approvers: [a, b], required: 3 }\n');
+  assert.deepEqual(issues.map((i) => [i.line, i.path, i.message]), [
+    [20, 'approvals.required', '"required" is 3 but approver groups "a", "b" have only 2 distinct members'],
+  ]);
+  assert.deepEqual(where(issuesOf(MINIMAL + groups + 'approvals: { required: 0 }\n')), ['20 approvals.required']);
+  const oidcGroup = 'approvers:\n  - name: a\n    members: [{ oidcGroup: { issuer: "https://idp", group: sre } }]\n';
+  assert.equal(parsePolicy(MINIMAL + oidcGroup + 'approvals: { required: 5 }\n').defaultApproval.required, 5);
+});
+
+test('a template whose rules touch the gated set needs declared approver groups', () => {
+  const exec = MINIMAL.replace('    clusterRole: view\n', '    rules:\n      - resources: ["pods/*"]\n        verbs: ["*"]\n');
+  const issues = issuesOf(exec);
+  assert.deepEqual(where(issues), ['12 templates[0].rules']);
+  assert.match(issues[0]!.message, /gated access \(create pods\/exec and 5 more\).*no approver groups/);
+  parsePolicy(exec + 'approvers:\n  - name: sre\n    members: [{ oidc: { issuer: "https://idp", subject: a } }]\n');
+});
+
+test('a gated entry has exactly one of verb/verbs and of resource/resources', () => {
+  const issues = issuesOf(MINIMAL + 'gated:\n  - verb: delete\n    verbs: [get]\n    resource: pods\n  - apiGroup: apps\n');
+  assert.deepEqual(where(issues), ['17 gated[0].verbs', '19 gated[1]', '19 gated[1]']);
+  assert.match(issues[1]!.message, /exactly one of "verb" and "verbs"$/);
+  assert.match(issues[2]!.message, /exactly one of "resource" and "resources"$/);
+});
+
+test('tokenTTL must be at least 10m and durations must be positive', () => {
+  const broker = (extra: string) => MINIMAL.replace('  taskNamespace: task-broker\n', `  taskNamespace: task-broker\n${extra}`);
+  assert.equal(parsePolicy(broker('  tokenTTL: 600s\n')).broker.tokenTtl, 600);
+  assert.equal(parsePolicy(broker('  tokenTTL: 1h30m\n  approvalRequestTTL: 2h\n')).broker.approvalRequestTtl, 7200);
+  assert.deepEqual(where(issuesOf(broker('  tokenTTL: 599s\n'))), ['5 broker.tokenTTL']);
+  const zero = issuesOf(MINIMAL.replace('default: 10m', 'default: 0s'));
+  assert.deepEqual(zero.map((i) => [i.line, i.path, i.message]), [
+    [13, 'templates[0].ttl.default', 'template "read": "ttl.default": a duration must be greater than zero, got "0s"'],
+  ]);
+});
+
+test('notifyWebhook must be an http(s) URL', () => {
+  const hook = (url: string) => MINIMAL.replace('  taskNamespace: task-broker\n', `  taskNamespace: task-broker\n  notifyWebhook: "${url}"\n`);
+  assert.equal(parsePolicy(hook('http://hooks.internal:8080/x')).broker.notifyWebhook, 'http://hooks.internal:8080/x');
+  assert.deepEqual(where(issuesOf(hook('mailto:ops@example.com'))), ['5 broker.notifyWebhook']);
+});
+
+test('parseDuration reads h/m/s strings into whole seconds', () => {
+  assert.equal(parseDuration('600s'), 600);
+  assert.equal(parseDuration('10m'), 600);
+  assert.equal(parseDuration('1h'), 3600);
+  assert.equal(parseDuration('1h30m'), 5400);
+  assert.equal(parseDuration('2h0m30s'), 7230);
+  assert.equal(parseDuration('90m'), 5400);
+});
+
+test('parseDuration rejects bare numbers, unknown units, wrong order, zero and empty strings', () => {
+  for (const bad of ['600', '', '10', '1d', '30m1h', '1.5h', '10 m', 'm', '0s', '-5m', '1h1h']) {
+    assert.throws(() => parseDuration(bad), (err: unknown) => err instanceof BrokerError && err.code === 'invalid_argument', bad);
+  }
+  assert.throws(() => parseDuration(600 as unknown as string), /bare numbers are not durations: write "600s" or "600m"/);
+});
+
+test('formatDuration writes what parseDuration reads', () => {
+  for (const s of [1, 59, 60, 600, 3600, 5400, 7230, 86400]) assert.equal(parseDuration(formatDuration(s)), s);
+  assert.equal(formatDuration(5400), '1h30m');
+});
+
+test('PolicyError has code policy_invalid and lists FILE:LINE: PATH: MESSAGE lines', () => {
+  try {
+    parsePolicy(MINIMAL.replace('max: 1h', 'max: 5'), 'my.yaml');
+    assert.fail('expected a PolicyError');
+  } catch (err) {
+    assert.ok(err instanceof PolicyError);
+    assert.ok(err instanceof BrokerError);
+    assert.equal(err.code, 'policy_invalid');
+    assert.equal(err.source, 'my.yaml');
+    assert.equal(err.message.split('\n')[0], 'invalid policy my.yaml (1 problem):');
+    assert.match(err.message.split('\n')[1]!, /^my\.yaml:13: templates\[0\]\.ttl\.max: template "read": "ttl\.max" must be a duration/);
+  }
+  assert.equal(formatIssues('f.yaml', [{ path: '', line: 2, message: 'm' }, { path: 'a.b', line: 3, message: 'n' }]), 'f.yaml:2: m\nf.yaml:3: a.b: n');
+});
+
+test('loadPolicy on a missing file is invalid_argument naming the path', async () => {
+  await assert.rejects(loadPolicy('/nonexistent/policy.yaml'), (err: unknown) => {
+    assert.ok(err instanceof BrokerError && !(err instanceof PolicyError));
+    assert.equal(err.code, 'invalid_argument');
+    assert.equal(err.field, '/nonexistent/policy.yaml');
+    return true;
+  });
+});
+
+/** Runs `broker policy check ARGS` in a child process, reporting errors the way main.ts does. */
+async function runCheck(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  const cli = new URL('../../src/cli/policy.ts', import.meta.url).href;
+  const script = `
+    import { Command } from 'commander';
+    import { policyCommand } from ${JSON.stringify(cli)};
+    const program = new Command('broker').exitOverride().addCommand(policyCommand());
+    try {
+      await program.parseAsync(['policy', 'check', ...process.argv.slice(1)], { from: 'user' });
+    } catch (err) {
+      process.stderr.write(err.name + ' ' + err.code + '\\n' + err.message + '\\n');
+      process.exitCode = 1;
+    }`;
+  return new Promise((resolve) => {
+    execFile(process.execPath, ['--input-type=module', '-e', script, ...args], { cwd: new URL('../..', import.meta.url).pathname, env: { ...process.env, NO_COLOR: '1' } }, (err, stdout, stderr) => {
+      resolve({ code: err ? Number(err.code ?? 1) : 0, stdout, stderr });
+    });
+  });
+}
+
+test('policy check prints a summary of a valid file', async () => {
+  const res = await runCheck([example]);
+  assert.equal(res.code, 0, res.stderr);
+  assert.equal(res.stdout, `${example}: valid: 2 agents, 3 templates, 10 gated pairs, 2 approver groups\n`);
+  const json = await runCheck([example, '-o', 'json']);
+  assert.equal(json.code, 0, json.stderr);
+  assert.deepEqual(JSON.parse(json.stdout), { valid: true, issues: [], summary: { agents: 2, templates: 3, gated: 10, approverGroups: 2 } });
+});
+
+test('policy check of an invalid file fails with every issue as FILE:LINE: PATH: MESSAGE; -o json also prints them', async () => {
+  const text = await runCheck([invalid]);
+  assert.equal(text.code, 1);
+  assert.equal(text.stdout, '');
+  const lines = text.stderr.split('\n');
+  assert.equal(lines[0], 'PolicyError policy_invalid');
+  assert.equal(lines[1], `invalid policy ${invalid} (17 problems):`);
+  assert.match(lines[2]!, new RegExp(`^${invalid}:4: broker\\.taskNamespace: "broker\\.taskNamespace" must be a DNS-1123 label`));
+  assert.equal(lines.filter((l) => l.startsWith(`${invalid}:`)).length, 17);
+  const json = await runCheck([invalid, '-o', 'json']);
+  assert.equal(json.code, 1);
+  const out = JSON.parse(json.stdout) as { valid: boolean; issues: PolicyIssue[]; summary: unknown };
+  assert.equal(out.valid, false);
+  assert.equal(out.summary, null);
+  assert.equal(out.issues.length, 17);
+  assert.deepEqual(out.issues[0], { path: 'broker.taskNamespace', line: 4, message: out.issues[0]!.message });
+});
