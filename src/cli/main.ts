@@ -9,6 +9,7 @@ import { EXIT, exitCodeFor } from './exit-codes.ts';
 import { auditCommand } from './audit.ts';
 import { devClusterCommand } from './dev-cluster.ts';
 import { policyCommand } from './policy.ts';
+import { serveCommand } from './serve.ts';
 import { style } from './output.ts';
 
 export function buildProgram(): Command {
@@ -21,6 +22,7 @@ export function buildProgram(): Command {
   program.addCommand(devClusterCommand());
   program.addCommand(policyCommand());
   program.addCommand(auditCommand());
+  program.addCommand(serveCommand());
   // Subcommands inherit exit handling and error display.
   const inherit = (cmd: Command) => {
     cmd.exitOverride().showHelpAfterError('(run with --help for usage)');

@@ -1,0 +1,103 @@
+/**
+ * Callers that present a Kubernetes ServiceAccount token with the broker's audience (for example a
+ * projected token), checked with TokenReview. A token meant for the API server has the wrong audience
+ * and is refused.
+ */
+import { createHash } from 'node:crypto';
+import type { AuthenticationV1Api } from '@kubernetes/client-node';
+import { BrokerError } from '../errors.ts';
+import { clusterError } from '../kube/config.ts';
+import type { Policy } from '../policy/types.ts';
+import { bearerToken, type Authenticator, type AuthRequest, type Caller } from './types.ts';
+
+interface CacheEntry {
+  caller: Caller | BrokerError;
+  until: number;
+}
+
+export interface ServiceAccountAuthenticatorOptions {
+  /** How long a TokenReview answer is reused (the API server itself caches for 10 s). */
+  cacheMs?: number;
+  now?: () => number;
+}
+
+export class ServiceAccountAuthenticator implements Authenticator {
+  readonly method = 'serviceAccount' as const;
+  readonly #authn: AuthenticationV1Api;
+  readonly #audience: string;
+  readonly #agents: Map<string, string>;
+  readonly #cacheMs: number;
+  readonly #now: () => number;
+  readonly #cache = new Map<string, CacheEntry>();
+  readonly #inflight = new Map<string, Promise<Caller>>();
+
+  constructor(authn: AuthenticationV1Api, policy: Policy, options: ServiceAccountAuthenticatorOptions = {}) {
+    this.#authn = authn;
+    this.#audience = policy.broker.identityAudience;
+    this.#agents = new Map();
+    for (const agent of policy.agents) {
+      for (const id of agent.identities) if (id.kind === 'serviceAccount') this.#agents.set(id.username, agent.name);
+    }
+    this.#cacheMs = options.cacheMs ?? 10_000;
+    this.#now = options.now ?? Date.now;
+  }
+
+  async authenticate(req: AuthRequest): Promise<Caller | undefined> {
+    const token = bearerToken(req);
+    if (!token) return undefined;
+    const key = createHash('sha256').update(token).digest('base64url');
+    const hit = this.#cache.get(key);
+    if (hit && hit.until > this.#now()) {
+      if (hit.caller instanceof BrokerError) throw hit.caller;
+      return hit.caller;
+    }
+    let pending = this.#inflight.get(key);
+    if (!pending) {
+      pending = this.#review(token, key).finally(() => this.#inflight.delete(key));
+      this.#inflight.set(key, pending);
+    }
+    return pending;
+  }
+
+  async #review(token: string, key: string): Promise<Caller> {
+    let review;
+    try {
+      review = await this.#authn.createTokenReview({ body: { spec: { token, audiences: [this.#audience] } } });
+    } catch (err) {
+      throw clusterError('TokenReview', err);
+    }
+    const status = review.status ?? {};
+    const username = status.user?.username;
+    let result: Caller | BrokerError;
+    if (!status.authenticated || !username) {
+      result = new BrokerError('unauthenticated', 'the ServiceAccount token was not accepted (expired, revoked, or not for this broker\'s audience)');
+    } else if (!(status.audiences ?? []).includes(this.#audience)) {
+      result = new BrokerError('unauthenticated', 'the ServiceAccount token is not for this broker\'s audience');
+    } else {
+      const agent = this.#agents.get(username);
+      result = agent
+        ? { agent, subject: username, method: 'serviceAccount' }
+        : new BrokerError('unauthenticated', `${username} is not an agent in the policy`, { field: 'subject' });
+    }
+    // Refusals are remembered briefly too, so a caller retrying a bad token cannot flood the API server.
+    const ttl = result instanceof BrokerError ? Math.min(this.#cacheMs, 2_000) : this.#cacheMs;
+    this.#cache.set(key, { caller: result, until: this.#now() + ttl });
+    if (this.#cache.size > 10_000) this.#evict();
+    if (result instanceof BrokerError) throw result;
+    return result;
+  }
+
+  #evict(): void {
+    const now = this.#now();
+    for (const [k, v] of this.#cache) if (v.until <= now) this.#cache.delete(k);
+  }
+}
+
+/** Asks each authenticator in turn; a request that none recognises is unauthenticated. */
+export async function authenticate(authenticators: readonly Authenticator[], req: AuthRequest): Promise<Caller> {
+  for (const a of authenticators) {
+    const caller = await a.authenticate(req);
+    if (caller) return caller;
+  }
+  throw new BrokerError('unauthenticated', 'no credential: send "Authorization: Bearer <ServiceAccount token with the broker audience>"');
+}

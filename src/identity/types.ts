@@ -1,0 +1,38 @@
+/**
+ * Who is calling the broker. Every way of proving identity (ServiceAccount tokens now; OIDC and
+ * agent keys later) is an Authenticator, and the policy maps what it proves onto a named agent.
+ */
+
+export type IdentityMethod = 'serviceAccount' | 'oidc' | 'agentKey';
+
+export interface Caller {
+  /** The policy's agent name. */
+  agent: string;
+  /** What was proven, e.g. `system:serviceaccount:ci:deployer`. */
+  subject: string;
+  method: IdentityMethod;
+}
+
+/** The parts of an HTTP request an authenticator may look at. */
+export interface AuthRequest {
+  headers: Record<string, string | string[] | undefined>;
+  method: string;
+  url: string;
+}
+
+export interface Authenticator {
+  readonly method: IdentityMethod;
+  /**
+   * undefined: the request carries no credential of this kind (the next authenticator is asked).
+   * Throws BrokerError `unauthenticated` when it carries one that does not prove an agent.
+   */
+  authenticate(req: AuthRequest): Promise<Caller | undefined>;
+}
+
+export function bearerToken(req: AuthRequest): string | undefined {
+  const header = req.headers['authorization'];
+  const value = Array.isArray(header) ? header[0] : header;
+  if (!value) return undefined;
+  const match = /^Bearer\s+(\S+)\s*$/i.exec(value);
+  return match?.[1];
+}

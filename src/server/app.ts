@@ -1,0 +1,230 @@
+/**
+ * The broker's HTTP API (fastify). Routes declare strict request schemas (unknown fields are errors,
+ * never silently dropped); every error leaves as {"error": {"code", "message", "field"?}} with a
+ * status from one table; server and authentication failures never echo internals.
+ */
+import { randomUUID } from 'node:crypto';
+import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import type { AuditLog } from '../audit/log.ts';
+import { BrokerError, isBrokerError, type ErrorCode } from '../errors.ts';
+import { authenticate } from '../identity/service-account.ts';
+import type { Authenticator, Caller } from '../identity/types.ts';
+import { toView } from '../tasks/model.ts';
+import { actorOf, type TaskService } from '../tasks/service.ts';
+import type { TaskStore } from '../tasks/store.ts';
+import { Metrics } from './metrics.ts';
+
+/** HTTP status of each error code the API can return. */
+const STATUS: Partial<Record<ErrorCode, number>> = {
+  invalid_argument: 400,
+  bad_request: 400,
+  unknown_template: 400,
+  namespace_not_allowed: 400,
+  ttl_out_of_range: 400,
+  body_too_large: 413,
+  unauthenticated: 401,
+  forbidden: 403,
+  not_found: 404,
+  no_active_task: 404,
+  task_exists: 409,
+  audit_unavailable: 503,
+  cluster_unavailable: 503,
+  internal: 500,
+};
+
+export function statusOf(code: ErrorCode): number {
+  return STATUS[code] ?? 500;
+}
+
+export interface AppDeps {
+  tasks: TaskService;
+  store: TaskStore;
+  audit: AuditLog;
+  authenticators: readonly Authenticator[];
+  metrics?: Metrics;
+  /** Bytes. Default 16 KiB: no request the API takes is anywhere near that. */
+  bodyLimit?: number;
+  https?: { key: Buffer; cert: Buffer };
+  /** Where server-side failures are logged (never to the client). Default stderr. */
+  log?: (line: string) => void;
+}
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    caller: Caller | undefined;
+  }
+}
+
+const taskRef = { type: 'string', minLength: 1, maxLength: 63 } as const;
+
+const startSchema = {
+  body: {
+    type: 'object',
+    additionalProperties: false,
+    required: ['template', 'namespace'],
+    properties: {
+      template: { type: 'string', minLength: 1, maxLength: 63 },
+      namespace: { type: 'string', minLength: 1, maxLength: 63 },
+      name: { type: 'string', minLength: 1, maxLength: 63 },
+      ttl: { anyOf: [{ type: 'integer', minimum: 1 }, { type: 'string', minLength: 1, maxLength: 32 }] },
+      reason: { type: 'string', maxLength: 1024 },
+    },
+  },
+} as const;
+
+interface StartBody {
+  template: string;
+  namespace: string;
+  name?: string;
+  ttl?: number | string;
+  reason?: string;
+}
+
+export function buildApp(deps: AppDeps): FastifyInstance {
+  const log = deps.log ?? ((line: string) => process.stderr.write(line + '\n'));
+  const metrics = deps.metrics ?? new Metrics();
+  const app = Fastify({
+    logger: false,
+    bodyLimit: deps.bodyLimit ?? 16 * 1024,
+    genReqId: () => randomUUID(),
+    // Strict: reject unknown fields and wrong types instead of dropping or coercing them.
+    ajv: { customOptions: { removeAdditional: false, coerceTypes: false, useDefaults: false, allErrors: false } },
+    ...(deps.https ? { https: deps.https } : {}),
+  } as Parameters<typeof Fastify>[0]) as unknown as FastifyInstance;
+
+  app.decorateRequest('caller', undefined);
+
+  app.addHook('onRequest', async (req, reply) => {
+    reply.header('x-request-id', req.id);
+    if (!req.url.startsWith('/v1/')) return;
+    try {
+      req.caller = await authenticate(deps.authenticators, req);
+    } catch (err) {
+      const reason = err instanceof Error ? err.message : String(err);
+      await deps.audit
+        .append({ type: 'auth.failed', actor: 'anonymous', outcome: 'denied', reason, requestId: req.id, details: { method: req.method, path: routePath(req) } })
+        .catch(() => undefined);
+      throw err;
+    }
+  });
+
+  app.addHook('onResponse', async (req, reply) => {
+    metrics.observeRequest(req.routeOptions.url ?? 'unmatched', req.method, reply.statusCode, reply.elapsedTime / 1000);
+  });
+
+  app.setErrorHandler(async (error: FastifyError | BrokerError, req: FastifyRequest, reply: FastifyReply) => {
+    const err = toBrokerError(error);
+    const status = statusOf(err.code);
+    // Refusals the use cases did not already record (schema and body errors) are recorded here.
+    if (!isBrokerError(error) && req.caller && status < 500) {
+      await deps.audit
+        .append({
+          type: req.method === 'POST' && routePath(req) === '/v1/tasks' ? 'task.refused' : 'request.refused',
+          actor: actorOf(req.caller),
+          agent: req.caller.agent,
+          outcome: 'denied',
+          reason: `${err.code}${err.field ? ` (${err.field})` : ''}: ${err.message}`,
+          requestId: req.id,
+        })
+        .catch(() => undefined);
+    }
+    if (status >= 500) log(`broker: ${req.method} ${routePath(req)} ${req.id}: ${err.code}: ${describe(error)}`);
+    return reply.code(status).send({ error: publicError(err, status) });
+  });
+
+  app.setNotFoundHandler(async (_req, reply) => reply.code(404).send({ error: { code: 'not_found', message: 'no such endpoint' } }));
+
+  app.get('/healthz', async () => 'ok\n');
+  app.get('/readyz', async (_req, reply) => {
+    const problems = [!deps.store.synced && 'task watch not synced', !deps.audit.healthy && 'audit log unwritable'].filter(Boolean);
+    if (problems.length) return reply.code(503).send(`not ready: ${problems.join(', ')}\n`);
+    return 'ok\n';
+  });
+  app.get('/metrics', async (_req, reply) => {
+    metrics.activeTasks.set(deps.store.list().filter((t) => t.state === 'active').length);
+    reply.header('content-type', metrics.registry.contentType);
+    return metrics.registry.metrics();
+  });
+
+  app.post<{ Body: StartBody }>('/v1/tasks', { schema: startSchema }, async (req, reply) => {
+    const body = req.body;
+    const task = await deps.tasks.start(req.caller!, { template: body.template, namespace: body.namespace, name: body.name, ttl: body.ttl, reason: body.reason }, req.id);
+    metrics.tasksStarted.inc();
+    return reply.code(201).send(toView(task));
+  });
+
+  app.get('/v1/tasks', async (req) => ({ tasks: deps.tasks.list(req.caller!).map(toView) }));
+
+  app.get<{ Params: { ref: string } }>('/v1/tasks/:ref', { schema: { params: { type: 'object', properties: { ref: taskRef } } } }, async (req) =>
+    toView(await deps.tasks.resolve(req.caller!, req.params.ref, 'read', req.id)),
+  );
+
+  app.delete<{ Params: { ref: string } }>('/v1/tasks/:ref', { schema: { params: { type: 'object', properties: { ref: taskRef } } } }, async (req) =>
+    toView(await deps.tasks.end(req.caller!, req.params.ref, req.id)),
+  );
+
+  app.post<{ Params: { ref: string } }>(
+    '/v1/tasks/:ref/credential',
+    { schema: { params: { type: 'object', properties: { ref: taskRef } } } },
+    async (req) => {
+      const credential = await deps.tasks.credential(req.caller!, req.params.ref, req.id);
+      metrics.credentials.inc();
+      return credential;
+    },
+  );
+
+  return app;
+}
+
+function routePath(req: FastifyRequest): string {
+  return req.routeOptions.url ?? req.url.split('?')[0] ?? req.url;
+}
+
+/** The one place where framework errors become BrokerErrors. */
+function toBrokerError(error: FastifyError | BrokerError): BrokerError {
+  if (isBrokerError(error)) return error;
+  const e = error as FastifyError & { validation?: Array<{ instancePath: string; keyword: string; params: Record<string, unknown>; message?: string }> };
+  if (e.validation && e.validation.length > 0) {
+    const v = e.validation[0]!;
+    const base = v.instancePath.replace(/^\//, '').replaceAll('/', '.');
+    const extra = (v.params['additionalProperty'] ?? v.params['missingProperty']) as string | undefined;
+    const field = [base, extra].filter(Boolean).join('.') || (e.validationContext ?? 'body');
+    const message =
+      v.keyword === 'additionalProperties'
+        ? `unknown field "${field}"`
+        : v.keyword === 'required'
+          ? `"${field}" is required`
+          : `"${field}" ${v.message ?? 'is not valid'}`;
+    return new BrokerError('invalid_argument', message, { field });
+  }
+  switch (e.code) {
+    case 'FST_ERR_CTP_BODY_TOO_LARGE':
+      return new BrokerError('body_too_large', 'the request body is too large');
+    case 'FST_ERR_CTP_INVALID_JSON_BODY':
+    case 'FST_ERR_CTP_EMPTY_JSON_BODY':
+      return new BrokerError('bad_request', 'the request body is not valid JSON');
+    case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':
+      return new BrokerError('bad_request', 'the request body must be application/json');
+  }
+  if (e.statusCode === 400 && e instanceof SyntaxError) return new BrokerError('bad_request', 'the request body is not valid JSON');
+  return new BrokerError('internal', 'internal error', { cause: error });
+}
+
+/** What the client sees: for 5xx and 401 a fixed message per code, never the underlying error. */
+function publicError(err: BrokerError, status: number): { code: ErrorCode; message: string; field?: string } {
+  if (err.code === 'unauthenticated') return { code: err.code, message: 'authentication failed: the broker did not accept the caller\'s credential' };
+  if (err.code === 'audit_unavailable') return { code: err.code, message: 'the audit log cannot be written; the broker refuses to act without recording' };
+  if (err.code === 'cluster_unavailable') return { code: err.code, message: 'the Kubernetes API server could not complete the broker\'s request' };
+  if (status >= 500) return { code: err.code, message: 'internal error' };
+  return { code: err.code, message: err.message, ...(err.field ? { field: err.field } : {}) };
+}
+
+function describe(error: unknown): string {
+  const parts: string[] = [];
+  let e: unknown = error;
+  while (e instanceof Error && parts.length < 4) {
+    parts.push(e.message);
+    e = e.cause;
+  }
+  return parts.join(': ') || String(error);
+}

@@ -1,0 +1,123 @@
+/**
+ * `broker serve`: the composition root of the broker process. Every side effect (policy file, audit
+ * log, cluster connection, clock, listening socket) enters here.
+ */
+import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { isIP } from 'node:net';
+import type { FastifyInstance } from 'fastify';
+import { AuditLog } from '../audit/log.ts';
+import { BrokerError } from '../errors.ts';
+import { ServiceAccountAuthenticator } from '../identity/service-account.ts';
+import { clusterError, kubeApis, loadKubeConfig } from '../kube/config.ts';
+import { loadPolicy } from '../policy/parse.ts';
+import { TaskService } from '../tasks/service.ts';
+import { TaskStore } from '../tasks/store.ts';
+import { Sweeper } from '../tasks/sweeper.ts';
+import { buildApp } from './app.ts';
+
+export interface ServeOptions {
+  config: string;
+  auditLog: string;
+  kubeconfig?: string;
+  host: string;
+  port: number;
+  tlsCert?: string;
+  tlsKey?: string;
+  /** Plain HTTP: only allowed on a loopback address. */
+  insecureHttp?: boolean;
+  sweepIntervalMs?: number;
+  leaseMs?: number;
+  orphanGraceMs?: number;
+  orphanIntervalMs?: number;
+}
+
+export interface RunningBroker {
+  url: string;
+  app: FastifyInstance;
+  close(): Promise<void>;
+}
+
+export function isLoopback(host: string): boolean {
+  if (host === 'localhost') return true;
+  if (isIP(host) === 4) return host.startsWith('127.');
+  return host === '::1';
+}
+
+export async function serve(opts: ServeOptions): Promise<RunningBroker> {
+  let https: { key: Buffer; cert: Buffer } | undefined;
+  if (opts.insecureHttp) {
+    if (!isLoopback(opts.host)) {
+      throw new BrokerError('invalid_argument', `plain HTTP is only allowed on a loopback address, not ${opts.host}`, { field: '--insecure-http' });
+    }
+    if (opts.tlsCert || opts.tlsKey) throw new BrokerError('invalid_argument', '--insecure-http and --tls-cert/--tls-key exclude each other', { field: '--insecure-http' });
+  } else {
+    if (!opts.tlsCert || !opts.tlsKey) {
+      throw new BrokerError('invalid_argument', 'TLS needs --tls-cert and --tls-key (or --insecure-http on a loopback address)', {
+        field: opts.tlsCert ? '--tls-key' : '--tls-cert',
+      });
+    }
+    https = { cert: readFlagFile(opts.tlsCert, '--tls-cert'), key: readFlagFile(opts.tlsKey, '--tls-key') };
+  }
+
+  const policyText = readFlagFile(opts.config, '--config');
+  const policy = await loadPolicy(opts.config);
+  const audit = await AuditLog.open(opts.auditLog);
+  const kube = kubeApis(loadKubeConfig(opts.kubeconfig));
+  const store = new TaskStore();
+  try {
+    await store.watch(kube.config, policy.broker.taskNamespace);
+  } catch (err) {
+    await audit.close();
+    throw clusterError(`watching tasks in namespace ${policy.broker.taskNamespace} (was \`broker policy apply\` run?)`, err);
+  }
+  const tasks = new TaskService(kube, policy, audit, store);
+  const sweeper = new Sweeper(kube, tasks, {
+    ...(opts.sweepIntervalMs === undefined ? {} : { intervalMs: opts.sweepIntervalMs }),
+    ...(opts.leaseMs === undefined ? {} : { leaseMs: opts.leaseMs }),
+    ...(opts.orphanGraceMs === undefined ? {} : { orphanGraceMs: opts.orphanGraceMs }),
+    ...(opts.orphanIntervalMs === undefined ? {} : { orphanIntervalMs: opts.orphanIntervalMs }),
+    log: (msg) => process.stderr.write(`broker: ${msg}\n`),
+  });
+  const app = buildApp({
+    tasks,
+    store,
+    audit,
+    authenticators: [new ServiceAccountAuthenticator(kube.authn, policy)],
+    ...(https ? { https } : {}),
+  });
+
+  await audit.append({
+    type: 'broker.started',
+    actor: 'system:broker',
+    outcome: 'ok',
+    details: {
+      policySha256: createHash('sha256').update(policyText).digest('hex'),
+      adoptedTasks: store.list().filter((t) => t.state === 'active').length,
+      pid: process.pid,
+    },
+  });
+  sweeper.start();
+  const address = await app.listen({ host: opts.host, port: opts.port });
+  let closing: Promise<void> | undefined;
+  return {
+    url: address,
+    app,
+    close: () =>
+      (closing ??= (async () => {
+        await app.close();
+        await sweeper.stop();
+        await store.stop();
+        await audit.append({ type: 'broker.stopped', actor: 'system:broker', outcome: 'ok' }).catch(() => undefined);
+        await audit.close();
+      })()),
+  };
+}
+
+function readFlagFile(path: string, flag: string): Buffer {
+  try {
+    return readFileSync(path);
+  } catch (err) {
+    throw new BrokerError('invalid_argument', `cannot read ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`, { field: flag, cause: err });
+  }
+}

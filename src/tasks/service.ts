@@ -1,0 +1,473 @@
+/**
+ * Starting, ending and serving credentials for tasks: the broker's core use cases. Every decision is
+ * written to the audit log before the caller hears of it; objects are created and removed in the order
+ * that keeps a failure (or a crash) from leaving access standing.
+ */
+import type { V1Secret } from '@kubernetes/client-node';
+import { decodeJwt } from 'jose';
+import type { AuditLog } from '../audit/log.ts';
+import type { AuditEventInput } from '../audit/types.ts';
+import { BrokerError } from '../errors.ts';
+import type { Caller } from '../identity/types.ts';
+import { clusterError, isConflict, isNotFound, type KubeApis } from '../kube/config.ts';
+import { parseDuration } from '../policy/duration.ts';
+import type { Policy, Template } from '../policy/types.ts';
+import {
+  LABEL,
+  newTaskId,
+  roleBindingNameFor,
+  secretNameFor,
+  serviceAccountNameFor,
+  taskAnnotations,
+  taskFromSecret,
+  taskLabels,
+  templateClusterRole,
+  type Task,
+} from './model.ts';
+import type { TaskStore } from './store.ts';
+
+/** Below this a task is not worth its objects; the policy's maxTtl bounds it from above. */
+export const MIN_TASK_TTL_SECONDS = 60;
+const DNS_LABEL = /^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/;
+
+export interface StartRequest {
+  template: string;
+  namespace: string;
+  name?: string | undefined;
+  /** Seconds, or a duration such as "15m". */
+  ttl?: number | string | undefined;
+  reason?: string | undefined;
+}
+
+export interface Credential {
+  token: string;
+  /** The earlier of the token's expiry and the task's end. */
+  expirationTimestamp: string;
+  taskId: string;
+  jti: string;
+}
+
+interface MintedToken {
+  token: string;
+  jti: string;
+  expiresAt: Date;
+  mintedAt: Date;
+}
+
+export interface TaskServiceOptions {
+  now?: () => Date;
+}
+
+export type EndCause = 'ended' | 'expired' | 'orphaned';
+
+export class TaskService {
+  readonly #kube: KubeApis;
+  readonly #policy: Policy;
+  readonly #audit: AuditLog;
+  readonly #store: TaskStore;
+  readonly #now: () => Date;
+  readonly #tokens = new Map<string, MintedToken>();
+  readonly #minting = new Map<string, Promise<MintedToken>>();
+  readonly #templates: Map<string, Template>;
+
+  constructor(kube: KubeApis, policy: Policy, audit: AuditLog, store: TaskStore, options: TaskServiceOptions = {}) {
+    this.#kube = kube;
+    this.#policy = policy;
+    this.#audit = audit;
+    this.#store = store;
+    this.#now = options.now ?? (() => new Date());
+    this.#templates = new Map(policy.templates.map((t) => [t.name, t]));
+    store.onRemoved((id) => this.#tokens.delete(id));
+  }
+
+  get taskNamespace(): string {
+    return this.#policy.broker.taskNamespace;
+  }
+
+  /** Checks a start request against the policy; throws the first problem, naming its field. */
+  validateStart(caller: Caller, req: StartRequest): { template: Template; name: string; ttl: number } {
+    const template = this.#templates.get(req.template);
+    if (!template) throw new BrokerError('unknown_template', `no template "${req.template}" in the policy`, { field: 'template' });
+    if (!template.agents.includes(caller.agent)) {
+      throw new BrokerError('forbidden', `agent "${caller.agent}" may not start template "${template.name}"`, { field: 'template' });
+    }
+    if (!DNS_LABEL.test(req.namespace)) {
+      throw new BrokerError('invalid_argument', '"namespace" must be a DNS-1123 label', { field: 'namespace' });
+    }
+    if (!template.namespaces.includes(req.namespace)) {
+      throw new BrokerError('namespace_not_allowed', `template "${template.name}" does not allow namespace "${req.namespace}"`, { field: 'namespace' });
+    }
+    const name = req.name ?? template.name;
+    if (!DNS_LABEL.test(name)) {
+      throw new BrokerError('invalid_argument', '"name" must be a DNS-1123 label (lowercase letters, digits and "-", at most 63)', { field: 'name' });
+    }
+    let ttl = template.defaultTtl;
+    if (typeof req.ttl === 'string') {
+      try {
+        ttl = parseDuration(req.ttl);
+      } catch (err) {
+        throw new BrokerError('invalid_argument', `"ttl": ${(err as Error).message}`, { field: 'ttl' });
+      }
+    } else if (req.ttl !== undefined) ttl = req.ttl;
+    if (!Number.isInteger(ttl) || ttl < MIN_TASK_TTL_SECONDS || ttl > template.maxTtl) {
+      throw new BrokerError('ttl_out_of_range', `"ttl" must be between ${MIN_TASK_TTL_SECONDS} and ${template.maxTtl} seconds for template "${template.name}"`, {
+        field: 'ttl',
+      });
+    }
+    if (req.reason !== undefined && req.reason.length > 1024) {
+      throw new BrokerError('invalid_argument', '"reason" must be at most 1024 characters', { field: 'reason' });
+    }
+    return { template, name, ttl };
+  }
+
+  async start(caller: Caller, req: StartRequest, requestId?: string): Promise<Task> {
+    const base = { actor: actorOf(caller), agent: caller.agent, template: req.template, namespace: req.namespace, requestId } as const;
+    let checked: ReturnType<TaskService['validateStart']>;
+    try {
+      checked = this.validateStart(caller, req);
+      if (this.#store.findByName(caller.agent, checked.name)) {
+        throw new BrokerError('task_exists', `agent "${caller.agent}" already has an active task "${checked.name}"`, { field: 'name' });
+      }
+    } catch (err) {
+      await this.#refuse(base, req.name, err);
+      throw err;
+    }
+    const { template, name, ttl } = checked;
+    const now = this.#now();
+    const task: Task = {
+      id: newTaskId(),
+      name,
+      agent: caller.agent,
+      template: template.name,
+      namespace: req.namespace,
+      createdAt: now,
+      expiresAt: new Date(now.getTime() + ttl * 1000),
+      ...(req.reason === undefined ? {} : { reason: req.reason }),
+      state: 'pending',
+      secretName: secretNameFor(caller.agent, name),
+      serviceAccount: serviceAccountNameFor(''),
+      roleBinding: '',
+    };
+    task.serviceAccount = serviceAccountNameFor(task.id);
+    task.roleBinding = roleBindingNameFor(task.id);
+    const facts = { ...base, task: task.id, taskName: name, expiresAt: task.expiresAt.toISOString() };
+
+    // Write-ahead: the attempt is on record before anything exists; an unwritable log stops it here.
+    await this.#audit.append({ ...facts, type: 'task.requested', outcome: 'ok', ...(req.reason ? { reason: req.reason } : {}) });
+    try {
+      await this.#createObjects(task, template);
+    } catch (err) {
+      await this.#refuse({ ...base, task: task.id }, name, err);
+      throw err;
+    }
+    try {
+      await this.#audit.append({ ...facts, type: 'task.started', outcome: 'allowed' });
+    } catch (err) {
+      await this.#deleteObjects(task).catch(() => undefined);
+      throw err;
+    }
+    this.#store.upsert(task);
+    return task;
+  }
+
+  /** Secret (the name lock), ServiceAccount, RoleBinding, then the Secret is marked active. */
+  async #createObjects(task: Task, template: Template): Promise<void> {
+    const ns = this.taskNamespace;
+    const labels = taskLabels(task);
+    const annotations = taskAnnotations(task);
+    const created: Array<() => Promise<unknown>> = [];
+    try {
+      let secret: V1Secret;
+      try {
+        secret = await this.#kube.core.createNamespacedSecret({
+          namespace: ns,
+          body: { metadata: { name: task.secretName, labels: { ...labels, [LABEL.state]: 'pending' }, annotations }, type: 'Opaque' },
+        });
+      } catch (err) {
+        if (isConflict(err)) {
+          throw new BrokerError('task_exists', `agent "${task.agent}" already has an active task "${task.name}"`, { field: 'name' });
+        }
+        throw clusterError('creating the task Secret', err);
+      }
+      created.push(() => this.#kube.core.deleteNamespacedSecret({ name: task.secretName, namespace: ns }));
+      if (secret.metadata?.uid) task.secretUid = secret.metadata.uid;
+
+      await this.#kube.core
+        .createNamespacedServiceAccount({ namespace: ns, body: { metadata: { name: task.serviceAccount, labels, annotations } } })
+        .catch((err) => Promise.reject(clusterError('creating the task ServiceAccount', err)));
+      created.push(() => this.#kube.core.deleteNamespacedServiceAccount({ name: task.serviceAccount, namespace: ns }));
+
+      await this.#kube.rbac
+        .createNamespacedRoleBinding({
+          namespace: task.namespace,
+          body: {
+            metadata: { name: task.roleBinding, labels, annotations },
+            roleRef: { apiGroup: 'rbac.authorization.k8s.io', kind: 'ClusterRole', name: template.clusterRole ?? templateClusterRole(template.name) },
+            subjects: [{ kind: 'ServiceAccount', name: task.serviceAccount, namespace: ns }],
+          },
+        })
+        .catch((err) => Promise.reject(clusterError('creating the task RoleBinding', err)));
+      created.push(() => this.#kube.rbac.deleteNamespacedRoleBinding({ name: task.roleBinding, namespace: task.namespace }));
+
+      await this.#kube.core
+        .patchNamespacedSecret(
+          { name: task.secretName, namespace: ns, body: [{ op: 'replace', path: `/metadata/labels/${LABEL.state.replace('/', '~1')}`, value: 'active' }] },
+        )
+        .catch((err) => Promise.reject(clusterError('activating the task', err)));
+      task.state = 'active';
+    } catch (err) {
+      // Roll back what was created, newest first (the RoleBinding, which grants, goes first).
+      for (const undo of created.reverse()) await undo().catch(() => undefined);
+      throw err;
+    }
+  }
+
+  /** RoleBinding (denies at once), then Secret (refuses its tokens), then ServiceAccount. */
+  async #deleteObjects(task: Pick<Task, 'roleBinding' | 'namespace' | 'secretName' | 'serviceAccount'>): Promise<void> {
+    const ns = this.taskNamespace;
+    const gone = (err: unknown) => {
+      if (!isNotFound(err)) throw err;
+    };
+    try {
+      if (task.roleBinding) await this.#kube.rbac.deleteNamespacedRoleBinding({ name: task.roleBinding, namespace: task.namespace }).catch(gone);
+      if (task.secretName) await this.#kube.core.deleteNamespacedSecret({ name: task.secretName, namespace: ns }).catch(gone);
+      if (task.serviceAccount) await this.#kube.core.deleteNamespacedServiceAccount({ name: task.serviceAccount, namespace: ns }).catch(gone);
+    } catch (err) {
+      throw clusterError('revoking the task', err);
+    }
+  }
+
+  async #refuse(base: Omit<AuditEventInput, 'type'>, taskName: string | undefined, err: unknown): Promise<void> {
+    const code = err instanceof BrokerError ? err.code : 'internal';
+    const field = err instanceof BrokerError && err.field ? ` (${err.field})` : '';
+    await this.#audit
+      .append({
+        ...base,
+        ...(taskName === undefined ? {} : { taskName }),
+        type: 'task.refused',
+        outcome: 'denied',
+        reason: `${code}${field}: ${err instanceof Error ? err.message : String(err)}`,
+      })
+      .catch(() => undefined); // the refusal stands either way; an unwritable log fails the next step
+  }
+
+  /** The task `ref` (id, or name among the caller's tasks) if the caller may act on it. */
+  async resolve(caller: Caller, ref: string, action: string, requestId?: string): Promise<Task> {
+    const task = this.#store.get(ref) ?? this.#store.findByName(caller.agent, ref);
+    if (!task || task.state !== 'active') {
+      throw new BrokerError('no_active_task', `agent "${caller.agent}" has no active task "${ref}"`);
+    }
+    if (task.agent !== caller.agent) {
+      await this.#audit.append({
+        type: 'task.refused',
+        actor: actorOf(caller),
+        agent: caller.agent,
+        task: task.id,
+        template: task.template,
+        namespace: task.namespace,
+        outcome: 'denied',
+        reason: `forbidden: ${action} of another agent's task (owner ${task.agent})`,
+        requestId,
+      });
+      throw new BrokerError('forbidden', `task "${ref}" belongs to another agent`);
+    }
+    return task;
+  }
+
+  list(caller: Caller): Task[] {
+    return this.#store.list().filter((t) => t.agent === caller.agent && t.state === 'active');
+  }
+
+  async end(caller: Caller, ref: string, requestId?: string): Promise<Task> {
+    const task = await this.resolve(caller, ref, 'end', requestId);
+    await this.endTask(task, 'ended', actorOf(caller), requestId);
+    return task;
+  }
+
+  /** Revokes a task for any cause. The access goes first; the record follows before any reply. */
+  async endTask(task: Task, cause: EndCause, actor: string, requestId?: string): Promise<void> {
+    this.#tokens.delete(task.id);
+    await this.#deleteObjects(task);
+    this.#store.remove(task.id);
+    await this.#audit.append({
+      type: cause === 'ended' ? 'task.ended' : cause === 'expired' ? 'task.expired' : 'task.cleaned',
+      actor,
+      agent: task.agent,
+      task: task.id,
+      taskName: task.name,
+      template: task.template,
+      namespace: task.namespace,
+      outcome: 'ok',
+      requestId,
+    });
+  }
+
+  /** A token for the caller's task: the one in memory while enough of its life remains, else a new one. */
+  async credential(caller: Caller, ref: string, requestId?: string): Promise<Credential> {
+    const task = await this.resolve(caller, ref, 'credential', requestId);
+    const now = this.#now();
+    if (task.expiresAt <= now) throw new BrokerError('no_active_task', `task "${ref}" has expired`);
+    let minted = this.#tokens.get(task.id);
+    const fresh = minted && this.#hasEnoughLife(minted, now);
+    if (!minted || !fresh) minted = await this.#mintOnce(caller, task, requestId);
+    else {
+      await this.#audit.append({
+        type: 'credential.served',
+        actor: actorOf(caller),
+        agent: caller.agent,
+        task: task.id,
+        outcome: 'allowed',
+        jti: minted.jti,
+        expiresAt: minted.expiresAt.toISOString(),
+        requestId,
+      });
+    }
+    const until = minted.expiresAt < task.expiresAt ? minted.expiresAt : task.expiresAt;
+    return { token: minted.token, expirationTimestamp: until.toISOString(), taskId: task.id, jti: minted.jti };
+  }
+
+  /** Reuse while more than a third of the token's life is left (200 s of a 600 s token). */
+  #hasEnoughLife(minted: MintedToken, now: Date): boolean {
+    const life = minted.expiresAt.getTime() - minted.mintedAt.getTime();
+    return minted.expiresAt.getTime() - now.getTime() > life / 3;
+  }
+
+  #mintOnce(caller: Caller, task: Task, requestId?: string): Promise<MintedToken> {
+    let pending = this.#minting.get(task.id);
+    if (!pending) {
+      pending = this.#mint(caller, task, requestId).finally(() => this.#minting.delete(task.id));
+      this.#minting.set(task.id, pending);
+    }
+    return pending;
+  }
+
+  async #mint(caller: Caller, task: Task, requestId?: string): Promise<MintedToken> {
+    if (!this.#audit.healthy) throw new BrokerError('audit_unavailable', 'the audit log cannot be written: refusing to mint');
+    const mintedAt = this.#now();
+    let token: string;
+    let expiresAt: Date;
+    try {
+      const res = await this.#kube.core.createNamespacedServiceAccountToken({
+        name: task.serviceAccount,
+        namespace: this.taskNamespace,
+        body: {
+          spec: {
+            audiences: [],
+            expirationSeconds: this.#policy.broker.tokenTtl,
+            boundObjectRef: { apiVersion: 'v1', kind: 'Secret', name: task.secretName, ...(task.secretUid ? { uid: task.secretUid } : {}) },
+          },
+        },
+      });
+      token = res.status?.token ?? '';
+      expiresAt = res.status?.expirationTimestamp ? new Date(res.status.expirationTimestamp) : new Date(NaN);
+    } catch (err) {
+      throw clusterError('TokenRequest', err);
+    }
+    const jti = String(decodeJwt(token).jti ?? '');
+    if (!token || !jti || Number.isNaN(expiresAt.getTime())) throw new BrokerError('internal', 'TokenRequest returned no usable token');
+    const minted: MintedToken = { token, jti, expiresAt, mintedAt };
+    // Recorded (JTI, never the token) before it leaves the broker; the token is forgotten if that fails.
+    await this.#audit.append({
+      type: 'credential.minted',
+      actor: actorOf(caller),
+      agent: caller.agent,
+      task: task.id,
+      taskName: task.name,
+      template: task.template,
+      namespace: task.namespace,
+      outcome: 'allowed',
+      jti,
+      expiresAt: expiresAt.toISOString(),
+      requestId,
+    });
+    // The task may have ended while the token was being minted: do not keep or serve it then.
+    if (!this.#store.get(task.id)) throw new BrokerError('no_active_task', `task "${task.name}" has ended`);
+    this.#tokens.set(task.id, minted);
+    return minted;
+  }
+
+  /** Ends every active task whose time is up. Run by the replica that holds the sweeper Lease. */
+  async sweepExpired(): Promise<number> {
+    const now = this.#now();
+    let ended = 0;
+    for (const task of this.#store.list()) {
+      if (task.state !== 'active' || task.expiresAt > now) continue;
+      try {
+        await this.endTask(task, 'expired', 'system:sweeper');
+        ended++;
+      } catch {
+        // retried on the next sweep
+      }
+    }
+    return ended;
+  }
+
+  /**
+   * Removes objects that belong to no live task: what a crash part-way through a start (or an end)
+   * left behind. Only objects older than `graceMs` are touched, so another replica's start in flight
+   * is left alone.
+   */
+  async sweepOrphans(graceMs: number): Promise<number> {
+    const ns = this.taskNamespace;
+    const cutoff = this.#now().getTime() - graceMs;
+    const old = (meta: { creationTimestamp?: Date } | undefined) => (meta?.creationTimestamp ? new Date(meta.creationTimestamp).getTime() < cutoff : false);
+    const selector = `${LABEL.taskId}`;
+    let secrets, accounts;
+    try {
+      [secrets, accounts] = await Promise.all([
+        this.#kube.core.listNamespacedSecret({ namespace: ns, labelSelector: selector }),
+        this.#kube.core.listNamespacedServiceAccount({ namespace: ns, labelSelector: selector }),
+      ]);
+    } catch (err) {
+      throw clusterError('listing task objects', err);
+    }
+    const namespaces = [...new Set(this.#policy.templates.flatMap((t) => t.namespaces))];
+    const bindings = (
+      await Promise.all(
+        namespaces.map((namespace) =>
+          this.#kube.rbac.listNamespacedRoleBinding({ namespace, labelSelector: selector }).then(
+            (l) => l.items,
+            (err) => (isNotFound(err) ? [] : Promise.reject(clusterError('listing task RoleBindings', err))),
+          ),
+        ),
+      )
+    ).flat();
+
+    const live = new Set<string>();
+    const records = new Map<string, Task>();
+    for (const s of secrets.items) {
+      const task = taskFromSecret(s);
+      if (!task) continue;
+      records.set(task.id, task);
+      if (task.state === 'active') live.add(task.id);
+    }
+    let cleaned = 0;
+    // Pending records older than the grace: a start that never finished.
+    for (const task of records.values()) {
+      if (task.state === 'pending' && old(secrets.items.find((s) => s.metadata?.name === task.secretName)?.metadata)) {
+        await this.endTask(task, 'orphaned', 'system:sweeper').then(() => cleaned++, () => undefined);
+      }
+    }
+    const idOf = (meta: { labels?: Record<string, string> } | undefined) => meta?.labels?.[LABEL.taskId] ?? '';
+    for (const b of bindings) {
+      const id = idOf(b.metadata);
+      if (!live.has(id) && !records.has(id) && old(b.metadata)) {
+        await this.#kube.rbac.deleteNamespacedRoleBinding({ name: b.metadata!.name!, namespace: b.metadata!.namespace! }).then(() => cleaned++, () => undefined);
+      }
+    }
+    for (const a of accounts.items) {
+      const id = idOf(a.metadata);
+      if (!live.has(id) && !records.has(id) && old(a.metadata)) {
+        await this.#kube.core.deleteNamespacedServiceAccount({ name: a.metadata!.name!, namespace: ns }).then(() => cleaned++, () => undefined);
+      }
+    }
+    if (cleaned > 0) {
+      await this.#audit.append({ type: 'task.orphans_removed', actor: 'system:sweeper', outcome: 'ok', details: { objects: cleaned } }).catch(() => undefined);
+    }
+    return cleaned;
+  }
+}
+
+export function actorOf(caller: Caller): string {
+  return `agent:${caller.agent}`;
+}
