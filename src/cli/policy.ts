@@ -1,10 +1,24 @@
 import { Command } from 'commander';
+import { kubeApis, loadKubeConfig } from '../kube/config.ts';
+import { applyPolicy, type Change } from '../policy/apply.ts';
 import { PolicyError, loadPolicy } from '../policy/parse.ts';
 import type { Policy, PolicyIssue } from '../policy/types.ts';
 import { outputOption, printJson, style, type OutputFormat } from './output.ts';
 
 interface CheckOptions {
   output: OutputFormat;
+}
+
+interface ApplyOptions {
+  kubeconfig: string;
+  dryRun: boolean;
+  output: OutputFormat;
+}
+
+/** What `policy apply` prints with `-o json`. */
+export interface PolicyApplyResult {
+  dryRun: boolean;
+  changes: Change[];
 }
 
 export interface PolicySummary {
@@ -34,6 +48,19 @@ export function policyCommand(): Command {
     .addOption(outputOption())
     .addHelpText('after', '\nExample:\n  broker policy check policy.yaml')
     .action((file: string, opts: CheckOptions) => check(file, opts));
+  cmd
+    .command('apply')
+    .description("create or update the cluster's RBAC for the policy: template ClusterRoles and the broker's own, bounded, roles")
+    .argument('<file>', 'the policy YAML file')
+    .requiredOption('--kubeconfig <path>', "an administrator's kubeconfig (policy apply creates RBAC objects)")
+    .option('--dry-run', 'show what would change without changing anything', false)
+    .addOption(outputOption())
+    .addHelpText(
+      'after',
+      '\nExample:\n  broker policy apply policy.yaml --kubeconfig admin.kubeconfig --dry-run   # see what would change\n' +
+        '  broker policy apply policy.yaml --kubeconfig admin.kubeconfig',
+    )
+    .action((file: string, opts: ApplyOptions) => apply(file, opts));
   return cmd;
 }
 
@@ -65,4 +92,32 @@ async function check(file: string, opts: CheckOptions): Promise<void> {
     `${file}: ${style.ok('valid')}: ${n(summary.agents, 'agent')}, ${n(summary.templates, 'template')}, ` +
       `${n(summary.gated, 'gated pair')}, ${n(summary.approverGroups, 'approver group')}\n`,
   );
+}
+
+const PAST: Record<Exclude<Change['action'], 'unchanged'>, [done: string, would: string]> = {
+  create: ['created', 'would create'],
+  update: ['updated', 'would update'],
+  delete: ['deleted', 'would delete'],
+};
+
+async function apply(file: string, opts: ApplyOptions): Promise<void> {
+  const policy = await loadPolicy(file);
+  const kube = kubeApis(loadKubeConfig(opts.kubeconfig));
+  const changes = await applyPolicy(kube, policy, { dryRun: opts.dryRun });
+  if (opts.output === 'json') {
+    printJson({ dryRun: opts.dryRun, changes } satisfies PolicyApplyResult);
+    return;
+  }
+  let unchanged = 0;
+  for (const c of changes) {
+    if (c.action === 'unchanged') {
+      unchanged++;
+      continue;
+    }
+    const verb = PAST[c.action][opts.dryRun ? 1 : 0];
+    process.stdout.write(`${verb} ${c.kind} ${c.name}${c.namespace ? ` ${style.dim(`(namespace ${c.namespace})`)}` : ''}\n`);
+  }
+  const changed = changes.length - unchanged;
+  const summary = [changed === 0 ? 'no changes' : `${changed} change${changed === 1 ? '' : 's'}`, `${unchanged} unchanged`].join(', ');
+  process.stdout.write(`${summary}${opts.dryRun ? ' (dry run: nothing was written)' : ''}\n`);
 }

@@ -93,7 +93,11 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
     outcome: 'ok',
     details: {
       policySha256: createHash('sha256').update(policyText).digest('hex'),
-      adoptedTasks: store.list().filter((t) => t.state === 'active').length,
+      adoptedTasks: store
+        .list()
+        .filter((t) => t.state === 'active')
+        .map((t) => t.id)
+        .slice(0, 100),
       pid: process.pid,
     },
   });

@@ -8,6 +8,7 @@ import { decodeJwt } from 'jose';
 import type { AuditLog } from '../audit/log.ts';
 import type { AuditEventInput } from '../audit/types.ts';
 import { BrokerError } from '../errors.ts';
+import { failpoint } from '../failpoint.ts';
 import type { Caller } from '../identity/types.ts';
 import { clusterError, isConflict, isNotFound, type KubeApis } from '../kube/config.ts';
 import { parseDuration } from '../policy/duration.ts';
@@ -27,7 +28,7 @@ import {
 import type { TaskStore } from './store.ts';
 
 /** Below this a task is not worth its objects; the policy's maxTtl bounds it from above. */
-export const MIN_TASK_TTL_SECONDS = 60;
+export const MIN_TASK_TTL_SECONDS = 10;
 const DNS_LABEL = /^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/;
 
 export interface StartRequest {
@@ -191,11 +192,13 @@ export class TaskService {
       }
       created.push(() => this.#kube.core.deleteNamespacedSecret({ name: task.secretName, namespace: ns }));
       if (secret.metadata?.uid) task.secretUid = secret.metadata.uid;
+      failpoint('start-after-secret');
 
       await this.#kube.core
         .createNamespacedServiceAccount({ namespace: ns, body: { metadata: { name: task.serviceAccount, labels, annotations } } })
         .catch((err) => Promise.reject(clusterError('creating the task ServiceAccount', err)));
       created.push(() => this.#kube.core.deleteNamespacedServiceAccount({ name: task.serviceAccount, namespace: ns }));
+      failpoint('start-after-serviceaccount');
 
       await this.#kube.rbac
         .createNamespacedRoleBinding({
@@ -208,6 +211,7 @@ export class TaskService {
         })
         .catch((err) => Promise.reject(clusterError('creating the task RoleBinding', err)));
       created.push(() => this.#kube.rbac.deleteNamespacedRoleBinding({ name: task.roleBinding, namespace: task.namespace }));
+      failpoint('start-after-rolebinding');
 
       await this.#kube.core
         .patchNamespacedSecret(
@@ -215,6 +219,7 @@ export class TaskService {
         )
         .catch((err) => Promise.reject(clusterError('activating the task', err)));
       task.state = 'active';
+      failpoint('start-after-activate');
     } catch (err) {
       // Roll back what was created, newest first (the RoleBinding, which grants, goes first).
       for (const undo of created.reverse()) await undo().catch(() => undefined);

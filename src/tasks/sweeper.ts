@@ -137,8 +137,8 @@ export class Sweeper {
     return {
       holderIdentity: this.#identity,
       leaseDurationSeconds: Math.ceil(this.#leaseMs / 1000),
-      acquireTime: acquireTime as unknown as Date,
-      renewTime: renewTime as unknown as Date,
+      acquireTime: microTime(acquireTime),
+      renewTime: microTime(renewTime),
       leaseTransitions,
     };
   }
@@ -149,7 +149,15 @@ export class Sweeper {
     await this.#kube.coordination.replaceNamespacedLease({
       name: SWEEPER_LEASE,
       namespace: this.#namespace,
-      body: { ...lease, spec: { ...lease.spec, holderIdentity: '', renewTime: new Date(0) as unknown as Date } },
+      body: { ...lease, spec: { ...lease.spec, holderIdentity: '', renewTime: microTime(new Date(0)) } },
     });
   }
+}
+
+/**
+ * Lease times are MicroTime: RFC 3339 with exactly six fractional digits. client-node passes them
+ * through untyped, and a Date would be sent with three digits, which the API server refuses.
+ */
+function microTime(date: Date): Date {
+  return date.toISOString().replace(/\.(\d{3})Z$/, '.$1000Z') as unknown as Date;
 }

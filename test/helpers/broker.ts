@@ -79,7 +79,7 @@ export class BrokerEnv {
     return mintToken(this.admin, namespace, name, [this.policy.broker.identityAudience], 3600);
   }
 
-  async startBroker(options: { auditLog?: string; extraArgs?: string[] } = {}): Promise<BrokerProcess> {
+  async startBroker(options: { auditLog?: string; extraArgs?: string[]; env?: NodeJS.ProcessEnv; shellPrefix?: string } = {}): Promise<BrokerProcess> {
     const auditLog = options.auditLog ?? join(this.dir, 'audit.jsonl');
     const args = [
       MAIN,
@@ -101,7 +101,7 @@ export class BrokerEnv {
       '3s',
       ...(options.extraArgs ?? []),
     ];
-    const broker = await BrokerProcess.spawn(args, auditLog);
+    const broker = await BrokerProcess.spawn(args, auditLog, options.env, options.shellPrefix);
     this.#brokers.add(broker);
     return broker;
   }
@@ -145,8 +145,12 @@ export class BrokerProcess {
     this.child = child;
   }
 
-  static spawn(args: string[], auditLog: string): Promise<BrokerProcess> {
-    const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  /** `shellPrefix` runs the broker under sh with that prefix (e.g. "ulimit -f 2;") before exec. */
+  static spawn(args: string[], auditLog: string, env?: NodeJS.ProcessEnv, shellPrefix?: string): Promise<BrokerProcess> {
+    const [cmd, argv] = shellPrefix
+      ? ['/bin/sh', ['-c', `${shellPrefix} exec "$0" "$@"`, process.execPath, ...args]]
+      : [process.execPath, args];
+    const child = spawn(cmd, argv, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
     let stderr = '';
     child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
     return new Promise((done, fail) => {
