@@ -8,7 +8,11 @@ import { BrokerError, isBrokerError } from '../errors.ts';
 import { EXIT, exitCodeFor } from './exit-codes.ts';
 import { auditCommand } from './audit.ts';
 import { devClusterCommand } from './dev-cluster.ts';
+import { addBrokerOptions } from './broker-options.ts';
+import { kubeconfigCommand } from './kubeconfig.ts';
 import { policyCommand } from './policy.ts';
+import { runCommand } from './run.ts';
+import { taskCommand } from './task.ts';
 import { serveCommand } from './serve.ts';
 import { style } from './output.ts';
 
@@ -18,8 +22,13 @@ export function buildProgram(): Command {
     .version(packageVersion(), '-V, --version')
     .showHelpAfterError('(run with --help for usage)')
     .exitOverride()
-    .addHelpText('after', '\nExample:\n  eval "$(broker dev-cluster up)"   # a local kube-apiserver to try task-broker against\n\nExit codes: see docs/cli.md (0 ok, 1 error, 2 usage).');
+    .addHelpText('after', '\nExample:\n  eval "$(broker dev-cluster up)"   # a local kube-apiserver to try task-broker against\n\nExit codes (docs/cli.md): 0 ok, 1 error, 2 usage, 3 approval required, 4 not authenticated, 5 unavailable.');
+  addBrokerOptions(program);
+  program.addCommand(taskCommand());
+  program.addCommand(runCommand());
+  program.addCommand(kubeconfigCommand());
   program.addCommand(devClusterCommand());
+  program.addCommand(credentialCommand());
   program.addCommand(policyCommand());
   program.addCommand(auditCommand());
   program.addCommand(serveCommand());
@@ -32,6 +41,23 @@ export function buildProgram(): Command {
   return program;
 }
 
+/**
+ * Listed for --help; bin/broker normally runs the plugin's own lean entry before this module loads.
+ * Reached only through `node dist/cli/main.js credential ...`, which then hands over to the same code.
+ */
+function credentialCommand(): Command {
+  return new Command('credential')
+    .description('the kubectl exec credential plugin (see `broker credential --help`)')
+    .helpOption(false)
+    .allowUnknownOption()
+    .allowExcessArguments()
+    .argument('[args...]')
+    .action(async (args: string[]) => {
+      const { run } = await import('../credential/main.ts');
+      process.exitCode = await run({ argv: args, env: process.env, stdout: (s) => process.stdout.write(s), stderr: (s) => process.stderr.write(s) });
+    });
+}
+
 function packageVersion(): string {
   const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
   return pkg.version;
@@ -41,7 +67,8 @@ export async function main(argv: string[]): Promise<number> {
   const program = buildProgram();
   try {
     await program.parseAsync(argv, { from: 'user' });
-    return EXIT.ok;
+    // A command may set its own exit code (`broker run` returns its command's).
+    return typeof process.exitCode === 'number' ? process.exitCode : EXIT.ok;
   } catch (err) {
     return report(err);
   }

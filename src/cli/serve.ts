@@ -13,6 +13,8 @@ interface ServeFlags {
   sweepInterval?: number;
   orphanGrace?: number;
   leaseDuration?: number;
+  publicServer?: string;
+  publicCa?: string;
 }
 
 function duration(value: string): number {
@@ -33,6 +35,8 @@ export function serveCommand(): Command {
     .option('--tls-cert <file>', 'serving certificate (PEM)')
     .option('--tls-key <file>', 'serving key (PEM)')
     .option('--insecure-http', 'serve plain HTTP; allowed only on a loopback address')
+    .option('--public-server <url>', "API server URL that clients' kubeconfigs should use (default: the broker's own)")
+    .option('--public-ca <file>', 'CA of --public-server (PEM)')
     .addOption(new Option('--sweep-interval <duration>', 'how often expired tasks are looked for').argParser(duration).hideHelp())
     .addOption(new Option('--orphan-grace <duration>', 'age before objects of an unfinished start are removed').argParser(duration).hideHelp())
     .addOption(new Option('--lease-duration <duration>', 'sweeper Lease duration').argParser(duration).hideHelp())
@@ -52,6 +56,8 @@ export function serveCommand(): Command {
         ...(flags.sweepInterval ? { sweepIntervalMs: flags.sweepInterval } : {}),
         ...(flags.orphanGrace !== undefined ? { orphanGraceMs: flags.orphanGrace, orphanIntervalMs: Math.max(1000, flags.orphanGrace) } : {}),
         ...(flags.leaseDuration ? { leaseMs: flags.leaseDuration } : {}),
+        ...(flags.publicServer ? { publicServer: flags.publicServer } : {}),
+        ...(flags.publicCa ? { publicCa: flags.publicCa } : {}),
       });
       process.stdout.write(`listening on ${broker.url}\n`);
       await new Promise<void>((done) => {

@@ -45,6 +45,8 @@ export interface AppDeps {
   /** Bytes. Default 16 KiB: no request the API takes is anywhere near that. */
   bodyLimit?: number;
   https?: { key: Buffer; cert: Buffer };
+  /** What `GET /v1/cluster` tells clients: the API server their kubeconfigs should point at. */
+  cluster?: { server: string; certificateAuthorityData?: string };
   /** Where server-side failures are logged (never to the client). Default stderr. */
   log?: (line: string) => void;
 }
@@ -151,6 +153,11 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     const task = await deps.tasks.start(req.caller!, { template: body.template, namespace: body.namespace, name: body.name, ttl: body.ttl, reason: body.reason }, req.id);
     metrics.tasksStarted.inc();
     return reply.code(201).send(toView(task));
+  });
+
+  app.get('/v1/cluster', async (_req, reply) => {
+    if (!deps.cluster) return reply.code(404).send({ error: { code: 'not_found', message: 'this broker does not publish its cluster' } });
+    return deps.cluster;
   });
 
   app.get('/v1/tasks', async (req) => ({ tasks: deps.tasks.list(req.caller!).map(toView) }));

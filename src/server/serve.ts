@@ -9,7 +9,7 @@ import type { FastifyInstance } from 'fastify';
 import { AuditLog } from '../audit/log.ts';
 import { BrokerError } from '../errors.ts';
 import { ServiceAccountAuthenticator } from '../identity/service-account.ts';
-import { clusterError, kubeApis, loadKubeConfig } from '../kube/config.ts';
+import { clusterError, kubeApis, loadKubeConfig, type KubeApis } from '../kube/config.ts';
 import { loadPolicy } from '../policy/parse.ts';
 import { TaskService } from '../tasks/service.ts';
 import { TaskStore } from '../tasks/store.ts';
@@ -30,6 +30,10 @@ export interface ServeOptions {
   leaseMs?: number;
   orphanGraceMs?: number;
   orphanIntervalMs?: number;
+  /** The API server URL clients should use (GET /v1/cluster); default: the broker's own. */
+  publicServer?: string;
+  /** Its CA (PEM file); default: the broker's own kubeconfig CA. */
+  publicCa?: string;
 }
 
 export interface RunningBroker {
@@ -64,6 +68,7 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
   const policy = await loadPolicy(opts.config);
   const audit = await AuditLog.open(opts.auditLog);
   const kube = kubeApis(loadKubeConfig(opts.kubeconfig));
+  const cluster = clusterInfo(kube, opts);
   const store = new TaskStore();
   try {
     await store.watch(kube.config, policy.broker.taskNamespace);
@@ -84,6 +89,7 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
     store,
     audit,
     authenticators: [new ServiceAccountAuthenticator(kube.authn, policy)],
+    cluster,
     ...(https ? { https } : {}),
   });
 
@@ -116,6 +122,15 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
         await audit.close();
       })()),
   };
+}
+
+function clusterInfo(kube: KubeApis, opts: ServeOptions): { server: string; certificateAuthorityData?: string } {
+  const own = kube.config.getCurrentCluster()!;
+  const server = opts.publicServer ?? own.server;
+  let ca: string | undefined;
+  if (opts.publicCa) ca = readFlagFile(opts.publicCa, '--public-ca').toString('base64');
+  else if (!opts.publicServer) ca = own.caData ?? (own.caFile ? readFlagFile(own.caFile, '--kubeconfig').toString('base64') : undefined);
+  return { server, ...(ca ? { certificateAuthorityData: ca } : {}) };
 }
 
 function readFlagFile(path: string, flag: string): Buffer {

@@ -1,0 +1,20 @@
+import type { Command } from 'commander';
+import { BrokerClient } from '../client/broker-client.ts';
+
+/** --broker and --broker-ca, set on the program and read by any subcommand. */
+export interface BrokerFlags {
+  broker?: string;
+  brokerCa?: string;
+}
+
+export function addBrokerOptions(program: Command): Command {
+  return program
+    .option('--broker <url>', 'the broker (default: $BROKER_URL)')
+    .option('--broker-ca <file>', "CA of the broker's TLS certificate, PEM (default: $BROKER_CA)");
+}
+
+/** A client for the command's broker; created only by commands that talk to one. */
+export function clientFor(cmd: Command): BrokerClient {
+  const flags = cmd.optsWithGlobals<BrokerFlags>();
+  return new BrokerClient({ broker: flags.broker, brokerCa: flags.brokerCa });
+}

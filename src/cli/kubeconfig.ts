@@ -1,0 +1,66 @@
+import { readFileSync, writeFileSync } from 'node:fs';
+import { Command, Option } from 'commander';
+import { BrokerError } from '../errors.ts';
+import { execKubeconfig, type ExecApiVersion } from '../client/kubeconfig.ts';
+import { clientFor, type BrokerFlags } from './broker-options.ts';
+
+interface Flags {
+  task: string;
+  server?: string;
+  certificateAuthority?: string;
+  namespace?: string;
+  output?: string;
+  interactive?: boolean;
+  execApiVersion: ExecApiVersion;
+  command?: string;
+}
+
+export function kubeconfigCommand(): Command {
+  return new Command('kubeconfig')
+    .description("write a kubeconfig whose user is the `broker credential` exec entry for a task (it holds no secret)")
+    .requiredOption('--task <name>', 'the task kubectl should act as')
+    .option('--server <url>', 'API server URL (default: what the broker publishes at /v1/cluster)')
+    .option('--certificate-authority <file>', 'CA of the API server, PEM (default: the broker\'s)')
+    .option('-n, --namespace <ns>', 'default namespace of the context')
+    .option('--output <file>', 'write it to FILE (mode 0600) instead of stdout')
+    .option('--interactive', 'interactiveMode IfAvailable instead of Never')
+    .addOption(new Option('--exec-api-version <v>', 'client.authentication.k8s.io version').choices(['v1', 'v1beta1']).default('v1'))
+    .option('--command <cmd>', 'the plugin command (default: this installation\'s bin/broker)')
+    .addHelpText('after', '\nExample:\n  broker kubeconfig --task read-pods --output ~/.kube/task-broker\n  KUBECONFIG=~/.kube/task-broker kubectl get pods')
+    .action(async (flags: Flags, cmd: Command) => {
+      const globals = cmd.optsWithGlobals<BrokerFlags>();
+      let server = flags.server;
+      let caData = flags.certificateAuthority ? readCa(flags.certificateAuthority) : undefined;
+      if (!server) {
+        const client = clientFor(cmd);
+        try {
+          const cluster = await client.cluster();
+          server = cluster.server;
+          caData ??= cluster.certificateAuthorityData;
+        } finally {
+          await client.close();
+        }
+      }
+      const text = execKubeconfig({
+        task: flags.task,
+        server,
+        certificateAuthorityData: caData,
+        namespace: flags.namespace,
+        broker: globals.broker ?? process.env['BROKER_URL'],
+        brokerCa: globals.brokerCa ?? process.env['BROKER_CA'],
+        command: flags.command,
+        apiVersion: flags.execApiVersion,
+        interactive: flags.interactive ?? false,
+      });
+      if (flags.output) writeFileSync(flags.output, text, { mode: 0o600 });
+      else process.stdout.write(text);
+    });
+}
+
+export function readCa(path: string): string {
+  try {
+    return readFileSync(path).toString('base64');
+  } catch (err) {
+    throw new BrokerError('invalid_argument', `cannot read ${path}: ${(err as NodeJS.ErrnoException).code}`, { field: '--certificate-authority' });
+  }
+}

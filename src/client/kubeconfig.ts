@@ -1,0 +1,54 @@
+/**
+ * Kubeconfigs whose user is the `broker credential` exec entry. They hold no secret: kubectl asks the
+ * broker for the task's token on every run.
+ */
+import { fileURLToPath } from 'node:url';
+import { stringify } from 'yaml';
+
+export type ExecApiVersion = 'v1' | 'v1beta1';
+
+export interface ExecKubeconfigOptions {
+  task: string;
+  /** The API server. */
+  server: string;
+  /** Its CA, base64 PEM (as in certificate-authority-data). */
+  certificateAuthorityData?: string | undefined;
+  namespace?: string | undefined;
+  broker?: string | undefined;
+  brokerCa?: string | undefined;
+  /** The plugin command; default: this installation's bin/broker, by absolute path. */
+  command?: string | undefined;
+  apiVersion?: ExecApiVersion;
+  /** interactiveMode IfAvailable instead of Never. */
+  interactive?: boolean;
+}
+
+export function brokerCommandPath(): string {
+  return fileURLToPath(new URL('../../bin/broker', import.meta.url));
+}
+
+export function execKubeconfig(o: ExecKubeconfigOptions): string {
+  const name = `task-broker-${o.task}`;
+  const args = ['credential', '--task', o.task];
+  if (o.broker) args.push('--broker', o.broker);
+  if (o.brokerCa) args.push('--broker-ca', o.brokerCa);
+  const exec: Record<string, unknown> = {
+    apiVersion: `client.authentication.k8s.io/${o.apiVersion ?? 'v1'}`,
+    command: o.command ?? brokerCommandPath(),
+    args,
+    interactiveMode: o.interactive ? 'IfAvailable' : 'Never',
+    provideClusterInfo: false,
+  };
+  const cluster: Record<string, string> = { server: o.server };
+  if (o.certificateAuthorityData) cluster['certificate-authority-data'] = o.certificateAuthorityData;
+  const context: Record<string, string> = { cluster: name, user: name };
+  if (o.namespace) context['namespace'] = o.namespace;
+  return stringify({
+    apiVersion: 'v1',
+    kind: 'Config',
+    clusters: [{ name, cluster }],
+    users: [{ name, user: { exec } }],
+    contexts: [{ name, context }],
+    'current-context': name,
+  });
+}

@@ -1,0 +1,260 @@
+/**
+ * `broker credential`: the client-go exec credential plugin. kubectl runs it on every invocation, so
+ * it is built to start as fast as Node itself: no imports at all (built-in modules come from
+ * process.getBuiltinModule, which skips the ES module loader), no CLI libraries, no Kubernetes client.
+ *
+ * It reads the caller's identity, asks the broker for the current task's token, and prints an
+ * ExecCredential on stdout in the apiVersion that KUBERNETES_EXEC_INFO asks for. Messages go to
+ * stderr and say what to do. It writes no file and keeps nothing: the broker holds the token.
+ *
+ * Exit codes as the CLI's (docs/cli.md): 0 ok, 1 error, 2 usage, 3 approval required,
+ * 4 not authenticated, 5 unavailable.
+ */
+import type * as HttpModule from 'node:http';
+import type * as HttpsModule from 'node:https';
+import type * as FsModule from 'node:fs';
+
+const fs = process.getBuiltinModule('node:fs') as typeof FsModule;
+
+const EXIT = { ok: 0, error: 1, usage: 2, approval: 3, unauthenticated: 4, unavailable: 5 } as const;
+const API_VERSIONS = ['client.authentication.k8s.io/v1', 'client.authentication.k8s.io/v1beta1'];
+const TIMEOUT_MS = 10_000;
+
+class PluginError extends Error {
+  readonly exitCode: number;
+  constructor(message: string, exitCode: number) {
+    super(message);
+    this.exitCode = exitCode;
+  }
+}
+
+interface Options {
+  task: string;
+  broker: string;
+  brokerCa: string | undefined;
+}
+
+export interface PluginIo {
+  argv: string[];
+  env: NodeJS.ProcessEnv;
+  stdout: (s: string) => void;
+  stderr: (s: string) => void;
+}
+
+const USAGE = `usage: broker credential --task NAME [--broker URL] [--broker-ca FILE]
+
+The kubectl exec credential plugin: prints an ExecCredential for the task NAME.
+Broker URL and CA also come from BROKER_URL and BROKER_CA; the caller's identity from
+BROKER_IDENTITY_TOKEN_FILE (e.g. a projected ServiceAccount token) or BROKER_IDENTITY_TOKEN.
+
+Example (a kubeconfig user; \`broker kubeconfig\` writes one):
+  exec:
+    apiVersion: client.authentication.k8s.io/v1
+    command: broker
+    args: [credential, --task, deploy]
+    interactiveMode: Never
+`;
+
+function parseArgs(argv: string[], env: NodeJS.ProcessEnv): Options | 'help' {
+  let task: string | undefined;
+  let broker = env['BROKER_URL'];
+  let brokerCa = env['BROKER_CA'];
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]!;
+    const eq = arg.indexOf('=');
+    const [flag, inline] = arg.startsWith('--') && eq > 0 ? [arg.slice(0, eq), arg.slice(eq + 1)] : [arg, undefined];
+    const value = () => {
+      const v = inline ?? argv[++i];
+      if (v === undefined || v === '') throw new PluginError(`${flag} needs a value\n${USAGE}`, EXIT.usage);
+      return v;
+    };
+    switch (flag) {
+      case '--task':
+        task = value();
+        break;
+      case '--broker':
+        broker = value();
+        break;
+      case '--broker-ca':
+        brokerCa = value();
+        break;
+      case '-h':
+      case '--help':
+        return 'help';
+      default:
+        throw new PluginError(`unknown argument ${JSON.stringify(arg)}\n${USAGE}`, EXIT.usage);
+    }
+  }
+  if (!task) throw new PluginError(`--task is required\n${USAGE}`, EXIT.usage);
+  if (!broker) throw new PluginError('no broker: pass --broker URL or set BROKER_URL', EXIT.usage);
+  return { task, broker: broker.replace(/\/+$/, ''), brokerCa };
+}
+
+/** The apiVersion to answer in: what KUBERNETES_EXEC_INFO asks for (v1 when run without it). */
+function execInfo(env: NodeJS.ProcessEnv): { apiVersion: string; interactive: boolean } {
+  const raw = env['KUBERNETES_EXEC_INFO'];
+  if (!raw) return { apiVersion: API_VERSIONS[0]!, interactive: false };
+  let info: { apiVersion?: unknown; spec?: { interactive?: unknown } };
+  try {
+    info = JSON.parse(raw) as typeof info;
+  } catch {
+    throw new PluginError('KUBERNETES_EXEC_INFO is not valid JSON', EXIT.error);
+  }
+  if (typeof info.apiVersion !== 'string' || !API_VERSIONS.includes(info.apiVersion)) {
+    throw new PluginError(
+      `KUBERNETES_EXEC_INFO asks for apiVersion ${JSON.stringify(info.apiVersion)}; this plugin answers only ${API_VERSIONS.join(' or ')}`,
+      EXIT.error,
+    );
+  }
+  return { apiVersion: info.apiVersion, interactive: info.spec?.interactive === true };
+}
+
+/** The caller's identity, and where it came from (for messages). Never prompts. */
+function identity(env: NodeJS.ProcessEnv): { token: string; source: string } {
+  const file = env['BROKER_IDENTITY_TOKEN_FILE'];
+  if (file) {
+    let token: string;
+    try {
+      token = fs.readFileSync(file, 'utf8').trim();
+    } catch (err) {
+      throw new PluginError(`cannot read the identity token BROKER_IDENTITY_TOKEN_FILE=${file}: ${(err as NodeJS.ErrnoException).code ?? err}`, EXIT.unauthenticated);
+    }
+    if (!token) throw new PluginError(`the identity token file BROKER_IDENTITY_TOKEN_FILE=${file} is empty`, EXIT.unauthenticated);
+    return { token, source: `BROKER_IDENTITY_TOKEN_FILE=${file}` };
+  }
+  const token = env['BROKER_IDENTITY_TOKEN']?.trim();
+  if (token) return { token, source: 'BROKER_IDENTITY_TOKEN' };
+  throw new PluginError('no identity: set BROKER_IDENTITY_TOKEN_FILE (e.g. a projected ServiceAccount token) or BROKER_IDENTITY_TOKEN', EXIT.unauthenticated);
+}
+
+interface Reply {
+  status: number;
+  body: string;
+}
+
+function post(url: URL, token: string, ca: Buffer | undefined): Promise<Reply> {
+  const secure = url.protocol === 'https:';
+  const mod = process.getBuiltinModule(secure ? 'node:https' : 'node:http') as typeof HttpsModule | typeof HttpModule;
+  return new Promise((done, fail) => {
+    const req = mod.request(
+      url,
+      {
+        method: 'POST',
+        headers: { authorization: `Bearer ${token}`, 'content-length': '0', accept: 'application/json' },
+        timeout: TIMEOUT_MS,
+        ...(secure && ca ? { ca } : {}),
+      },
+      (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (c: Buffer) => chunks.push(c));
+        res.on('end', () => done({ status: res.statusCode ?? 0, body: Buffer.concat(chunks).toString('utf8') }));
+        res.on('error', fail);
+      },
+    );
+    req.on('timeout', () => req.destroy(new Error(`no answer within ${TIMEOUT_MS / 1000} s`)));
+    req.on('error', fail);
+    req.end();
+  });
+}
+
+function explain(reply: Reply, opts: Options, source: string): PluginError {
+  let error: { code?: string; message?: string; field?: string; requestId?: string } = {};
+  try {
+    error = (JSON.parse(reply.body) as { error?: typeof error }).error ?? {};
+  } catch {
+    // not our JSON: a proxy, or not a broker at all
+  }
+  const said = error.message ? `: ${error.message}` : '';
+  switch (error.code) {
+    case 'no_active_task':
+      return new PluginError(
+        `broker credential: no active task "${opts.task}"${said}\nstart one with: broker task start TEMPLATE --namespace NAMESPACE --name ${opts.task}`,
+        EXIT.error,
+      );
+    case 'unauthenticated':
+      return new PluginError(
+        `broker credential: the broker did not accept the identity from ${source} (missing, expired, or not an agent in the policy)`,
+        EXIT.unauthenticated,
+      );
+    case 'forbidden':
+      return new PluginError(`broker credential: refused${said}`, EXIT.error);
+    case 'approval_required':
+      return new PluginError(
+        `broker credential: task "${opts.task}" needs approval${error.requestId ? ` (request ${error.requestId})` : ''}${said}\nask an approver to run: broker approve ${error.requestId ?? 'REQUEST_ID'}`,
+        EXIT.approval,
+      );
+    case 'audit_unavailable':
+    case 'cluster_unavailable':
+      return new PluginError(`broker credential: the broker at ${opts.broker} cannot serve credentials now${said} [${error.code}]`, EXIT.unavailable);
+    default:
+      return new PluginError(`broker credential: the broker at ${opts.broker} answered ${reply.status}${said}${error.code ? ` [${error.code}]` : ''}`, EXIT.error);
+  }
+}
+
+export async function run(io: PluginIo): Promise<number> {
+  try {
+    const opts = parseArgs(io.argv, io.env);
+    if (opts === 'help') {
+      io.stdout(USAGE);
+      return EXIT.ok;
+    }
+    const { apiVersion } = execInfo(io.env);
+    const { token, source } = identity(io.env);
+    let url: URL;
+    try {
+      url = new URL(`${opts.broker}/v1/tasks/${encodeURIComponent(opts.task)}/credential`);
+    } catch {
+      throw new PluginError(`the broker URL ${JSON.stringify(opts.broker)} is not a URL`, EXIT.usage);
+    }
+    let ca: Buffer | undefined;
+    if (opts.brokerCa) {
+      try {
+        ca = fs.readFileSync(opts.brokerCa);
+      } catch (err) {
+        throw new PluginError(`cannot read the broker CA ${opts.brokerCa}: ${(err as NodeJS.ErrnoException).code ?? err}`, EXIT.usage);
+      }
+    }
+    let reply: Reply;
+    try {
+      reply = await post(url, token, ca);
+    } catch (err) {
+      const e = err as NodeJS.ErrnoException;
+      throw new PluginError(`broker credential: the broker is unreachable at ${opts.broker}: ${e.code ?? e.message}`, EXIT.unavailable);
+    }
+    if (reply.status !== 200) throw explain(reply, opts, source);
+    let credential: { token?: unknown; expirationTimestamp?: unknown };
+    try {
+      credential = JSON.parse(reply.body) as typeof credential;
+    } catch {
+      throw new PluginError(`broker credential: the broker at ${opts.broker} answered 200 without a credential`, EXIT.error);
+    }
+    if (typeof credential.token !== 'string' || typeof credential.expirationTimestamp !== 'string') {
+      throw new PluginError(`broker credential: the broker at ${opts.broker} answered 200 without a credential`, EXIT.error);
+    }
+    io.stdout(
+      JSON.stringify({
+        apiVersion,
+        kind: 'ExecCredential',
+        status: { token: credential.token, expirationTimestamp: credential.expirationTimestamp },
+      }) + '\n',
+    );
+    return EXIT.ok;
+  } catch (err) {
+    if (err instanceof PluginError) {
+      io.stderr(err.message.endsWith('\n') ? err.message : err.message + '\n');
+      return err.exitCode;
+    }
+    io.stderr(`broker credential: unexpected failure: ${(err as Error).message}\n`);
+    return EXIT.error;
+  }
+}
+
+// The entry point: bin/broker runs this file directly for `broker credential`; tests import run().
+if (process.argv[1] === import.meta.filename) {
+  process.exitCode = await run({
+    argv: process.argv.slice(2),
+    env: process.env,
+    stdout: (s) => process.stdout.write(s),
+    stderr: (s) => process.stderr.write(s),
+  });
+}
