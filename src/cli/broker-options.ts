@@ -1,5 +1,5 @@
 import type { Command } from 'commander';
-import { BrokerClient } from '../client/broker-client.ts';
+import type { BrokerClient } from '../client/broker-client.ts';
 
 /** --broker and --broker-ca, set on the program and read by any subcommand. */
 export interface BrokerFlags {
@@ -13,8 +13,9 @@ export function addBrokerOptions(program: Command): Command {
     .option('--broker-ca <file>', "CA of the broker's TLS certificate, PEM (default: $BROKER_CA)");
 }
 
-/** A client for the command's broker; created only by commands that talk to one. */
-export function clientFor(cmd: Command): BrokerClient {
+/** A client for the command's broker; loaded (undici) only by commands that talk to one. */
+export async function clientFor(cmd: Command): Promise<BrokerClient> {
   const flags = cmd.optsWithGlobals<BrokerFlags>();
+  const { BrokerClient } = await import('../client/broker-client.ts');
   return new BrokerClient({ broker: flags.broker, brokerCa: flags.brokerCa });
 }

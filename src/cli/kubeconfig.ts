@@ -1,7 +1,7 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import { Command, Option } from 'commander';
 import { BrokerError } from '../errors.ts';
-import { execKubeconfig, type ExecApiVersion } from '../client/kubeconfig.ts';
+import type { ExecApiVersion } from '../client/kubeconfig.ts';
 import { clientFor, type BrokerFlags } from './broker-options.ts';
 
 interface Flags {
@@ -32,7 +32,7 @@ export function kubeconfigCommand(): Command {
       let server = flags.server;
       let caData = flags.certificateAuthority ? readCa(flags.certificateAuthority) : undefined;
       if (!server) {
-        const client = clientFor(cmd);
+        const client = await clientFor(cmd);
         try {
           const cluster = await client.cluster();
           server = cluster.server;
@@ -41,6 +41,7 @@ export function kubeconfigCommand(): Command {
           await client.close();
         }
       }
+      const { execKubeconfig } = await import('../client/kubeconfig.ts');
       const text = execKubeconfig({
         task: flags.task,
         server,

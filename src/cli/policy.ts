@@ -1,7 +1,7 @@
 import { Command } from 'commander';
-import { kubeApis, loadKubeConfig } from '../kube/config.ts';
-import { applyPolicy, type Change } from '../policy/apply.ts';
-import { PolicyError, loadPolicy } from '../policy/parse.ts';
+import { BrokerError } from '../errors.ts';
+// The policy parser (yaml, ajv) and the Kubernetes client load only when a command needs them.
+import type { Change } from '../policy/apply.ts';
 import type { Policy, PolicyIssue } from '../policy/types.ts';
 import { outputOption, printJson, style, type OutputFormat } from './output.ts';
 
@@ -76,10 +76,11 @@ export function policySummary(policy: Policy): PolicySummary {
 async function check(file: string, opts: CheckOptions): Promise<void> {
   let policy: Policy;
   try {
+    const { loadPolicy } = await import('../policy/parse.ts');
     policy = await loadPolicy(file);
   } catch (err) {
     // Issues go to stderr through main's error report (exit 1); with -o json, stdout also gets the result.
-    if (err instanceof PolicyError && opts.output === 'json') printJson({ valid: false, issues: err.issues, summary: null } satisfies PolicyCheckResult);
+    if (err instanceof BrokerError && err.code === 'policy_invalid' && opts.output === 'json') printJson({ valid: false, issues: (err as BrokerError & { issues: PolicyIssue[] }).issues, summary: null } satisfies PolicyCheckResult);
     throw err;
   }
   const summary = policySummary(policy);
@@ -101,6 +102,11 @@ const PAST: Record<Exclude<Change['action'], 'unchanged'>, [done: string, would:
 };
 
 async function apply(file: string, opts: ApplyOptions): Promise<void> {
+  const [{ loadPolicy }, { kubeApis, loadKubeConfig }, { applyPolicy }] = await Promise.all([
+    import('../policy/parse.ts'),
+    import('../kube/config.ts'),
+    import('../policy/apply.ts'),
+  ]);
   const policy = await loadPolicy(file);
   const kube = kubeApis(loadKubeConfig(opts.kubeconfig));
   const changes = await applyPolicy(kube, policy, { dryRun: opts.dryRun });

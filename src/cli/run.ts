@@ -9,7 +9,6 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { constants, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Command } from 'commander';
-import { execKubeconfig } from '../client/kubeconfig.ts';
 import { clientFor, type BrokerFlags } from './broker-options.ts';
 import { EXIT } from './exit-codes.ts';
 import { readCa } from './kubeconfig.ts';
@@ -49,7 +48,7 @@ export function runCommand(): Command {
 
 async function runOnce(template: string, command: string[], flags: RunFlags, cmd: Command): Promise<number> {
   const globals = cmd.optsWithGlobals<BrokerFlags>();
-  const client = clientFor(cmd);
+  const client = await clientFor(cmd);
   let received: NodeJS.Signals | undefined;
   let child: ReturnType<typeof spawn> | undefined;
   const onSignal = (sig: NodeJS.Signals) => {
@@ -91,6 +90,7 @@ async function runOnce(template: string, command: string[], flags: RunFlags, cmd
       process.stderr.write(style.dim(`broker run: task ${task.name} (${task.id}) started: ${task.template} in ${task.namespace}\n`));
       if (received) return signalCode(received);
 
+      const { execKubeconfig } = await import('../client/kubeconfig.ts');
       dir = mkdtempSync(join(tmpdir(), 'task-broker-run-'));
       const kubeconfig = join(dir, 'kubeconfig');
       writeFileSync(

@@ -1,6 +1,5 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { parseDuration } from '../policy/duration.ts';
-import { serve } from '../server/serve.ts';
 
 interface ServeFlags {
   config: string;
@@ -44,6 +43,7 @@ export function serveCommand(): Command {
     .action(async (flags: ServeFlags) => {
       const m = /^(.*):(\d+)$/.exec(flags.listen);
       if (!m) throw new InvalidArgumentError('--listen must be HOST:PORT');
+      const { serve } = await import('../server/serve.ts');
       const broker = await serve({
         config: flags.config,
         auditLog: flags.auditLog,

@@ -24,7 +24,7 @@ export function taskCommand(): Command {
     .addOption(outputOption())
     .addHelpText('after', '\nExample:\n  broker task start read-pods --namespace shop-dev --ttl 15m --reason "debug checkout latency"')
     .action(async (template: string, flags: StartFlags, cmd: Command) => {
-      const client = clientFor(cmd);
+      const client = await clientFor(cmd);
       try {
         const started = await client.startTask({ template, namespace: flags.namespace, name: flags.name, ttl: flags.ttl, reason: flags.reason });
         if (flags.output === 'json') printJson(started);
@@ -43,7 +43,7 @@ export function taskCommand(): Command {
     .addOption(outputOption())
     .addHelpText('after', '\nExample:\n  broker task end read-pods')
     .action(async (ref: string, flags: { output: OutputFormat }, cmd: Command) => {
-      const client = clientFor(cmd);
+      const client = await clientFor(cmd);
       try {
         const ended = await client.endTask(ref);
         if (flags.output === 'json') printJson({ ...ended, ended: true });
@@ -58,7 +58,7 @@ export function taskCommand(): Command {
     .addOption(outputOption())
     .addHelpText('after', '\nExample:\n  broker task list -o json')
     .action(async (flags: { output: OutputFormat }, cmd: Command) => {
-      const client = clientFor(cmd);
+      const client = await clientFor(cmd);
       try {
         const tasks = await client.listTasks();
         if (flags.output === 'json') printJson({ tasks });
@@ -74,7 +74,7 @@ export function taskCommand(): Command {
     .addOption(outputOption())
     .addHelpText('after', '\nExample:\n  broker task show read-pods')
     .action(async (ref: string, flags: { output: OutputFormat }, cmd: Command) => {
-      const client = clientFor(cmd);
+      const client = await clientFor(cmd);
       try {
         const t = await client.getTask(ref);
         if (flags.output === 'json') printJson(t);
