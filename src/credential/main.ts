@@ -10,9 +10,9 @@
  * Exit codes as the CLI's (docs/cli.md): 0 ok, 1 error, 2 usage, 3 approval required,
  * 4 not authenticated, 5 unavailable.
  */
-import type * as HttpModule from 'node:http';
-import type * as HttpsModule from 'node:https';
 import type * as FsModule from 'node:fs';
+import type * as NetModule from 'node:net';
+import type * as TlsModule from 'node:tls';
 
 const fs = process.getBuiltinModule('node:fs') as typeof FsModule;
 
@@ -120,11 +120,17 @@ function identity(env: NodeJS.ProcessEnv): { token: string; source: string } {
       throw new PluginError(`cannot read the identity token BROKER_IDENTITY_TOKEN_FILE=${file}: ${(err as NodeJS.ErrnoException).code ?? err}`, EXIT.unauthenticated);
     }
     if (!token) throw new PluginError(`the identity token file BROKER_IDENTITY_TOKEN_FILE=${file} is empty`, EXIT.unauthenticated);
-    return { token, source: `BROKER_IDENTITY_TOKEN_FILE=${file}` };
+    return checked(token, `BROKER_IDENTITY_TOKEN_FILE=${file}`);
   }
   const token = env['BROKER_IDENTITY_TOKEN']?.trim();
-  if (token) return { token, source: 'BROKER_IDENTITY_TOKEN' };
+  if (token) return checked(token, 'BROKER_IDENTITY_TOKEN');
   throw new PluginError('no identity: set BROKER_IDENTITY_TOKEN_FILE (e.g. a projected ServiceAccount token) or BROKER_IDENTITY_TOKEN', EXIT.unauthenticated);
+}
+
+/** A bearer token is printable ASCII without spaces; anything else could inject into the request. */
+function checked(token: string, source: string): { token: string; source: string } {
+  if (!/^[\x21-\x7e]+$/.test(token)) throw new PluginError(`the identity token from ${source} contains characters a token cannot have`, EXIT.unauthenticated);
+  return { token, source };
 }
 
 interface Reply {
@@ -132,29 +138,76 @@ interface Reply {
   body: string;
 }
 
+/**
+ * One POST over a fresh connection, written by hand on node:net / node:tls: loading node:http costs
+ * more start-up time than the whole request (DESIGN.md §3 measured it), and this runs on every
+ * kubectl call. HTTP/1.1 with `Connection: close`; the body is read to the end of the stream.
+ */
 function post(url: URL, token: string, ca: Buffer | undefined): Promise<Reply> {
   const secure = url.protocol === 'https:';
-  const mod = process.getBuiltinModule(secure ? 'node:https' : 'node:http') as typeof HttpsModule | typeof HttpModule;
+  if (!secure && url.protocol !== 'http:') return Promise.reject(new Error(`unsupported scheme ${url.protocol}`));
+  const host = url.hostname.replace(/^\[(.*)\]$/, '$1');
+  const port = Number(url.port) || (secure ? 443 : 80);
+  const request =
+    `POST ${url.pathname}${url.search} HTTP/1.1\r\nHost: ${url.host}\r\nAuthorization: Bearer ${token}\r\n` +
+    'Accept: application/json\r\nContent-Length: 0\r\nConnection: close\r\n\r\n';
   return new Promise((done, fail) => {
-    const req = mod.request(
-      url,
-      {
-        method: 'POST',
-        headers: { authorization: `Bearer ${token}`, 'content-length': '0', accept: 'application/json' },
-        timeout: TIMEOUT_MS,
-        ...(secure && ca ? { ca } : {}),
-      },
-      (res) => {
-        const chunks: Buffer[] = [];
-        res.on('data', (c: Buffer) => chunks.push(c));
-        res.on('end', () => done({ status: res.statusCode ?? 0, body: Buffer.concat(chunks).toString('utf8') }));
-        res.on('error', fail);
-      },
-    );
-    req.on('timeout', () => req.destroy(new Error(`no answer within ${TIMEOUT_MS / 1000} s`)));
-    req.on('error', fail);
-    req.end();
+    let socket: NetModule.Socket;
+    if (secure) {
+      const tls = process.getBuiltinModule('node:tls') as typeof TlsModule;
+      const net = process.getBuiltinModule('node:net') as typeof NetModule;
+      socket = tls.connect({ host, port, ALPNProtocols: ['http/1.1'], ...(net.isIP(host) ? {} : { servername: host }), ...(ca ? { ca } : {}) }, () =>
+        socket.write(request),
+      );
+    } else {
+      const net = process.getBuiltinModule('node:net') as typeof NetModule;
+      socket = net.connect({ host, port }, () => socket.write(request));
+    }
+    const chunks: Buffer[] = [];
+    socket.setTimeout(TIMEOUT_MS, () => socket.destroy(new Error(`no answer within ${TIMEOUT_MS / 1000} s`)));
+    socket.on('data', (c: Buffer) => chunks.push(c));
+    socket.on('error', fail);
+    socket.on('end', () => {
+      try {
+        done(parseResponse(Buffer.concat(chunks)));
+      } catch (err) {
+        fail(err);
+      }
+    });
   });
+}
+
+/** Status and body of an HTTP/1.1 response read to its end (Content-Length or chunked). */
+export function parseResponse(raw: Buffer): Reply {
+  const split = raw.indexOf('\r\n\r\n');
+  if (split < 0) throw new Error('the broker closed the connection before a complete answer');
+  const head = raw.subarray(0, split).toString('latin1').split('\r\n');
+  const status = /^HTTP\/1\.[01] (\d{3})/.exec(head[0] ?? '');
+  if (!status) throw new Error('the answer is not HTTP/1.1');
+  const headers = new Map(
+    head.slice(1).map((line) => {
+      const colon = line.indexOf(':');
+      return [line.slice(0, colon).trim().toLowerCase(), line.slice(colon + 1).trim()] as const;
+    }),
+  );
+  let body = raw.subarray(split + 4);
+  if (headers.get('transfer-encoding')?.toLowerCase() === 'chunked') {
+    const parts: Buffer[] = [];
+    let at = 0;
+    for (;;) {
+      const eol = body.indexOf('\r\n', at);
+      if (eol < 0) throw new Error('truncated chunked answer');
+      const size = parseInt(body.subarray(at, eol).toString('latin1'), 16);
+      if (Number.isNaN(size)) throw new Error('malformed chunked answer');
+      if (size === 0) break;
+      parts.push(body.subarray(eol + 2, eol + 2 + size));
+      at = eol + 2 + size + 2;
+    }
+    body = Buffer.concat(parts);
+  } else if (headers.has('content-length')) {
+    body = body.subarray(0, Number(headers.get('content-length')));
+  }
+  return { status: Number(status[1]), body: body.toString('utf8') };
 }
 
 function explain(reply: Reply, opts: Options, source: string): PluginError {
@@ -250,7 +303,7 @@ export async function run(io: PluginIo): Promise<number> {
 }
 
 // The entry point: bin/broker runs this file directly for `broker credential`; tests import run().
-if (process.argv[1] === import.meta.filename) {
+if (process.argv[1] && fs.realpathSync(process.argv[1]) === import.meta.filename) {
   process.exitCode = await run({
     argv: process.argv.slice(2),
     env: process.env,

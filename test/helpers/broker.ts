@@ -79,7 +79,9 @@ export class BrokerEnv {
     return mintToken(this.admin, namespace, name, [this.policy.broker.identityAudience], 3600);
   }
 
-  async startBroker(options: { auditLog?: string; extraArgs?: string[]; env?: NodeJS.ProcessEnv; shellPrefix?: string } = {}): Promise<BrokerProcess> {
+  async startBroker(
+    options: { auditLog?: string; extraArgs?: string[]; env?: NodeJS.ProcessEnv; shellPrefix?: string; tls?: { cert: string; key: string } } = {},
+  ): Promise<BrokerProcess> {
     const auditLog = options.auditLog ?? join(this.dir, 'audit.jsonl');
     const args = [
       MAIN,
@@ -92,7 +94,7 @@ export class BrokerEnv {
       this.brokerKubeconfig,
       '--listen',
       '127.0.0.1:0',
-      '--insecure-http',
+      ...(options.tls ? ['--tls-cert', options.tls.cert, '--tls-key', options.tls.key] : ['--insecure-http']),
       '--sweep-interval',
       '1s',
       '--orphan-grace',

@@ -233,6 +233,37 @@ describe('CLI and exec plugin with real kubectl', () => {
     }
   });
 
+  test('over TLS: the broker serves HTTPS with its certificate, the plugin and CLI trust it through --broker-ca', async () => {
+    const cert = join(env.dir, 'broker.crt');
+    const key = join(env.dir, 'broker.key');
+    const made = await run('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '1',
+      '-subj', '/CN=task-broker', '-addext', 'subjectAltName=IP:127.0.0.1', '-keyout', key, '-out', cert]);
+    assert.equal(made.code, 0, made.stderr);
+    const secure = await env.startBroker({ auditLog: join(env.dir, 'tls-audit.jsonl'), tls: { cert, key } });
+    try {
+      assert.match(secure.url, /^https:\/\/127\.0\.0\.1:\d+$/);
+      const tlsEnv = { BROKER_URL: secure.url, BROKER_CA: cert };
+      assert.equal((await cli(['task', 'start', 'read-pods', '-n', 'team-a', '--name', 'tls'], tlsEnv)).code, 0);
+      const cred = await cli(['credential', '--task', 'tls'], tlsEnv);
+      assert.equal(cred.code, 0, cred.stderr);
+      assert.equal(JSON.parse(cred.stdout).kind, 'ExecCredential');
+      // Without the CA the broker's certificate is not trusted, and nothing is sent.
+      const untrusted = await cli(['credential', '--task', 'tls'], { BROKER_URL: secure.url, BROKER_CA: '' });
+      assert.equal(untrusted.code, EXIT.unavailable);
+      assert.match(untrusted.stderr, /SELF_SIGNED|self-signed|UNABLE_TO_VERIFY/i);
+      assert.equal((await cli(['task', 'end', 'tls'], tlsEnv)).code, 0);
+    } finally {
+      await secure.stop();
+    }
+  });
+
+  test('broker serve refuses plain HTTP on a non-loopback address', async () => {
+    const res = await cli(['serve', '--config', env.policyFile, '--audit-log', join(env.dir, 'never.jsonl'), '--kubeconfig', env.brokerKubeconfig,
+      '--listen', '0.0.0.0:0', '--insecure-http']);
+    assert.equal(res.code, EXIT.usage);
+    assert.match(res.stderr, /plain HTTP is only allowed on a loopback address, not 0\.0\.0\.0 \(--insecure-http\)/);
+  });
+
   test('CLI contract: -o json parses, exit codes match docs/cli.md', async () => {
     const started = await cli(['task', 'start', 'read-pods', '-n', 'team-b', '--name', 'contract', '-o', 'json']);
     assert.equal(started.code, EXIT.ok);

@@ -8,7 +8,7 @@ import { createServer, type Server } from 'node:http';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { run as runPlugin } from '../../src/credential/main.ts';
+import { parseResponse, run as runPlugin } from '../../src/credential/main.ts';
 import { run } from '../helpers/kube.ts';
 
 const BROKER = new URL('../../bin/broker', import.meta.url).pathname;
@@ -88,6 +88,22 @@ describe('broker credential', () => {
     assert.match(noId.stderr, /no identity: set BROKER_IDENTITY_TOKEN_FILE/);
     assert.match((await plugin(['--task', 'ok'], env({ KUBERNETES_EXEC_INFO: '{' }))).stderr, /KUBERNETES_EXEC_INFO is not valid JSON/);
     assert.match((await plugin(['--task', 'ok', '--broker-ca', '/nonexistent/ca.pem'], env())).stderr, /cannot read the broker CA \/nonexistent\/ca.pem: ENOENT/);
+  });
+
+  test('a token with control characters is refused before anything is sent (no header injection)', async () => {
+    const before = seen.length;
+    const res = await plugin(['--task', 'ok'], env({ BROKER_IDENTITY_TOKEN: 'abc\r\nX-Evil: 1' }));
+    assert.equal(res.code, 4);
+    assert.match(res.stderr, /contains characters a token cannot have/);
+    assert.equal(seen.length, before);
+  });
+
+  test('reads Content-Length and chunked answers, and refuses a truncated one', () => {
+    const cl = parseResponse(Buffer.from('HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}'));
+    assert.deepEqual(cl, { status: 200, body: '{}' });
+    const chunked = parseResponse(Buffer.from('HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{"a\r\n4\r\n":1}\r\n0\r\n\r\n'));
+    assert.deepEqual(chunked, { status: 404, body: '{"a":1}' });
+    assert.throws(() => parseResponse(Buffer.from('HTTP/1.1 200 OK\r\nContent-Le')), /before a complete answer/);
   });
 
   test('starts lean: it loads its own file and nothing else (no commander, chalk, fastify or Kubernetes client)', async () => {
