@@ -6,6 +6,7 @@ import { readFileSync } from 'node:fs';
 import { Command, CommanderError } from 'commander';
 import { BrokerError, isBrokerError } from '../errors.ts';
 import { EXIT, exitCodeFor } from './exit-codes.ts';
+import { approvalCommands } from './approvals.ts';
 import { auditCommand } from './audit.ts';
 import { devClusterCommand } from './dev-cluster.ts';
 import { addBrokerOptions } from './broker-options.ts';
@@ -26,6 +27,7 @@ export function buildProgram(): Command {
   addBrokerOptions(program);
   program.addCommand(taskCommand());
   program.addCommand(runCommand());
+  for (const cmd of approvalCommands()) program.addCommand(cmd);
   program.addCommand(kubeconfigCommand());
   program.addCommand(devClusterCommand());
   program.addCommand(credentialCommand());

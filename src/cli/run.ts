@@ -21,6 +21,7 @@ interface RunFlags {
   reason?: string;
   server?: string;
   certificateAuthority?: string;
+  approval?: string;
 }
 
 const FORWARDED = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
@@ -34,6 +35,7 @@ export function runCommand(): Command {
     .option('--name <name>', 'task name (default: run-<random>)')
     .option('--ttl <duration>', "upper bound on the command's access, e.g. 10m (default: the template's)")
     .option('--reason <text>', 'why: recorded in the audit log')
+    .option('--approval <token>', 'approval token for a gated template (default: $BROKER_APPROVAL_TOKEN)')
     .option('--server <url>', 'API server URL (default: what the broker publishes)')
     .option('--certificate-authority <file>', 'CA of the API server, PEM (default: the broker\'s)')
     .addHelpText(
@@ -85,7 +87,7 @@ async function runOnce(template: string, command: string[], flags: RunFlags, cmd
         caData ??= cluster.certificateAuthorityData;
       }
       const name = flags.name ?? `run-${randomBytes(4).toString('hex')}`;
-      const task = await client.startTask({ template, namespace: flags.namespace, name, ttl: flags.ttl, reason: flags.reason });
+      const task = await client.startTask({ template, namespace: flags.namespace, name, ttl: flags.ttl, reason: flags.reason }, flags.approval ?? process.env['BROKER_APPROVAL_TOKEN']);
       taskId = task.id;
       process.stderr.write(style.dim(`broker run: task ${task.name} (${task.id}) started: ${task.template} in ${task.namespace}\n`));
       if (received) return signalCode(received);

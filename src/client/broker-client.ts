@@ -5,6 +5,7 @@
 import { readFileSync } from 'node:fs';
 import { Agent, request } from 'undici';
 import { BrokerError, ERROR_CODES, type ErrorCode } from '../errors.ts';
+import type { ApprovalView } from '../approvals/model.ts';
 import type { TaskView } from '../tasks/model.ts';
 
 export interface ClientOptions {
@@ -85,6 +86,19 @@ export class BrokerClient {
     return (await this.#call<{ tasks: TaskView[] }>('GET', '/v1/tasks')).tasks;
   }
 
+  async listApprovals(pending: boolean): Promise<ApprovalView[]> {
+    return (await this.#call<{ approvals: ApprovalView[] }>('GET', `/v1/approvals${pending ? '?pending=true' : ''}`)).approvals;
+  }
+
+  /** An approval request; with `approvalToken` when it is approved and the caller requested it. */
+  getApproval(id: string): Promise<ApprovalView & { approvalToken?: string }> {
+    return this.#call('GET', `/v1/approvals/${encodeURIComponent(id)}`);
+  }
+
+  decide(id: string, decision: 'approve' | 'deny', reason?: string): Promise<ApprovalView & { approvalToken?: string }> {
+    return this.#call('POST', `/v1/approvals/${encodeURIComponent(id)}/${decision}`, reason ? { reason } : {});
+  }
+
   cluster(): Promise<ClusterInfo> {
     return this.#call<ClusterInfo>('GET', '/v1/cluster');
   }
@@ -120,9 +134,16 @@ export class BrokerClient {
     const code: ErrorCode = error.code && error.code in ERROR_CODES ? (error.code as ErrorCode) : 'internal';
     let message = error.message ?? `the broker answered ${res.statusCode}`;
     if (code === 'unauthenticated') message += ` (identity from ${this.identitySource})`;
-    const err = new BrokerError(code, message, error.field ? { field: error.field } : {});
-    if (error.requestId) (err as BrokerError & { requestId?: string }).requestId = error.requestId;
-    throw err;
+    throw new BrokerApiError(code, message, error.field, error.requestId);
+  }
+}
+
+/** A refusal from the broker, with the approval request id when the code is approval_required. */
+export class BrokerApiError extends BrokerError {
+  readonly requestId: string | undefined;
+  constructor(code: ErrorCode, message: string, field: string | undefined, requestId: string | undefined) {
+    super(code, message, field ? { field } : {});
+    this.requestId = requestId;
   }
 }
 

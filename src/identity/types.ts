@@ -6,11 +6,13 @@
 export type IdentityMethod = 'serviceAccount' | 'oidc' | 'agentKey';
 
 export interface Caller {
-  /** The policy's agent name. */
+  /** The policy's agent name; empty for a caller who is only an approver. */
   agent: string;
-  /** What was proven, e.g. `system:serviceaccount:ci:deployer`. */
+  /** What was proven, e.g. `system:serviceaccount:ci:deployer`, or `ISSUER#SUB` for OIDC. */
   subject: string;
   method: IdentityMethod;
+  /** Group claims (OIDC), for approver groups. */
+  groups?: string[];
 }
 
 /** The parts of an HTTP request an authenticator may look at. */

@@ -64,12 +64,16 @@ export type DesiredObject =
   | { kind: 'ClusterRoleBinding'; name: string; labels: Record<string, string>; roleRef: RoleRef; subjects: Subject[] }
   | { kind: 'RoleBinding'; namespace: string; name: string; labels: Record<string, string>; roleRef: RoleRef; subjects: Subject[] };
 
-/** What the broker needs in its task namespace: per-task ServiceAccounts, their tokens, task Secrets, the sweeper's Lease. */
+/**
+ * What the broker needs in its task namespace: per-task ServiceAccounts, their tokens, task Secrets
+ * (and the approval signing key), approval requests (ConfigMaps), the sweeper's Lease.
+ */
 export function brokerTaskNamespaceRules(): PolicyRule[] {
   return [
     { apiGroups: [''], resources: ['serviceaccounts'], verbs: ['create', 'delete', 'get', 'list', 'watch'] },
     { apiGroups: [''], resources: ['serviceaccounts/token'], verbs: ['create'] },
     { apiGroups: [''], resources: ['secrets'], verbs: ['create', 'delete', 'get', 'list', 'watch', 'patch'] },
+    { apiGroups: [''], resources: ['configmaps'], verbs: ['create', 'delete', 'get', 'list', 'watch', 'update'] },
     { apiGroups: ['coordination.k8s.io'], resources: ['leases'], verbs: ['get', 'create', 'update'] },
   ];
 }

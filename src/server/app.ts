@@ -9,6 +9,8 @@ import type { AuditLog } from '../audit/log.ts';
 import { BrokerError, isBrokerError, type ErrorCode } from '../errors.ts';
 import { authenticate } from '../identity/service-account.ts';
 import type { Authenticator, Caller } from '../identity/types.ts';
+import { toView as approvalView } from '../approvals/model.ts';
+import { ApprovalRequiredError, type ApprovalService } from '../approvals/service.ts';
 import { toView } from '../tasks/model.ts';
 import { actorOf, type TaskService } from '../tasks/service.ts';
 import type { TaskStore } from '../tasks/store.ts';
@@ -27,6 +29,9 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   not_found: 404,
   no_active_task: 404,
   task_exists: 409,
+  approval_required: 403,
+  approval_invalid: 403,
+  approval_closed: 409,
   audit_unavailable: 503,
   cluster_unavailable: 503,
   internal: 500,
@@ -38,6 +43,7 @@ export function statusOf(code: ErrorCode): number {
 
 export interface AppDeps {
   tasks: TaskService;
+  approvals?: ApprovalService;
   store: TaskStore;
   audit: AuditLog;
   authenticators: readonly Authenticator[];
@@ -70,9 +76,21 @@ const startSchema = {
       name: { type: 'string', minLength: 1, maxLength: 63 },
       ttl: { anyOf: [{ type: 'integer', minimum: 1 }, { type: 'string', minLength: 1, maxLength: 32 }] },
       reason: { type: 'string', maxLength: 1024 },
+      approvalToken: { type: 'string', minLength: 1, maxLength: 8192 },
     },
   },
 } as const;
+
+const decisionSchema = (reasonRequired: boolean) =>
+  ({
+    params: { type: 'object', properties: { id: { type: 'string', minLength: 1, maxLength: 64 } } },
+    body: {
+      type: ['object', 'null'],
+      additionalProperties: false,
+      ...(reasonRequired ? { required: ['reason'] } : {}),
+      properties: { reason: { type: 'string', minLength: 1, maxLength: 1024 } },
+    },
+  }) as const;
 
 interface StartBody {
   template: string;
@@ -80,6 +98,7 @@ interface StartBody {
   name?: string;
   ttl?: number | string;
   reason?: string;
+  approvalToken?: string;
 }
 
 export function buildApp(deps: AppDeps): FastifyInstance {
@@ -150,10 +169,16 @@ export function buildApp(deps: AppDeps): FastifyInstance {
 
   app.post<{ Body: StartBody }>('/v1/tasks', { schema: startSchema }, async (req, reply) => {
     const body = req.body;
-    const task = await deps.tasks.start(req.caller!, { template: body.template, namespace: body.namespace, name: body.name, ttl: body.ttl, reason: body.reason }, req.id);
+    const task = await deps.tasks.start(
+      req.caller!,
+      { template: body.template, namespace: body.namespace, name: body.name, ttl: body.ttl, reason: body.reason, approvalToken: body.approvalToken },
+      req.id,
+    );
     metrics.tasksStarted.inc();
     return reply.code(201).send(toView(task));
   });
+
+  if (deps.approvals) registerApprovalRoutes(app, deps.approvals);
 
   app.get('/v1/cluster', async (_req, reply) => {
     if (!deps.cluster) return reply.code(404).send({ error: { code: 'not_found', message: 'this broker does not publish its cluster' } });
@@ -181,6 +206,37 @@ export function buildApp(deps: AppDeps): FastifyInstance {
   );
 
   return app;
+}
+
+function registerApprovalRoutes(app: FastifyInstance, approvals: ApprovalService): void {
+  const now = () => new Date();
+  app.get<{ Querystring: { pending?: string } }>(
+    '/v1/approvals',
+    { schema: { querystring: { type: 'object', additionalProperties: false, properties: { pending: { type: 'string', enum: ['true', 'false'] } } } } },
+    async (req) => {
+      const all = (await approvals.visibleTo(req.caller!)).map((r) => approvalView(r, now()));
+      return { approvals: req.query.pending === 'true' ? all.filter((r) => r.state === 'pending') : all };
+    },
+  );
+  app.get<{ Params: { id: string } }>('/v1/approvals/:id', { schema: { params: { type: 'object', properties: { id: { type: 'string', maxLength: 64 } } } } }, async (req) => {
+    const request = await approvals.view(req.caller!, req.params.id);
+    const view = approvalView(request, now());
+    // The requester collects its approval token here once the request is approved.
+    if (view.state === 'approved' && request.requester.subject === req.caller!.subject) {
+      return { ...view, approvalToken: await approvals.tokenFor(request, req.id) };
+    }
+    return view;
+  });
+  for (const decision of ['approve', 'deny'] as const) {
+    app.post<{ Params: { id: string }; Body: { reason?: string } | null }>(
+      `/v1/approvals/:id/${decision}`,
+      { schema: decisionSchema(decision === 'deny') },
+      async (req) => {
+        const { request, token } = await approvals.decide(req.caller!, req.params.id, decision, req.body?.reason, req.id);
+        return { ...approvalView(request, now()), ...(token ? { approvalToken: token } : {}) };
+      },
+    );
+  }
 }
 
 function routePath(req: FastifyRequest): string {
@@ -218,7 +274,8 @@ function toBrokerError(error: FastifyError | BrokerError): BrokerError {
 }
 
 /** What the client sees: for 5xx and 401 a fixed message per code, never the underlying error. */
-function publicError(err: BrokerError, status: number): { code: ErrorCode; message: string; field?: string } {
+function publicError(err: BrokerError, status: number): { code: ErrorCode; message: string; field?: string; requestId?: string } {
+  if (err instanceof ApprovalRequiredError) return { code: err.code, message: err.message, requestId: err.requestId };
   if (err.code === 'unauthenticated') return { code: err.code, message: 'authentication failed: the broker did not accept the caller\'s credential' };
   if (err.code === 'audit_unavailable') return { code: err.code, message: 'the audit log cannot be written; the broker refuses to act without recording' };
   if (err.code === 'cluster_unavailable') return { code: err.code, message: 'the Kubernetes API server could not complete the broker\'s request' };

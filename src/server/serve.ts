@@ -11,6 +11,7 @@ import { BrokerError } from '../errors.ts';
 import { ServiceAccountAuthenticator } from '../identity/service-account.ts';
 import { clusterError, kubeApis, loadKubeConfig, type KubeApis } from '../kube/config.ts';
 import { loadPolicy } from '../policy/parse.ts';
+import { ApprovalService } from '../approvals/service.ts';
 import { TaskService } from '../tasks/service.ts';
 import { TaskStore } from '../tasks/store.ts';
 import { Sweeper } from '../tasks/sweeper.ts';
@@ -76,16 +77,20 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
     await audit.close();
     throw clusterError(`watching tasks in namespace ${policy.broker.taskNamespace} (was \`broker policy apply\` run?)`, err);
   }
-  const tasks = new TaskService(kube, policy, audit, store);
+  const approvals = new ApprovalService(kube, policy, audit);
+  const tasks = new TaskService(kube, policy, audit, store, { approvals });
   const sweeper = new Sweeper(kube, tasks, {
     ...(opts.sweepIntervalMs === undefined ? {} : { intervalMs: opts.sweepIntervalMs }),
     ...(opts.leaseMs === undefined ? {} : { leaseMs: opts.leaseMs }),
     ...(opts.orphanGraceMs === undefined ? {} : { orphanGraceMs: opts.orphanGraceMs }),
     ...(opts.orphanIntervalMs === undefined ? {} : { orphanIntervalMs: opts.orphanIntervalMs }),
     log: (msg) => process.stderr.write(`broker: ${msg}\n`),
+    // Ended approval requests are kept a day for `broker approvals list`, then removed.
+    housekeeping: () => approvals.sweep(24 * 3600 * 1000),
   });
   const app = buildApp({
     tasks,
+    approvals,
     store,
     audit,
     authenticators: [new ServiceAccountAuthenticator(kube.authn, policy)],

@@ -11,7 +11,10 @@ import { BrokerError } from '../errors.ts';
 import { failpoint } from '../failpoint.ts';
 import type { Caller } from '../identity/types.ts';
 import { clusterError, isConflict, isNotFound, type KubeApis } from '../kube/config.ts';
+import { ApprovalRequiredError, type ApprovalService } from '../approvals/service.ts';
+import { approvalCount } from '../approvals/model.ts';
 import { parseDuration } from '../policy/duration.ts';
+import { gatedPairsHitBy } from '../policy/parse.ts';
 import type { Policy, Template } from '../policy/types.ts';
 import {
   LABEL,
@@ -38,6 +41,8 @@ export interface StartRequest {
   /** Seconds, or a duration such as "15m". */
   ttl?: number | string | undefined;
   reason?: string | undefined;
+  /** For gated templates: the approval token issued for exactly this start. */
+  approvalToken?: string | undefined;
 }
 
 export interface Credential {
@@ -57,6 +62,8 @@ interface MintedToken {
 
 export interface TaskServiceOptions {
   now?: () => Date;
+  /** Gated templates need it; without it they cannot be started at all. */
+  approvals?: ApprovalService;
 }
 
 export type EndCause = 'ended' | 'expired' | 'orphaned';
@@ -70,6 +77,7 @@ export class TaskService {
   readonly #tokens = new Map<string, MintedToken>();
   readonly #minting = new Map<string, Promise<MintedToken>>();
   readonly #templates: Map<string, Template>;
+  readonly #approvals: ApprovalService | undefined;
 
   constructor(kube: KubeApis, policy: Policy, audit: AuditLog, store: TaskStore, options: TaskServiceOptions = {}) {
     this.#kube = kube;
@@ -78,6 +86,7 @@ export class TaskService {
     this.#store = store;
     this.#now = options.now ?? (() => new Date());
     this.#templates = new Map(policy.templates.map((t) => [t.name, t]));
+    this.#approvals = options.approvals;
     store.onRemoved((id) => this.#tokens.delete(id));
   }
 
@@ -89,6 +98,7 @@ export class TaskService {
   validateStart(caller: Caller, req: StartRequest): { template: Template; name: string; ttl: number } {
     const template = this.#templates.get(req.template);
     if (!template) throw new BrokerError('unknown_template', `no template "${req.template}" in the policy`, { field: 'template' });
+    if (!caller.agent) throw new BrokerError('forbidden', `${caller.subject} is not an agent in the policy`);
     if (!template.agents.includes(caller.agent)) {
       throw new BrokerError('forbidden', `agent "${caller.agent}" may not start template "${template.name}"`, { field: 'template' });
     }
@@ -134,6 +144,20 @@ export class TaskService {
       throw err;
     }
     const { template, name, ttl } = checked;
+    let approvalId: string | undefined;
+    if (this.#approvals?.isGated(template) ?? gatedWithoutApprovals(this.#policy, template)) {
+      if (!this.#approvals) throw new BrokerError('forbidden', `template "${template.name}" is gated and this broker takes no approvals`);
+      try {
+        approvalId = await this.#approvals.authorize(caller, { template, namespace: req.namespace, name, ttl, reason: req.reason }, req.approvalToken, requestId);
+      } catch (err) {
+        await this.#refuse(base, name, err);
+        throw err;
+      }
+    } else if (req.approvalToken !== undefined) {
+      const err = new BrokerError('invalid_argument', `template "${template.name}" is not gated: it takes no approval token`, { field: 'approvalToken' });
+      await this.#refuse(base, name, err);
+      throw err;
+    }
     const now = this.#now();
     const task: Task = {
       id: newTaskId(),
@@ -144,6 +168,7 @@ export class TaskService {
       createdAt: now,
       expiresAt: new Date(now.getTime() + ttl * 1000),
       ...(req.reason === undefined ? {} : { reason: req.reason }),
+      ...(approvalId === undefined ? {} : { approvalId }),
       state: 'pending',
       secretName: secretNameFor(caller.agent, name),
       serviceAccount: serviceAccountNameFor(''),
@@ -260,6 +285,9 @@ export class TaskService {
   async resolve(caller: Caller, ref: string, action: string, requestId?: string): Promise<Task> {
     const task = this.#store.get(ref) ?? this.#store.findByName(caller.agent, ref);
     if (!task || task.state !== 'active') {
+      // A gated task waiting for approval: say so, with the request id (the exec plugin shows it).
+      const pending = action === 'credential' && caller.agent ? await this.#approvals?.pendingFor(caller, ref) : undefined;
+      if (pending) throw new ApprovalRequiredError(pending.id, `task "${ref}" waits for approval: ${approvalCount(pending)} of ${pending.required} so far`);
       throw new BrokerError('no_active_task', `agent "${caller.agent}" has no active task "${ref}"`);
     }
     if (task.agent !== caller.agent) {
@@ -474,5 +502,9 @@ export class TaskService {
 }
 
 export function actorOf(caller: Caller): string {
-  return `agent:${caller.agent}`;
+  return caller.agent ? `agent:${caller.agent}` : `user:${caller.subject}`;
+}
+
+function gatedWithoutApprovals(policy: Policy, template: Template): boolean {
+  return gatedPairsHitBy(template.rules ?? [], policy.gated).length > 0;
 }

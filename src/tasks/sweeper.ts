@@ -21,6 +21,8 @@ export interface SweeperOptions {
   orphanIntervalMs?: number;
   identity?: string;
   log?: (msg: string) => void;
+  /** Further clean-up the Lease holder runs with the orphan sweep. */
+  housekeeping?: () => Promise<unknown>;
 }
 
 export class Sweeper {
@@ -33,6 +35,7 @@ export class Sweeper {
   readonly #graceMs: number;
   readonly #orphanIntervalMs: number;
   readonly #log: (msg: string) => void;
+  readonly #housekeeping: (() => Promise<unknown>) | undefined;
   #timer: NodeJS.Timeout | undefined;
   #leader = false;
   #lastRenew = 0;
@@ -49,6 +52,7 @@ export class Sweeper {
     this.#graceMs = options.orphanGraceMs ?? 30_000;
     this.#orphanIntervalMs = options.orphanIntervalMs ?? 30_000;
     this.#log = options.log ?? (() => undefined);
+    this.#housekeeping = options.housekeeping;
   }
 
   get leader(): boolean {
@@ -87,6 +91,7 @@ export class Sweeper {
     if (now - this.#lastOrphanSweep >= this.#orphanIntervalMs) {
       this.#lastOrphanSweep = now;
       await this.#tasks.sweepOrphans(this.#graceMs);
+      await this.#housekeeping?.();
     }
   }
 

@@ -52,19 +52,22 @@ export class BrokerEnv {
       const policyFile = join(dir, 'policy.yaml');
       writeFileSync(policyFile, text);
       const policy = parsePolicy(text, policyFile);
+      const identities = [...policy.agents.flatMap((a) => a.identities), ...policy.approverGroups.flatMap((g) => g.members)].flatMap((id) =>
+        id.kind === 'serviceAccount' ? [id] : [],
+      );
       const namespaces = options.namespaces ?? [...new Set(policy.templates.flatMap((t) => t.namespaces))];
-      for (const ns of [...namespaces, 'agents']) await admin.core.createNamespace({ body: { metadata: { name: ns } } });
+      for (const ns of new Set([...namespaces, ...identities.map((id) => id.namespace)])) {
+        await admin.core.createNamespace({ body: { metadata: { name: ns } } });
+      }
       await applyPolicy(admin, policy, {});
       // The broker runs with its own ServiceAccount's token: exactly what `policy apply` granted it.
       const brokerToken = await mintToken(admin, policy.broker.taskNamespace, policy.broker.serviceAccount, [], 3600);
       const brokerKubeconfig = writeTokenKubeconfig(join(dir, 'broker.kubeconfig'), cluster, brokerToken);
-      for (const agent of policy.agents) {
-        for (const id of agent.identities) {
-          if (id.kind !== 'serviceAccount') continue;
-          await admin.core.createNamespacedServiceAccount({ namespace: id.namespace, body: { metadata: { name: id.name } } }).catch((err) => {
-            if (!(err instanceof k8s.ApiException && err.code === 409)) throw err;
-          });
-        }
+      // Agents and approvers are ServiceAccounts whose tokens carry the broker's audience.
+      for (const id of identities) {
+        await admin.core.createNamespacedServiceAccount({ namespace: id.namespace, body: { metadata: { name: id.name } } }).catch((err) => {
+          if (!(err instanceof k8s.ApiException && err.code === 409)) throw err;
+        });
       }
       return new BrokerEnv(cluster, admin, policy, dir, policyFile, brokerKubeconfig);
     } catch (err) {
