@@ -26,6 +26,8 @@ export interface PolicySummary {
   templates: number;
   gated: number;
   approverGroups: number;
+  /** Templates whose rules intersect the gated set, with what they hit: they need approval to start. */
+  gatedTemplates: Array<{ template: string; hits: string[]; approvers: string[]; required: number }>;
 }
 
 /** What `policy check` prints with `-o json`. */
@@ -64,12 +66,20 @@ export function policyCommand(): Command {
   return cmd;
 }
 
-export function policySummary(policy: Policy): PolicySummary {
+export async function policySummary(policy: Policy): Promise<PolicySummary> {
+  const { gatedPairsHitBy } = await import('../policy/parse.ts');
+  const gatedTemplates = policy.templates.flatMap((t) => {
+    const hits = gatedPairsHitBy(t.rules ?? [], policy.gated);
+    if (hits.length === 0) return [];
+    const approval = t.approval ?? policy.defaultApproval;
+    return [{ template: t.name, hits: hits.map((h) => `${h.verb} ${h.apiGroup ? `${h.apiGroup}/` : ''}${h.resource}`), approvers: approval.approvers, required: approval.required }];
+  });
   return {
     agents: policy.agents.length,
     templates: policy.templates.length,
     gated: policy.gated.length,
     approverGroups: policy.approverGroups.length,
+    gatedTemplates,
   };
 }
 
@@ -83,7 +93,7 @@ async function check(file: string, opts: CheckOptions): Promise<void> {
     if (err instanceof BrokerError && err.code === 'policy_invalid' && opts.output === 'json') printJson({ valid: false, issues: (err as BrokerError & { issues: PolicyIssue[] }).issues, summary: null } satisfies PolicyCheckResult);
     throw err;
   }
-  const summary = policySummary(policy);
+  const summary = await policySummary(policy);
   if (opts.output === 'json') {
     printJson({ valid: true, issues: [], summary } satisfies PolicyCheckResult);
     return;
@@ -93,6 +103,9 @@ async function check(file: string, opts: CheckOptions): Promise<void> {
     `${file}: ${style.ok('valid')}: ${n(summary.agents, 'agent')}, ${n(summary.templates, 'template')}, ` +
       `${n(summary.gated, 'gated pair')}, ${n(summary.approverGroups, 'approver group')}\n`,
   );
+  for (const g of summary.gatedTemplates) {
+    process.stdout.write(`  gated: ${g.template} (${g.hits.join(', ')}): needs ${g.required} approval(s) from ${g.approvers.join(', ')}\n`);
+  }
 }
 
 const PAST: Record<Exclude<Change['action'], 'unchanged'>, [done: string, would: string]> = {

@@ -47,3 +47,14 @@ test('docs/cli.md documents every exit code with its number', () => {
     assert.match(doc, new RegExp(`^\\| ${code} \\| \`${name}\` \\|`, 'm'), `exit code ${code} (${name})`);
   }
 });
+
+test('policy check reports which templates are gated, with what they hit and who approves', async () => {
+  const example = new URL('../../docs/examples/policy.yaml', import.meta.url).pathname;
+  const res = await run(broker, ['policy', 'check', example, '-o', 'json']);
+  assert.equal(res.code, EXIT.ok, res.stderr);
+  assert.deepEqual(JSON.parse(res.stdout).summary.gatedTemplates, [
+    { template: 'debug-exec', hits: ['create pods/exec'], approvers: ['sre', 'security'], required: 2 },
+  ]);
+  const text = await run(broker, ['policy', 'check', example]);
+  assert.match(text.stdout, /gated: debug-exec \(create pods\/exec\): needs 2 approval\(s\) from sre, security/);
+});

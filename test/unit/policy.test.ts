@@ -423,10 +423,20 @@ async function runCheck(args: string[]): Promise<{ code: number; stdout: string;
 test('policy check prints a summary of a valid file', async () => {
   const res = await runCheck([example]);
   assert.equal(res.code, 0, res.stderr);
-  assert.equal(res.stdout, `${example}: valid: 2 agents, 3 templates, 10 gated pairs, 2 approver groups\n`);
+  assert.equal(
+    res.stdout,
+    `${example}: valid: 2 agents, 3 templates, 10 gated pairs, 2 approver groups\n  gated: debug-exec (create pods/exec): needs 2 approval(s) from sre, security\n`,
+  );
   const json = await runCheck([example, '-o', 'json']);
   assert.equal(json.code, 0, json.stderr);
-  assert.deepEqual(JSON.parse(json.stdout), { valid: true, issues: [], summary: { agents: 2, templates: 3, gated: 10, approverGroups: 2 } });
+  assert.deepEqual(JSON.parse(json.stdout), { valid: true, issues: [], summary: {
+      agents: 2,
+      templates: 3,
+      gated: 10,
+      approverGroups: 2,
+      gatedTemplates: [{ template: 'debug-exec', hits: ['create pods/exec'], approvers: ['sre', 'security'], required: 2 }],
+    },
+  });
 });
 
 test('policy check of an invalid file fails with every issue as FILE:LINE: PATH: MESSAGE; -o json also prints them', async () => {
@@ -445,4 +455,17 @@ test('policy check of an invalid file fails with every issue as FILE:LINE: PATH:
   assert.equal(out.summary, null);
   assert.equal(out.issues.length, 17);
   assert.deepEqual(out.issues[0], { path: 'broker.taskNamespace', line: 4, message: out.issues[0]!.message });
+});
+
+test('gated intersection sees through wildcards in verbs, resources and apiGroups', () => {
+  const p = parsePolicy(readFileSync(new URL('../../docs/examples/policy.yaml', import.meta.url), 'utf8'));
+  const hit = (rules: Parameters<typeof gatedPairsHitBy>[0]) => gatedPairsHitBy(rules, p.gated).map((g) => `${g.verb} ${g.resource}`);
+  assert.deepEqual(hit([{ apiGroups: [''], resources: ['pods'], verbs: ['get', 'list'] }]), []);
+  assert.ok(hit([{ apiGroups: [''], resources: ['secrets'], verbs: ['*'] }]).includes('get secrets'));
+  assert.ok(hit([{ apiGroups: [''], resources: ['*'], verbs: ['get'] }]).includes('get secrets'));
+  assert.ok(hit([{ apiGroups: ['*'], resources: ['namespaces'], verbs: ['delete'] }]).includes('delete namespaces'));
+  assert.ok(hit([{ apiGroups: [''], resources: ['pods/*'], verbs: ['create'] }]).includes('create pods/exec'));
+  assert.ok(hit([{ apiGroups: ['rbac.authorization.k8s.io'], resources: ['roles'], verbs: ['escalate'] }]).includes('escalate *'));
+  // A rule in another API group does not reach core secrets.
+  assert.deepEqual(hit([{ apiGroups: ['apps'], resources: ['*'], verbs: ['get'] }]), []);
 });
