@@ -221,7 +221,7 @@ function explain(reply: Reply, opts: Options, source: string): PluginError {
   switch (error.code) {
     case 'no_active_task':
       return new PluginError(
-        `broker credential: no active task "${opts.task}"${said}\nstart one with: broker task start TEMPLATE --namespace NAMESPACE --name ${opts.task}`,
+        `broker credential: ${error.message ?? `no active task "${opts.task}"`}\nstart one with: broker task start TEMPLATE --namespace NAMESPACE --name ${opts.task}`,
         EXIT.error,
       );
     case 'unauthenticated':

@@ -63,7 +63,7 @@ describe('broker credential', () => {
 
   test('each refusal explains itself on stderr with its exit code, and stdout stays empty', async () => {
     const cases: Array<[string, number, RegExp]> = [
-      ['gone', 1, /no active task "gone": agent "alpha" has no active task "gone"\nstart one with: broker task start TEMPLATE --namespace NAMESPACE --name gone/],
+      ['gone', 1, /^broker credential: agent "alpha" has no active task "gone"\nstart one with: broker task start TEMPLATE --namespace NAMESPACE --name gone/],
       ['denied', 4, /did not accept the identity from BROKER_IDENTITY_TOKEN \(missing, expired, or not an agent in the policy\)/],
       ['gated', 3, /task "gated" needs approval \(request req-42\).*\nask an approver to run: broker approve req-42/],
       ['audit', 5, /cannot serve credentials now: the audit log cannot be written \[audit_unavailable\]/],
