@@ -12,6 +12,7 @@ interface CheckOptions {
 interface ApplyOptions {
   kubeconfig: string;
   dryRun: boolean;
+  auditLog?: string;
   output: OutputFormat;
 }
 
@@ -56,6 +57,7 @@ export function policyCommand(): Command {
     .argument('<file>', 'the policy YAML file')
     .requiredOption('--kubeconfig <path>', "an administrator's kubeconfig (policy apply creates RBAC objects)")
     .option('--dry-run', 'show what would change without changing anything', false)
+    .option('--audit-log <file>', "record a policy.applied event in this audit log (e.g. the broker's)")
     .addOption(outputOption())
     .addHelpText(
       'after',
@@ -122,7 +124,33 @@ async function apply(file: string, opts: ApplyOptions): Promise<void> {
   ]);
   const policy = await loadPolicy(file);
   const kube = kubeApis(loadKubeConfig(opts.kubeconfig));
-  const changes = await applyPolicy(kube, policy, { dryRun: opts.dryRun });
+  // Opened first: an unwritable log stops the apply before anything changes.
+  const audit = opts.auditLog && !opts.dryRun ? await (await import('../audit/log.ts')).AuditLog.open(opts.auditLog) : undefined;
+  let changes: Change[];
+  try {
+    changes = await applyPolicy(kube, policy, { dryRun: opts.dryRun });
+    if (audit) {
+      const count = (a: Change['action']) => changes.filter((c) => c.action === a).length;
+      const { createHash } = await import('node:crypto');
+      const { readFile } = await import('node:fs/promises');
+      const { userInfo } = await import('node:os');
+      await audit.append({
+        type: 'policy.applied',
+        actor: `admin:${userInfo().username}`,
+        outcome: 'ok',
+        details: {
+          policySha256: createHash('sha256').update(await readFile(file)).digest('hex'),
+          cluster: kube.config.getCurrentCluster()?.server ?? '',
+          created: count('create'),
+          updated: count('update'),
+          deleted: count('delete'),
+          unchanged: count('unchanged'),
+        },
+      });
+    }
+  } finally {
+    await audit?.close();
+  }
   if (opts.output === 'json') {
     printJson({ dryRun: opts.dryRun, changes } satisfies PolicyApplyResult);
     return;

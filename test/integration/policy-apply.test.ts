@@ -6,7 +6,7 @@
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as k8s from '@kubernetes/client-node';
@@ -397,11 +397,19 @@ describe('broker policy apply (the command line)', () => {
     assert.match(res.stdout, /^2 changes, 13 unchanged$/m);
     await kube.rbac.readClusterRole({ name: 'task-broker:template:cli-only' });
 
-    const again = await cli('policy', 'apply', file, '--kubeconfig', cluster.kubeconfig, '-o', 'json');
+    const auditLog = join(scratch, 'apply-audit.jsonl');
+    const again = await cli('policy', 'apply', file, '--kubeconfig', cluster.kubeconfig, '-o', 'json', '--audit-log', auditLog);
     assert.equal(again.code, EXIT.ok, again.stderr);
     const result = JSON.parse(again.stdout) as { dryRun: boolean; changes: Change[] };
     assert.equal(result.dryRun, false);
     assert.ok(result.changes.length > 0 && result.changes.every((c) => c.action === 'unchanged'));
+    // --audit-log records the apply: what changed, against which cluster, from which policy.
+    const records = readFileSync(auditLog, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { type: string; details: Record<string, unknown> });
+    assert.equal(records.length, 1);
+    assert.equal(records[0]!.type, 'policy.applied');
+    assert.equal(records[0]!.details['unchanged'], result.changes.length);
+    assert.equal(records[0]!.details['cluster'], cluster.server);
+    assert.match(String(records[0]!.details['policySha256']), /^[0-9a-f]{64}$/);
   });
 
   test('--kubeconfig is required; a missing template namespace exits with the usage code and names the field', async () => {
