@@ -47,7 +47,10 @@ The kubectl exec credential plugin: prints an ExecCredential for the task NAME.
 Broker URL and CA also come from BROKER_URL and BROKER_CA; the caller's identity from
 BROKER_IDENTITY_TOKEN_FILE (e.g. a projected ServiceAccount token) or BROKER_IDENTITY_TOKEN.
 
-Example (a kubeconfig user; \`broker kubeconfig\` writes one):
+Example:
+  broker credential --task deploy --broker https://broker.example:8443
+
+kubectl runs it from a kubeconfig user (\`broker kubeconfig\` writes one):
   exec:
     apiVersion: client.authentication.k8s.io/v1
     command: broker

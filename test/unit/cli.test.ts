@@ -33,11 +33,30 @@ test('-o takes only json or text', async () => {
   assert.match(res.stderr, /Allowed choices are text, json/);
 });
 
-test('--help shows an example and exits 0', async () => {
-  for (const args of [['--help'], ['dev-cluster', 'up', '--help'], ['dev-cluster', 'down', '--help']]) {
+test('--help of every command shows an example and exits 0', async () => {
+  const commands = [
+    [],
+    ['task', 'start'],
+    ['task', 'end'],
+    ['task', 'list'],
+    ['task', 'show'],
+    ['run'],
+    ['kubeconfig'],
+    ['approvals', 'list'],
+    ['approve'],
+    ['deny'],
+    ['dev-cluster', 'up'],
+    ['dev-cluster', 'down'],
+    ['policy', 'check'],
+    ['policy', 'apply'],
+    ['audit', 'verify'],
+    ['serve'],
+    ['credential'],
+  ];
+  for (const args of commands.map((c) => [...c, '--help'])) {
     const res = await run(broker, args);
     assert.equal(res.code, EXIT.ok, args.join(' '));
-    assert.match(res.stdout, /Example:\n/, args.join(' '));
+    assert.match(res.stdout, /Examples?:\n  (broker|eval)/, args.join(" "));
   }
 });
 
