@@ -9,7 +9,7 @@
  * inserted before the closing brace, then "\n" — so `hash` is SHA-256 over the line minus its hash
  * member. docs/audit.md gives a shell recipe.
  */
-import { createHash } from 'node:crypto';
+import { hash } from 'node:crypto';
 import { open, type FileHandle } from 'node:fs/promises';
 import { BrokerError } from '../errors.ts';
 import {
@@ -36,15 +36,23 @@ const HEX64 = /^[0-9a-f]{64}$/;
 
 /** Canonical JSON of a record without its `hash` member: the text `hash` is computed over. */
 export function canonicalRecordJson(value: object): string {
+  // Hot path (every audit append): one pass over the listed fields, no intermediate arrays.
   const record = value as Readonly<Record<string, unknown>>;
-  const listed: readonly string[] = RECORD_FIELD_ORDER;
-  const keys: string[] = listed.filter((k) => record[k] !== undefined);
-  const extra = Object.keys(record)
-    .filter((k) => !listed.includes(k) && k !== 'prev' && k !== 'hash' && record[k] !== undefined)
-    .sort();
-  keys.push(...extra, 'prev');
-  return '{' + keys.map((k) => JSON.stringify(k) + ':' + canonicalValue(record[k])).join(',') + '}';
+  let out = '{';
+  for (const k of RECORD_FIELD_ORDER) {
+    const v = record[k];
+    if (v !== undefined) out += (out.length > 1 ? ',' : '') + QUOTED_FIELD[k] + ':' + canonicalValue(v);
+  }
+  let extra: string[] | undefined;
+  for (const k of Object.keys(record)) {
+    if (!LISTED_FIELDS.has(k) && k !== 'prev' && k !== 'hash' && record[k] !== undefined) (extra ??= []).push(k);
+  }
+  if (extra) for (const k of extra.sort()) out += (out.length > 1 ? ',' : '') + JSON.stringify(k) + ':' + canonicalValue(record[k]);
+  return out + (out.length > 1 ? ',' : '') + '"prev":' + canonicalValue(record['prev']) + '}';
 }
+
+const LISTED_FIELDS: ReadonlySet<string> = new Set(RECORD_FIELD_ORDER);
+const QUOTED_FIELD = Object.fromEntries(RECORD_FIELD_ORDER.map((k) => [k, JSON.stringify(k)])) as Record<(typeof RECORD_FIELD_ORDER)[number], string>;
 
 function canonicalValue(value: unknown): string {
   if (value === null || typeof value !== 'object') {
@@ -61,7 +69,7 @@ function canonicalValue(value: unknown): string {
 }
 
 export function sha256Hex(text: string): string {
-  return createHash('sha256').update(text, 'utf8').digest('hex');
+  return hash('sha256', text, 'hex'); // one-shot: cheaper than createHash for a record-sized text
 }
 
 /** The line as written (without its "\n") for a record whose canonical JSON and hash are given. */

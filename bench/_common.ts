@@ -1,0 +1,70 @@
+/**
+ * Shared pieces of the broker benchmarks: a BrokerEnv that is always torn down (also on failure and
+ * on Ctrl-C), percentiles, and a plain-text table.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { BrokerEnv } from '../test/helpers/broker.ts';
+
+export { BrokerEnv };
+
+/**
+ * BrokerEnv starts brokers with the integration tests' fast sweeper timings (orphan sweep every 2 s,
+ * 3 s Lease); benchmarks put back the defaults of `broker serve` (orphan sweep every 30 s, 15 s Lease),
+ * so the figures are those of a broker as deployed. The expiry sweep stays at its default, 1 s.
+ */
+export const DEFAULT_TIMINGS = ['--sweep-interval', '1s', '--orphan-grace', '30s', '--lease-duration', '15s'];
+
+/** Processes a benchmark spawned besides the brokers (killed with the environment). */
+const children = new Set<ChildProcess>();
+
+/** Runs `body` with a fresh environment (real control plane, policy applied) and stops it afterwards. */
+export async function withEnv<T>(body: (env: BrokerEnv) => Promise<T>): Promise<T> {
+  const env = await BrokerEnv.start();
+  const onSignal = (sig: NodeJS.Signals) => {
+    for (const c of children) c.kill('SIGKILL');
+    void env.stop().finally(() => process.exit(sig === 'SIGINT' ? 130 : 143));
+  };
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  try {
+    return await body(env);
+  } finally {
+    for (const c of children) c.kill('SIGKILL');
+    await env.stop();
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  }
+}
+
+/** Spawns `node SCRIPT ...args` and resolves with its URL once it prints "listening on URL". */
+export function spawnListening(script: string, args: string[]): Promise<{ url: string; child: ChildProcess }> {
+  const child = spawn(process.execPath, [script, ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
+  children.add(child);
+  return new Promise((done, fail) => {
+    let out = '';
+    child.stdout!.on('data', (d: Buffer) => {
+      out += d.toString();
+      const m = /listening on (\S+)/.exec(out);
+      if (m) done({ url: m[1]!, child });
+    });
+    child.once('exit', (code) => fail(new Error(`${script} exited with ${code} before listening`)));
+  });
+}
+
+export function percentile(xs: readonly number[], p: number): number {
+  if (xs.length === 0) return NaN;
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.max(0, Math.ceil((p / 100) * s.length) - 1))]!;
+}
+
+export const median = (xs: readonly number[]) => percentile(xs, 50);
+
+export function table(header: string[], rows: Array<Array<string | number>>): string {
+  const cells = [header, ...rows.map((r) => r.map(String))];
+  const widths = header.map((_, i) => Math.max(...cells.map((r) => (r[i] ?? '').length)));
+  const line = (r: string[]) => r.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd();
+  return [line(header), line(widths.map((w) => '-'.repeat(w))), ...cells.slice(1).map(line)].join('\n');
+}
+
+export const ms = (x: number, digits = 1) => `${x.toFixed(digits)} ms`;
+export const met = (ok: boolean) => (ok ? 'met' : 'NOT met');
