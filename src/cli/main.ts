@@ -3,7 +3,9 @@
  * (bin/broker dispatches `broker credential` there before this module is loaded).
  */
 import { readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { Command, CommanderError } from 'commander';
+import type { PluginModule } from '../credential/main.cts';
 import { BrokerError, isBrokerError } from '../errors.ts';
 import { EXIT, exitCodeFor } from './exit-codes.ts';
 import { approvalCommands } from './approvals.ts';
@@ -55,9 +57,15 @@ function credentialCommand(): Command {
     .allowExcessArguments()
     .argument('[args...]')
     .action(async (args: string[]) => {
-      const { run } = await import('../credential/main.ts');
+      const { run } = loadPlugin();
       process.exitCode = await run({ argv: args, env: process.env, stdout: (s) => process.stdout.write(s), stderr: (s) => process.stderr.write(s) });
     });
+}
+
+/** The plugin is CommonJS (for start-up time): .cts in the sources, .cjs once compiled. */
+function loadPlugin(): PluginModule {
+  const ext = import.meta.url.endsWith('.ts') ? 'cts' : 'cjs';
+  return createRequire(import.meta.url)(`../credential/main.${ext}`) as PluginModule;
 }
 
 function packageVersion(): string {

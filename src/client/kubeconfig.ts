@@ -16,26 +16,31 @@ export interface ExecKubeconfigOptions {
   namespace?: string | undefined;
   broker?: string | undefined;
   brokerCa?: string | undefined;
-  /** The plugin command; default: this installation's bin/broker, by absolute path. */
+  /**
+   * The plugin command, run as `COMMAND credential --task ...` (e.g. `broker` found on PATH). By
+   * default this installation's Node runs the plugin's entry directly, by absolute paths: kubectl
+   * runs it on every call, and skipping the sh launcher saves about a millisecond each time.
+   */
   command?: string | undefined;
   apiVersion?: ExecApiVersion;
   /** interactiveMode IfAvailable instead of Never. */
   interactive?: boolean;
 }
 
-export function brokerCommandPath(): string {
-  return fileURLToPath(new URL('../../bin/broker', import.meta.url));
+/** The plugin's compiled entry in this installation. */
+export function pluginEntryPath(): string {
+  return fileURLToPath(new URL('../../dist/credential/main.cjs', import.meta.url));
 }
 
 export function execKubeconfig(o: ExecKubeconfigOptions): string {
   const name = `task-broker-${o.task}`;
-  const args = ['credential', '--task', o.task];
+  const args = ['--task', o.task];
   if (o.broker) args.push('--broker', o.broker);
   if (o.brokerCa) args.push('--broker-ca', o.brokerCa);
   const exec: Record<string, unknown> = {
     apiVersion: `client.authentication.k8s.io/${o.apiVersion ?? 'v1'}`,
-    command: o.command ?? brokerCommandPath(),
-    args,
+    command: o.command ?? process.execPath,
+    args: o.command ? ['credential', ...args] : [pluginEntryPath(), ...args],
     interactiveMode: o.interactive ? 'IfAvailable' : 'Never',
     provideClusterInfo: false,
   };

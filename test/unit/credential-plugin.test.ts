@@ -8,7 +8,11 @@ import { createServer, type Server } from 'node:http';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { parseResponse, run as runPlugin } from '../../src/credential/main.ts';
+import { createRequire } from 'node:module';
+import type { PluginModule } from '../../src/credential/main.cts';
+
+// The plugin is CommonJS (it starts faster): loaded as kubectl's runs load it.
+const { parseResponse, run: runPlugin } = createRequire(import.meta.url)('../../src/credential/main.cts') as PluginModule;
 import { run } from '../helpers/kube.ts';
 
 const BROKER = new URL('../../bin/broker', import.meta.url).pathname;
@@ -121,7 +125,7 @@ describe('broker credential', () => {
       const loaded = readFileSync(trace, 'utf8').split('\n').filter(Boolean);
       assert.deepEqual(
         loaded.map((u) => u.replace(new URL('../../', import.meta.url).href, '')),
-        ['dist/credential/main.js'],
+        ['dist/credential/main.cjs'],
       );
       assert.ok(!loaded.some((u) => u.includes('node_modules')));
     } finally {
