@@ -1,7 +1,7 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import { Command, Option } from 'commander';
 import { BrokerError } from '../errors.ts';
-import type { ExecApiVersion } from '../client/kubeconfig.ts';
+import type { ExecApiVersion, PluginKind } from '../client/kubeconfig.ts';
 import { clientFor, type BrokerFlags } from './broker-options.ts';
 
 interface Flags {
@@ -13,6 +13,7 @@ interface Flags {
   interactive?: boolean;
   execApiVersion: ExecApiVersion;
   command?: string;
+  plugin: 'auto' | PluginKind;
 }
 
 export function kubeconfigCommand(): Command {
@@ -25,7 +26,12 @@ export function kubeconfigCommand(): Command {
     .option('--output <file>', 'write it to FILE (mode 0600) instead of stdout')
     .option('--interactive', 'interactiveMode IfAvailable instead of Never')
     .addOption(new Option('--exec-api-version <v>', 'client.authentication.k8s.io version').choices(['v1', 'v1beta1']).default('v1'))
-    .option('--command <cmd>', 'the plugin command (default: this installation\'s bin/broker)')
+    .addOption(
+      new Option('--plugin <kind>', 'which plugin build the exec entry runs: native (Go, starts in ~2 ms; built by install.sh), node, or auto')
+        .choices(['auto', 'native', 'node'])
+        .default('auto'),
+    )
+    .option('--command <cmd>', 'run `CMD credential ...` instead (e.g. a `broker` found on PATH)')
     .addHelpText('after', '\nExample:\n  broker kubeconfig --task read-pods --output ~/.kube/task-broker\n  KUBECONFIG=~/.kube/task-broker kubectl get pods')
     .action(async (flags: Flags, cmd: Command) => {
       const globals = cmd.optsWithGlobals<BrokerFlags>();
@@ -41,8 +47,12 @@ export function kubeconfigCommand(): Command {
           await client.close();
         }
       }
-      const { execKubeconfig } = await import('../client/kubeconfig.ts');
+      const { execKubeconfig, defaultPlugin } = await import('../client/kubeconfig.ts');
+      if (flags.plugin === 'native' && defaultPlugin() !== 'native') {
+        throw new BrokerError('invalid_argument', 'the native plugin is not built: run ./install.sh with Go installed, or use --plugin node', { field: '--plugin' });
+      }
       const text = execKubeconfig({
+        plugin: flags.plugin === 'auto' ? undefined : flags.plugin,
         task: flags.task,
         server,
         certificateAuthorityData: caData,

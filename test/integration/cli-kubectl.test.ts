@@ -141,6 +141,19 @@ describe('CLI and exec plugin with real kubectl', () => {
     }
   });
 
+  test('kubeconfigs run the native plugin by default; the Node build works through kubectl too (v1 and v1beta1)', async () => {
+    assert.match(readFileSync(await kubeconfigFile('read-pods'), 'utf8'), /command: \S+\/\.cache\/bin\/broker-credential\n/);
+    for (const version of ['v1', 'v1beta1']) {
+      const kc = await kubeconfigFile('read-pods', ['--plugin', 'node', '--exec-api-version', version]);
+      const text = readFileSync(kc, 'utf8');
+      assert.match(text, /dist\/credential\/main\.cjs/);
+      const res = await kubectl(kc, 'get', 'pods', '-n', 'team-a');
+      assert.equal(res.code, 0, `${version}: ${res.stderr}`);
+      const denied = await kubectl(kc, 'get', 'pods', '-n', 'team-b');
+      assert.match(denied.stderr, /forbidden/);
+    }
+  });
+
   test('the plugin refuses an apiVersion it does not speak, and answers in the one asked for', async () => {
     const base = ['credential', '--task', 'read-pods'];
     const v1beta1 = await cli(base, { KUBERNETES_EXEC_INFO: JSON.stringify({ apiVersion: 'client.authentication.k8s.io/v1beta1', spec: { interactive: false } }) });
@@ -247,10 +260,20 @@ describe('CLI and exec plugin with real kubectl', () => {
       const cred = await cli(['credential', '--task', 'tls'], tlsEnv);
       assert.equal(cred.code, 0, cred.stderr);
       assert.equal(JSON.parse(cred.stdout).kind, 'ExecCredential');
+      // The Node build over TLS too.
+      const entry = new URL('../../dist/credential/main.cjs', import.meta.url).pathname;
+      const viaNode = await run(process.execPath, [entry, '--task', 'tls'], { ...agent.env, ...tlsEnv });
+      assert.equal(viaNode.code, 0, viaNode.stderr);
+      assert.equal(JSON.parse(viaNode.stdout).status.token, JSON.parse(cred.stdout).status.token);
       // Without the CA the broker's certificate is not trusted, and nothing is sent.
-      const untrusted = await cli(['credential', '--task', 'tls'], { BROKER_URL: secure.url, BROKER_CA: '' });
-      assert.equal(untrusted.code, EXIT.unavailable);
-      assert.match(untrusted.stderr, /SELF_SIGNED|self-signed|UNABLE_TO_VERIFY/i);
+      for (const [cmd, args] of [
+        [BROKER, ['credential', '--task', 'tls']],
+        [process.execPath, [entry, '--task', 'tls']],
+      ] as const) {
+        const untrusted = await run(cmd, [...args], { ...agent.env, BROKER_URL: secure.url, BROKER_CA: '' });
+        assert.equal(untrusted.code, EXIT.unavailable, untrusted.stderr);
+        assert.match(untrusted.stderr, /SELF_SIGNED|self-signed|UNABLE_TO_VERIFY/i);
+      }
       assert.equal((await cli(['task', 'end', 'tls'], tlsEnv)).code, 0);
     } finally {
       await secure.stop();

@@ -1,6 +1,7 @@
 /**
  * The exec plugin's contract, with a stand-in broker on loopback (a fake at the HTTP boundary; the
- * real broker and kubectl are in test/integration/cli-kubectl.test.ts).
+ * real broker and kubectl are in test/integration/cli-kubectl.test.ts). Both builds, the Node one and
+ * the native one (native/credential), must behave the same: every contract test runs on each.
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -15,10 +16,12 @@ import type { PluginModule } from '../../src/credential/main.cts';
 const { parseResponse, run: runPlugin } = createRequire(import.meta.url)('../../src/credential/main.cts') as PluginModule;
 import { run } from '../helpers/kube.ts';
 
-const BROKER = new URL('../../bin/broker', import.meta.url).pathname;
+const NATIVE = new URL('../../.cache/bin/broker-credential', import.meta.url).pathname;
+const NODE_ENTRY = new URL('../../dist/credential/main.cjs', import.meta.url).pathname;
 const EXEC_V1 = JSON.stringify({ apiVersion: 'client.authentication.k8s.io/v1', kind: 'ExecCredential', spec: { interactive: false } });
 
-describe('broker credential', () => {
+for (const build of ['node', 'native'] as const)
+describe(`broker credential (${build})`, () => {
   let server: Server;
   let url: string;
   const seen: Array<{ method: string; url: string; authorization: string | undefined }> = [];
@@ -44,6 +47,7 @@ describe('broker credential', () => {
   after(() => new Promise<void>((done) => server.close(() => done())));
 
   async function plugin(argv: string[], env: NodeJS.ProcessEnv) {
+    if (build === 'native') return run(NATIVE, argv, env);
     let stdout = '';
     let stderr = '';
     const code = await runPlugin({ argv, env, stdout: (s) => (stdout += s), stderr: (s) => (stderr += s) });
@@ -102,7 +106,8 @@ describe('broker credential', () => {
     assert.equal(seen.length, before);
   });
 
-  test('reads Content-Length and chunked answers, and refuses a truncated one', () => {
+  // The Node build's own HTTP/1.1 reader (the native build uses Go's net/http).
+  if (build === 'node') test('reads Content-Length and chunked answers, and refuses a truncated one', () => {
     const cl = parseResponse(Buffer.from('HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}'));
     assert.deepEqual(cl, { status: 200, body: '{}' });
     const chunked = parseResponse(Buffer.from('HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{"a\r\n4\r\n":1}\r\n0\r\n\r\n'));
@@ -110,12 +115,12 @@ describe('broker credential', () => {
     assert.throws(() => parseResponse(Buffer.from('HTTP/1.1 200 OK\r\nContent-Le')), /before a complete answer/);
   });
 
-  test('starts lean: it loads its own file and nothing else (no commander, chalk, fastify or Kubernetes client)', async () => {
+  if (build === 'node') test('starts lean: it loads its own file and nothing else (no commander, chalk, fastify or Kubernetes client)', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'tb-trace-'));
     try {
       const trace = join(dir, 'modules.txt');
       const hook = new URL('../fixtures/trace-modules.mjs', import.meta.url).href;
-      const res = await run(BROKER, ['credential', '--task', 'ok'], {
+      const res = await run(process.execPath, [NODE_ENTRY, '--task', 'ok'], {
         ...env(),
         PATH: process.env['PATH'],
         NODE_OPTIONS: `--import=${hook}`,

@@ -1,0 +1,342 @@
+// Command broker-credential is the native build of `broker credential`, the client-go exec credential
+// plugin. kubectl runs the plugin before every request of every invocation, and a Node.js process
+// cannot start in less than ~25 ms; this one starts in a few. It behaves exactly as the Node plugin
+// (src/credential/main.cts): same flags, environment, messages and exit codes, checked by the same
+// tests. Standard library only.
+package main
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+)
+
+const (
+	exitOK              = 0
+	exitError           = 1
+	exitUsage           = 2
+	exitApproval        = 3
+	exitUnauthenticated = 4
+	exitUnavailable     = 5
+	timeout             = 10 * time.Second
+)
+
+var apiVersions = []string{"client.authentication.k8s.io/v1", "client.authentication.k8s.io/v1beta1"}
+
+const usage = `usage: broker credential --task NAME [--broker URL] [--broker-ca FILE]
+
+The kubectl exec credential plugin: prints an ExecCredential for the task NAME.
+Broker URL and CA also come from BROKER_URL and BROKER_CA; the caller's identity from
+BROKER_IDENTITY_TOKEN_FILE (e.g. a projected ServiceAccount token) or BROKER_IDENTITY_TOKEN.
+
+Example:
+  broker credential --task deploy --broker https://broker.example:8443
+
+kubectl runs it from a kubeconfig user (` + "`broker kubeconfig`" + ` writes one):
+  exec:
+    apiVersion: client.authentication.k8s.io/v1
+    command: broker
+    args: [credential, --task, deploy]
+    interactiveMode: Never
+`
+
+type pluginError struct {
+	message string
+	code    int
+}
+
+func (e *pluginError) Error() string { return e.message }
+
+func fail(code int, format string, args ...any) *pluginError {
+	return &pluginError{message: fmt.Sprintf(format, args...), code: code}
+}
+
+type options struct {
+	task, broker, brokerCA string
+	help                   bool
+}
+
+func parseArgs(argv []string) (options, error) {
+	o := options{broker: os.Getenv("BROKER_URL"), brokerCA: os.Getenv("BROKER_CA")}
+	for i := 0; i < len(argv); i++ {
+		arg := argv[i]
+		flag, inline, hasInline := arg, "", false
+		if strings.HasPrefix(arg, "--") {
+			if eq := strings.Index(arg, "="); eq > 0 {
+				flag, inline, hasInline = arg[:eq], arg[eq+1:], true
+			}
+		}
+		value := func() (string, error) {
+			v := inline
+			if !hasInline {
+				if i+1 >= len(argv) {
+					return "", fail(exitUsage, "%s needs a value\n%s", flag, usage)
+				}
+				i++
+				v = argv[i]
+			}
+			if v == "" {
+				return "", fail(exitUsage, "%s needs a value\n%s", flag, usage)
+			}
+			return v, nil
+		}
+		var err error
+		switch flag {
+		case "--task":
+			o.task, err = value()
+		case "--broker":
+			o.broker, err = value()
+		case "--broker-ca":
+			o.brokerCA, err = value()
+		case "-h", "--help":
+			o.help = true
+			return o, nil
+		default:
+			quoted, _ := json.Marshal(arg)
+			return o, fail(exitUsage, "unknown argument %s\n%s", quoted, usage)
+		}
+		if err != nil {
+			return o, err
+		}
+	}
+	if o.task == "" {
+		return o, fail(exitUsage, "--task is required\n%s", usage)
+	}
+	if o.broker == "" {
+		return o, fail(exitUsage, "no broker: pass --broker URL or set BROKER_URL")
+	}
+	o.broker = strings.TrimRight(o.broker, "/")
+	return o, nil
+}
+
+func execAPIVersion() (string, error) {
+	raw := os.Getenv("KUBERNETES_EXEC_INFO")
+	if raw == "" {
+		return apiVersions[0], nil
+	}
+	var info struct {
+		APIVersion any `json:"apiVersion"`
+	}
+	if err := json.Unmarshal([]byte(raw), &info); err != nil {
+		return "", fail(exitError, "KUBERNETES_EXEC_INFO is not valid JSON")
+	}
+	if v, ok := info.APIVersion.(string); ok {
+		for _, known := range apiVersions {
+			if v == known {
+				return v, nil
+			}
+		}
+	}
+	asked, _ := json.Marshal(info.APIVersion)
+	if info.APIVersion == nil {
+		asked = []byte("undefined")
+	}
+	return "", fail(exitError, "KUBERNETES_EXEC_INFO asks for apiVersion %s; this plugin answers only %s", asked, strings.Join(apiVersions, " or "))
+}
+
+func identity() (token, source string, err error) {
+	if file := os.Getenv("BROKER_IDENTITY_TOKEN_FILE"); file != "" {
+		data, readErr := os.ReadFile(file)
+		if readErr != nil {
+			return "", "", fail(exitUnauthenticated, "cannot read the identity token BROKER_IDENTITY_TOKEN_FILE=%s: %s", file, errnoName(readErr))
+		}
+		token = strings.TrimSpace(string(data))
+		if token == "" {
+			return "", "", fail(exitUnauthenticated, "the identity token file BROKER_IDENTITY_TOKEN_FILE=%s is empty", file)
+		}
+		return checked(token, "BROKER_IDENTITY_TOKEN_FILE="+file)
+	}
+	if token = strings.TrimSpace(os.Getenv("BROKER_IDENTITY_TOKEN")); token != "" {
+		return checked(token, "BROKER_IDENTITY_TOKEN")
+	}
+	return "", "", fail(exitUnauthenticated, "no identity: set BROKER_IDENTITY_TOKEN_FILE (e.g. a projected ServiceAccount token) or BROKER_IDENTITY_TOKEN")
+}
+
+// A bearer token is printable ASCII without spaces; anything else could inject into the request.
+func checked(token, source string) (string, string, error) {
+	for _, c := range token {
+		if c < 0x21 || c > 0x7e {
+			return "", "", fail(exitUnauthenticated, "the identity token from %s contains characters a token cannot have", source)
+		}
+	}
+	return token, source, nil
+}
+
+// errnoName gives the errno name Node prints (ENOENT, ECONNREFUSED, ...), so messages match.
+func errnoName(err error) string {
+	text := err.Error()
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return "ENOENT"
+	case errors.Is(err, os.ErrPermission):
+		return "EACCES"
+	case strings.Contains(text, "connection refused"):
+		return "ECONNREFUSED"
+	case strings.Contains(text, "no such host"):
+		return "ENOTFOUND"
+	case strings.Contains(text, "is a directory"):
+		return "EISDIR"
+	}
+	return text
+}
+
+type brokerError struct {
+	Code      string `json:"code"`
+	Message   string `json:"message"`
+	RequestID string `json:"requestId"`
+}
+
+func explain(status int, body []byte, o options, source string) *pluginError {
+	var parsed struct {
+		Error *brokerError `json:"error"`
+	}
+	e := brokerError{}
+	if json.Unmarshal(body, &parsed) == nil && parsed.Error != nil {
+		e = *parsed.Error
+	}
+	said := ""
+	if e.Message != "" {
+		said = ": " + e.Message
+	}
+	switch e.Code {
+	case "no_active_task":
+		msg := e.Message
+		if msg == "" {
+			msg = fmt.Sprintf("no active task %q", o.task)
+		}
+		return fail(exitError, "broker credential: %s\nstart one with: broker task start TEMPLATE --namespace NAMESPACE --name %s", msg, o.task)
+	case "unauthenticated":
+		return fail(exitUnauthenticated, "broker credential: the broker did not accept the identity from %s (missing, expired, or not an agent in the policy)", source)
+	case "forbidden":
+		return fail(exitError, "broker credential: refused%s", said)
+	case "approval_required":
+		request, id := "", "REQUEST_ID"
+		if e.RequestID != "" {
+			request, id = fmt.Sprintf(" (request %s)", e.RequestID), e.RequestID
+		}
+		return fail(exitApproval, "broker credential: task %q needs approval%s%s\nask an approver to run: broker approve %s", o.task, request, said, id)
+	case "audit_unavailable", "cluster_unavailable":
+		return fail(exitUnavailable, "broker credential: the broker at %s cannot serve credentials now%s [%s]", o.broker, said, e.Code)
+	}
+	code := ""
+	if e.Code != "" {
+		code = " [" + e.Code + "]"
+	}
+	return fail(exitError, "broker credential: the broker at %s answered %d%s%s", o.broker, status, said, code)
+}
+
+func run(argv []string, stdout, stderr io.Writer) int {
+	err := func() error {
+		o, err := parseArgs(argv)
+		if err != nil {
+			return err
+		}
+		if o.help {
+			fmt.Fprint(stdout, usage)
+			return nil
+		}
+		apiVersion, err := execAPIVersion()
+		if err != nil {
+			return err
+		}
+		token, source, err := identity()
+		if err != nil {
+			return err
+		}
+		target, parseErr := url.Parse(o.broker + "/v1/tasks/" + url.PathEscape(o.task) + "/credential")
+		if parseErr != nil || (target.Scheme != "http" && target.Scheme != "https") || target.Host == "" {
+			quoted, _ := json.Marshal(o.broker)
+			return fail(exitUsage, "the broker URL %s is not a URL", quoted)
+		}
+		tlsConfig := &tls.Config{MinVersion: tls.VersionTLS12}
+		if o.brokerCA != "" {
+			pem, readErr := os.ReadFile(o.brokerCA)
+			if readErr != nil {
+				return fail(exitUsage, "cannot read the broker CA %s: %s", o.brokerCA, errnoName(readErr))
+			}
+			pool := x509.NewCertPool()
+			if !pool.AppendCertsFromPEM(pem) {
+				return fail(exitUsage, "the broker CA %s holds no PEM certificate", o.brokerCA)
+			}
+			tlsConfig.RootCAs = pool
+		}
+		client := &http.Client{
+			Timeout:   timeout,
+			Transport: &http.Transport{TLSClientConfig: tlsConfig, DialContext: (&net.Dialer{Timeout: timeout}).DialContext, Proxy: nil},
+		}
+		req, _ := http.NewRequest(http.MethodPost, target.String(), nil)
+		req.Header.Set("Authorization", "Bearer "+token)
+		req.Header.Set("Accept", "application/json")
+		res, reqErr := client.Do(req)
+		if reqErr != nil {
+			return fail(exitUnavailable, "broker credential: the broker is unreachable at %s: %s", o.broker, networkError(reqErr))
+		}
+		defer res.Body.Close()
+		body, _ := io.ReadAll(io.LimitReader(res.Body, 1<<20))
+		if res.StatusCode != http.StatusOK {
+			return explain(res.StatusCode, body, o, source)
+		}
+		var credential struct {
+			Token               *string `json:"token"`
+			ExpirationTimestamp *string `json:"expirationTimestamp"`
+		}
+		if json.Unmarshal(body, &credential) != nil || credential.Token == nil || credential.ExpirationTimestamp == nil {
+			return fail(exitError, "broker credential: the broker at %s answered 200 without a credential", o.broker)
+		}
+		out, _ := json.Marshal(struct {
+			APIVersion string `json:"apiVersion"`
+			Kind       string `json:"kind"`
+			Status     struct {
+				Token               string `json:"token"`
+				ExpirationTimestamp string `json:"expirationTimestamp"`
+			} `json:"status"`
+		}{APIVersion: apiVersion, Kind: "ExecCredential", Status: struct {
+			Token               string `json:"token"`
+			ExpirationTimestamp string `json:"expirationTimestamp"`
+		}{*credential.Token, *credential.ExpirationTimestamp}})
+		fmt.Fprintf(stdout, "%s\n", out)
+		return nil
+	}()
+	if err == nil {
+		return exitOK
+	}
+	var pe *pluginError
+	if errors.As(err, &pe) {
+		msg := pe.message
+		if !strings.HasSuffix(msg, "\n") {
+			msg += "\n"
+		}
+		fmt.Fprint(stderr, msg)
+		return pe.code
+	}
+	fmt.Fprintf(stderr, "broker credential: unexpected failure: %v\n", err)
+	return exitError
+}
+
+// networkError names a failed request as Node would: an errno, or the TLS verification failure.
+func networkError(err error) string {
+	var unknownCA x509.UnknownAuthorityError
+	var hostname x509.HostnameError
+	switch {
+	case errors.As(err, &unknownCA):
+		return "SELF_SIGNED_CERT_IN_CHAIN (certificate signed by unknown authority; pass --broker-ca)"
+	case errors.As(err, &hostname):
+		return "ERR_TLS_CERT_ALTNAME_INVALID (" + hostname.Error() + ")"
+	case strings.Contains(err.Error(), "Client.Timeout") || strings.Contains(err.Error(), "i/o timeout"):
+		return fmt.Sprintf("no answer within %d s", int(timeout/time.Second))
+	}
+	return errnoName(err)
+}
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
