@@ -101,19 +101,13 @@ export const RECORD_FIELD_ORDER = [
   'details',
 ] as const;
 
-/** The optional string fields of an event, in record order. */
-export const OPTIONAL_STRING_FIELDS = [
-  'agent',
-  'task',
-  'taskName',
-  'template',
-  'namespace',
-  'outcome',
-  'reason',
-  'jti',
-  'expiresAt',
-  'requestId',
-] as const satisfies readonly (keyof AuditEventInput)[];
+type OptionalStringField = Exclude<(typeof RECORD_FIELD_ORDER)[number], 'seq' | 'time' | 'type' | 'actor' | 'details'>;
+const REQUIRED_OR_OBJECT: readonly string[] = ['seq', 'time', 'type', 'actor', 'details'];
+
+/** The optional string fields of an event, in record order: RECORD_FIELD_ORDER less the others. */
+export const OPTIONAL_STRING_FIELDS: readonly (OptionalStringField & keyof AuditEventInput)[] = RECORD_FIELD_ORDER.filter(
+  (k): k is OptionalStringField => !REQUIRED_OR_OBJECT.includes(k),
+);
 
 /** The result of walking a chain (verify.ts). */
 export type VerifyResult =

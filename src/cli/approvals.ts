@@ -1,6 +1,6 @@
 import { Command } from 'commander';
 import type { ApprovalView } from '../approvals/model.ts';
-import { clientFor } from './broker-options.ts';
+import { withClient } from './broker-options.ts';
 import { outputOption, printJson, style, type OutputFormat } from './output.ts';
 
 /** `broker approvals list`, `broker approve ID`, `broker deny ID`: the approver's side. */
@@ -13,14 +13,11 @@ export function approvalCommands(): Command[] {
     .addOption(outputOption())
     .addHelpText('after', '\nExample:\n  broker approvals list --pending')
     .action(async (flags: { pending?: boolean; output: OutputFormat }, cmd: Command) => {
-      const client = await clientFor(cmd);
-      try {
+      await withClient(cmd, async (client) => {
         const list = await client.listApprovals(flags.pending ?? false);
         if (flags.output === 'json') printJson({ approvals: list });
         else process.stdout.write(table(list));
-      } finally {
-        await client.close();
-      }
+      });
     });
 
   const decide = (decision: 'approve' | 'deny') =>
@@ -31,17 +28,14 @@ export function approvalCommands(): Command[] {
       [decision === 'deny' ? 'requiredOption' : 'option']('--reason <text>', 'why: recorded in the audit log')
       .addHelpText('after', `\nExample:\n  broker ${decision} ar-1a2b3c4d5e6f --reason "${decision === 'approve' ? 'on-call, incident 4711' : 'use the read-only template'}"`)
       .action(async (id: string, flags: { reason?: string; output: OutputFormat }, cmd: Command) => {
-        const client = await clientFor(cmd);
-        try {
+        await withClient(cmd, async (client) => {
           const result = await client.decide(id, decision, flags.reason);
           if (flags.output === 'json') printJson(result);
           else {
             process.stdout.write(`${decision === 'approve' ? 'approved' : 'denied'} ${result.id}: ${result.approvals}/${result.required} approvals, now ${result.state}\n`);
             if (result.approvalToken) process.stderr.write(style.dim(`the requester's \`broker task start --wait\` picks it up; for CI: BROKER_APPROVAL_TOKEN=<the approvalToken of -o json>\n`));
           }
-        } finally {
-          await client.close();
-        }
+        });
       });
   return [approvals, decide('approve'), decide('deny')];
 }

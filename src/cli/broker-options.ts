@@ -19,3 +19,13 @@ export async function clientFor(cmd: Command): Promise<BrokerClient> {
   const { BrokerClient } = await import('../client/broker-client.ts');
   return new BrokerClient({ broker: flags.broker, brokerCa: flags.brokerCa });
 }
+
+/** Runs `body` with a client for the command's broker, and closes it afterwards whatever happens. */
+export async function withClient<T>(cmd: Command, body: (client: BrokerClient) => Promise<T>): Promise<T> {
+  const client = await clientFor(cmd);
+  try {
+    return await body(client);
+  } finally {
+    await client.close();
+  }
+}

@@ -2,7 +2,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { Command, Option } from 'commander';
 import { BrokerError } from '../errors.ts';
 import type { ExecApiVersion, PluginKind } from '../client/kubeconfig.ts';
-import { clientFor, type BrokerFlags } from './broker-options.ts';
+import { withClient, type BrokerFlags } from './broker-options.ts';
 
 interface Flags {
   task: string;
@@ -35,17 +35,13 @@ export function kubeconfigCommand(): Command {
     .addHelpText('after', '\nExample:\n  broker kubeconfig --task read-pods --output ~/.kube/task-broker\n  KUBECONFIG=~/.kube/task-broker kubectl get pods')
     .action(async (flags: Flags, cmd: Command) => {
       const globals = cmd.optsWithGlobals<BrokerFlags>();
-      let server = flags.server;
       let caData = flags.certificateAuthority ? readCa(flags.certificateAuthority) : undefined;
-      if (!server) {
-        const client = await clientFor(cmd);
-        try {
-          const cluster = await client.cluster();
-          server = cluster.server;
-          caData ??= cluster.certificateAuthorityData;
-        } finally {
-          await client.close();
-        }
+      let server: string;
+      if (flags.server) server = flags.server;
+      else {
+        const cluster = await withClient(cmd, (client) => client.cluster());
+        server = cluster.server;
+        caData ??= cluster.certificateAuthorityData;
       }
       const { execKubeconfig, defaultPlugin } = await import('../client/kubeconfig.ts');
       if (flags.plugin === 'native' && defaultPlugin() !== 'native') {

@@ -2,7 +2,7 @@ import { Command } from 'commander';
 import type { BrokerClient, StartTask } from '../client/broker-client.ts';
 import { BrokerError } from '../errors.ts';
 import type { TaskView } from '../tasks/model.ts';
-import { clientFor } from './broker-options.ts';
+import { withClient } from './broker-options.ts';
 import { outputOption, printJson, style, type OutputFormat } from './output.ts';
 
 interface StartFlags {
@@ -35,8 +35,7 @@ export function taskCommand(): Command {
       '\nExamples:\n  broker task start read-pods --namespace shop-dev --ttl 15m --reason "debug checkout latency"\n  broker task start debug-exec --namespace shop-staging --reason "incident 4711" --wait',
     )
     .action(async (template: string, flags: StartFlags, cmd: Command) => {
-      const client = await clientFor(cmd);
-      try {
+      await withClient(cmd, async (client) => {
         const request = { template, namespace: flags.namespace, name: flags.name, ttl: flags.ttl, reason: flags.reason };
         const token = flags.approval ?? process.env['BROKER_APPROVAL_TOKEN'];
         const started = flags.wait && !token ? await startWaiting(client, request, flags.timeout) : await client.startTask(request, token);
@@ -45,9 +44,7 @@ export function taskCommand(): Command {
           process.stdout.write(`${style.ok('started')} task ${started.name} (${started.id}): ${started.template} in ${started.namespace} until ${started.expiresAt}\n`);
           process.stderr.write(style.dim(`kubectl through it: broker kubeconfig --task ${started.name} --output task.kubeconfig\n`));
         }
-      } finally {
-        await client.close();
-      }
+      });
     });
   task
     .command('end')
@@ -56,14 +53,11 @@ export function taskCommand(): Command {
     .addOption(outputOption())
     .addHelpText('after', '\nExample:\n  broker task end read-pods')
     .action(async (ref: string, flags: { output: OutputFormat }, cmd: Command) => {
-      const client = await clientFor(cmd);
-      try {
+      await withClient(cmd, async (client) => {
         const ended = await client.endTask(ref);
         if (flags.output === 'json') printJson({ ...ended, ended: true });
         else process.stdout.write(`ended task ${ended.name} (${ended.id})\n`);
-      } finally {
-        await client.close();
-      }
+      });
     });
   task
     .command('list')
@@ -71,14 +65,11 @@ export function taskCommand(): Command {
     .addOption(outputOption())
     .addHelpText('after', '\nExample:\n  broker task list -o json')
     .action(async (flags: { output: OutputFormat }, cmd: Command) => {
-      const client = await clientFor(cmd);
-      try {
+      await withClient(cmd, async (client) => {
         const tasks = await client.listTasks();
         if (flags.output === 'json') printJson({ tasks });
         else process.stdout.write(table(tasks));
-      } finally {
-        await client.close();
-      }
+      });
     });
   task
     .command('show')
@@ -87,14 +78,11 @@ export function taskCommand(): Command {
     .addOption(outputOption())
     .addHelpText('after', '\nExample:\n  broker task show read-pods')
     .action(async (ref: string, flags: { output: OutputFormat }, cmd: Command) => {
-      const client = await clientFor(cmd);
-      try {
+      await withClient(cmd, async (client) => {
         const t = await client.getTask(ref);
         if (flags.output === 'json') printJson(t);
         else process.stdout.write(Object.entries(t).map(([k, v]) => `${k}: ${String(v)}`).join('\n') + '\n');
-      } finally {
-        await client.close();
-      }
+      });
     });
   return task;
 }
