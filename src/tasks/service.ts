@@ -159,8 +159,9 @@ export class TaskService {
       throw err;
     }
     const now = this.#now();
+    const id = newTaskId();
     const task: Task = {
-      id: newTaskId(),
+      id,
       name,
       agent: caller.agent,
       template: template.name,
@@ -171,11 +172,9 @@ export class TaskService {
       ...(approvalId === undefined ? {} : { approvalId }),
       state: 'pending',
       secretName: secretNameFor(caller.agent, name),
-      serviceAccount: serviceAccountNameFor(''),
-      roleBinding: '',
+      serviceAccount: serviceAccountNameFor(id),
+      roleBinding: roleBindingNameFor(id),
     };
-    task.serviceAccount = serviceAccountNameFor(task.id);
-    task.roleBinding = roleBindingNameFor(task.id);
     const facts = { ...base, task: task.id, taskName: name, expiresAt: task.expiresAt.toISOString() };
 
     // Write-ahead: the attempt is on record before anything exists; an unwritable log stops it here.
