@@ -366,16 +366,33 @@ describe('fail closed', () => {
     await assert.rejects(AuditLog.open('/dev/null'), isCode('audit_unavailable'));
   });
 
-  test('opening a path in a directory without write permission is audit_unavailable', { skip: process.getuid?.() === 0 ? 'root ignores permissions' : false }, async () => {
+  /**
+   * Opens `path` with AuditLog in a child process that drops to nobody (uid 65534) when the tests run
+   * as root (root ignores file permissions), and prints the error code it got.
+   */
+  function openAsUnprivileged(path: string): Promise<string> {
+    const log = new URL('../../src/audit/log.ts', import.meta.url).href;
+    const script = `
+      if (process.getuid() === 0) { process.setgid(65534); process.setuid(65534); }
+      const { AuditLog } = await import(${JSON.stringify(log)});
+      try { await AuditLog.open(${JSON.stringify(path)}); console.log('opened'); } catch (err) { console.log(err.code); }`;
+    return new Promise((done, fail) =>
+      execFile(process.execPath, ['--input-type=module', '-e', script], (err, stdout) => (err ? fail(err) : done(stdout.trim()))),
+    );
+  }
+
+  test('opening a path in a directory without write permission is audit_unavailable', async () => {
+    await chmod(dir, 0o755); // traversable for the unprivileged child
     const ro = join(dir, 'read-only');
-    await mkdir(ro, { mode: 0o500 });
-    await assert.rejects(AuditLog.open(join(ro, 'audit.jsonl')), isCode('audit_unavailable'));
+    await mkdir(ro, { mode: 0o555 });
+    assert.equal(await openAsUnprivileged(join(ro, 'audit.jsonl')), 'audit_unavailable');
   });
 
-  test('opening a file without write permission is audit_unavailable', { skip: process.getuid?.() === 0 ? 'root ignores permissions' : false }, async () => {
+  test('opening a file without write permission is audit_unavailable', async () => {
+    await chmod(dir, 0o755);
     const p = fresh();
-    await writeFile(p, '', { mode: 0o400 });
-    await assert.rejects(AuditLog.open(p), isCode('audit_unavailable'));
+    await writeFile(p, '', { mode: 0o444 });
+    assert.equal(await openAsUnprivileged(p), 'audit_unavailable');
   });
 });
 
