@@ -202,6 +202,39 @@ describe('approvals', () => {
     assert.ok(!JSON.stringify(records()).includes(token), 'approval tokens are never recorded, only their ids');
   });
 
+  test('key rotation: tokens signed before keep working through "previous"; once it is removed, they are refused', async () => {
+    const body = { template: 'read-secrets', namespace: 'team-a', name: 'rotated' };
+    // Two tokens signed with the key in use now.
+    const first = await approvedToken('beta', body, ['bob']);
+    const second = await approvedToken('alpha', body, ['bob']);
+    const ns = env.policy.broker.taskNamespace;
+    const name = 'task-broker-approval-key';
+    const keys = async () => JSON.parse(Buffer.from((await env.admin.core.readNamespacedSecret({ name, namespace: ns })).data!['keys.json']!, 'base64').toString()) as { current: Record<string, string> };
+    const write = async (value: object) => {
+      const secret = await env.admin.core.readNamespacedSecret({ name, namespace: ns });
+      await env.admin.core.replaceNamespacedSecret({ name, namespace: ns, body: { ...secret, data: { 'keys.json': Buffer.from(JSON.stringify(value)).toString('base64') } } });
+    };
+    const { d: _private, ...previous } = (await keys()).current;
+    const { privateKey } = await generateKeyPair('EdDSA', { crv: 'Ed25519', extractable: true });
+    const jwk = await exportJWK(privateKey);
+    const current = { ...jwk, kid: await calculateJwkThumbprint(jwk) };
+
+    await write({ current, previous });
+    const start = await a.request('POST', '/v1/tasks', tokens['beta'], { ...body, approvalToken: first.token });
+    assert.equal(start.status, 201, JSON.stringify(start.body));
+    assert.equal((await a.request('DELETE', '/v1/tasks/rotated', tokens['beta'])).status, 200);
+    const fresh = await approvedToken('beta', { ...body, name: 'rotated-2' }, ['bob']);
+    assert.equal(decodeProtectedHeader(fresh.token).kid, current.kid, 'new tokens are signed with the new key');
+
+    await write({ current });
+    const refused = await a.request('POST', '/v1/tasks', tokens['alpha'], { ...body, approvalToken: second.token });
+    assert.equal(refused.status, 403, JSON.stringify(refused.body));
+    assert.match(refused.body.error.message, /a key this broker does not have/);
+    const stillGood = await b.request('POST', '/v1/tasks', tokens['beta'], { ...body, name: 'rotated-2', approvalToken: fresh.token });
+    assert.equal(stillGood.status, 201, JSON.stringify(stillGood.body));
+    assert.equal((await b.request('DELETE', '/v1/tasks/rotated-2', tokens['beta'])).status, 200);
+  });
+
   test('two replicas consuming the same token at once: exactly one start succeeds', async () => {
     const body = { template: 'read-secrets', namespace: 'team-b', name: 'race' };
     const { token } = await approvedToken('beta', body, ['bob']);

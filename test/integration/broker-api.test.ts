@@ -155,6 +155,17 @@ describe('broker API', () => {
     assert.deepEqual(await env.taskObjects(), before, 'nothing was created');
   });
 
+  test('a known agent starting a template the policy does not give it: 403, audited, nothing created', async () => {
+    const before = await env.taskObjects();
+    const res = await broker.request('POST', '/v1/tasks', beta, { template: 'configmap-writer', namespace: 'team-a' });
+    assert.equal(res.status, 403, JSON.stringify(res.body));
+    assert.equal(res.body.error.code, 'forbidden');
+    assert.equal(res.body.error.field, 'template');
+    assert.match(res.body.error.message, /agent "beta" may not start template "configmap-writer"/);
+    assert.deepEqual(await env.taskObjects(), before);
+    assert.ok(broker.auditRecords().some((r) => r.type === 'task.refused' && r.agent === 'beta' && r.reason.startsWith('forbidden (template)')));
+  });
+
   test('20 concurrent starts of one task name by one agent: exactly one succeeds', async () => {
     const before = await env.taskObjects();
     const results = await Promise.all(
