@@ -115,6 +115,27 @@ describe('approvals', () => {
     assert.equal((await a.request('DELETE', '/v1/tasks/waited', tokens['alpha'])).status, 200);
   });
 
+  test('--wait on a terminal shows a spinner, and clears it when approved', async () => {
+    // script(1) gives the command a pseudo-terminal, as a person's shell would.
+    const command = `${BROKER} task start read-secrets -n team-b --name on-tty --wait`;
+    const waiting = spawn('script', ['-q', '-e', '-c', command, '/dev/null'], {
+      env: { PATH: process.env['PATH'], HOME: env.dir, BROKER_URL: a.url, BROKER_IDENTITY_TOKEN: tokens['alpha'], TERM: 'xterm' },
+    });
+    let out = '';
+    waiting.stdout.on('data', (d: Buffer) => (out += d));
+    for (let i = 0; i < 100 && !/ar-[0-9a-f]{12}/.test(out); i++) await sleep(100);
+    await sleep(500);
+    const id = /(ar-[0-9a-f]{12})/.exec(out)?.[1];
+    assert.ok(id, out);
+    assert.match(out, /\r\x1b\[K(\x1b\[2m)?[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏](\x1b\[22m)? ar-[0-9a-f]{12}: 0\/1 approvals, pending/, 'spinner frames on the terminal');
+    assert.equal((await a.request('POST', `/v1/approvals/${id}/approve`, tokens['alice'], {})).status, 200);
+    const code = await new Promise<number | null>((done) => waiting.on('close', done));
+    assert.equal(code, 0, out);
+    assert.match(out, new RegExp(`\\r\\x1b\\[K${id} approved`));
+    assert.match(out, /started(\x1b\[39m)? task on-tty/, "colour on a terminal");
+    assert.equal((await a.request('DELETE', '/v1/tasks/on-tty', tokens['alpha'])).status, 200);
+  });
+
   test('N of M: each approver counts once; the second distinct approval completes it', async () => {
     const id = await request('beta', { template: 'exec-pods', namespace: 'team-a', name: 'two-of-m' });
     const first = await a.request('POST', `/v1/approvals/${id}/approve`, tokens['alice'], { reason: 'ok' });
