@@ -7,7 +7,6 @@ import type { AuditLog } from '../audit/log.ts';
 import { BrokerError } from '../errors.ts';
 import type { Caller } from '../identity/types.ts';
 import { clusterError, isConflict, isNotFound, type KubeApis } from '../kube/config.ts';
-import { gatedPairsHitBy } from '../policy/parse.ts';
 import type { Identity, Policy, Template } from '../policy/types.ts';
 import {
   APPROVAL_SELECTOR,
@@ -49,7 +48,6 @@ export class ApprovalService {
   readonly #keys: ApprovalKeys;
   readonly #notifier: Notifier | undefined;
   readonly #now: () => Date;
-  readonly #gated = new Map<string, boolean>();
 
   constructor(kube: KubeApis, policy: Policy, audit: AuditLog, options: { now?: () => Date; notifier?: Notifier } = {}) {
     this.#kube = kube;
@@ -58,15 +56,10 @@ export class ApprovalService {
     this.#keys = new ApprovalKeys(kube, policy.broker.taskNamespace);
     this.#now = options.now ?? (() => new Date());
     this.#notifier = options.notifier ?? (policy.broker.notifyWebhook ? new Notifier(policy.broker.notifyWebhook) : undefined);
-    for (const t of policy.templates) this.#gated.set(t.name, gatedPairsHitBy(t.rules ?? [], policy.gated).length > 0);
   }
 
   get #ns(): string {
     return this.#policy.broker.taskNamespace;
-  }
-
-  isGated(template: Template): boolean {
-    return this.#gated.get(template.name) ?? false;
   }
 
   /** Approver groups a caller belongs to. */

@@ -78,6 +78,8 @@ export class TaskService {
   readonly #minting = new Map<string, Promise<MintedToken>>();
   readonly #templates: Map<string, Template>;
   readonly #approvals: ApprovalService | undefined;
+  /** Templates whose rules intersect the gated set: they start only with an approval token. */
+  readonly #gated: Set<string>;
 
   constructor(kube: KubeApis, policy: Policy, audit: AuditLog, store: TaskStore, options: TaskServiceOptions = {}) {
     this.#kube = kube;
@@ -87,6 +89,7 @@ export class TaskService {
     this.#now = options.now ?? (() => new Date());
     this.#templates = new Map(policy.templates.map((t) => [t.name, t]));
     this.#approvals = options.approvals;
+    this.#gated = new Set(policy.templates.filter((t) => gatedPairsHitBy(t.rules ?? [], policy.gated).length > 0).map((t) => t.name));
     store.onRemoved((id) => this.#tokens.delete(id));
   }
 
@@ -145,7 +148,7 @@ export class TaskService {
     }
     const { template, name, ttl } = checked;
     let approvalId: string | undefined;
-    if (this.#approvals?.isGated(template) ?? gatedWithoutApprovals(this.#policy, template)) {
+    if (this.#gated.has(template.name)) {
       if (!this.#approvals) throw new BrokerError('forbidden', `template "${template.name}" is gated and this broker takes no approvals`);
       try {
         approvalId = await this.#approvals.authorize(caller, { template, namespace: req.namespace, name, ttl, reason: req.reason }, req.approvalToken, requestId);
@@ -504,6 +507,3 @@ export function actorOf(caller: Caller): string {
   return caller.agent ? `agent:${caller.agent}` : `user:${caller.subject}`;
 }
 
-function gatedWithoutApprovals(policy: Policy, template: Template): boolean {
-  return gatedPairsHitBy(template.rules ?? [], policy.gated).length > 0;
-}
