@@ -5,7 +5,7 @@
  */
 import type { AuditLog } from '../audit/log.ts';
 import { BrokerError } from '../errors.ts';
-import type { Caller } from '../identity/types.ts';
+import { actorOf, type Caller } from '../identity/types.ts';
 import { clusterError, isConflict, isNotFound, type KubeApis } from '../kube/config.ts';
 import type { Identity, Policy, Template } from '../policy/types.ts';
 import {
@@ -116,7 +116,7 @@ export class ApprovalService {
     };
     await this.#audit.append({
       type: 'approval.requested',
-      actor: `agent:${caller.agent}`,
+      actor: actorOf(caller),
       agent: caller.agent,
       taskName: start.name,
       template: start.template.name,
@@ -179,7 +179,7 @@ export class ApprovalService {
    * request's approver groups, a second decision by the same approver, a request no longer pending.
    */
   async decide(caller: Caller, id: string, decision: 'approve' | 'deny', reason: string | undefined, requestId?: string): Promise<{ request: ApprovalRequest; token?: string }> {
-    const actor = `${caller.agent ? 'agent' : 'user'}:${caller.agent || caller.subject}`;
+    const actor = actorOf(caller);
     const refuse = async (code: 'forbidden' | 'approval_closed', why: string): Promise<never> => {
       await this.#audit.append({ type: 'approval.refused', actor, outcome: 'denied', reason: `${code}: ${why}`, requestId, details: { approvalRequest: id, decision } });
       throw new BrokerError(code, why);
@@ -254,7 +254,7 @@ export class ApprovalService {
 
   /** Checks a token against exactly this start by exactly this caller, then marks the request used. */
   async #consume(caller: Caller, start: GatedStart, token: string, requestId?: string): Promise<string> {
-    const base = { actor: `agent:${caller.agent}`, agent: caller.agent, template: start.template.name, namespace: start.namespace, taskName: start.name, requestId };
+    const base = { actor: actorOf(caller), agent: caller.agent, template: start.template.name, namespace: start.namespace, taskName: start.name, requestId };
     const refuse = async (why: string, claims?: ApprovalClaims): Promise<never> => {
       await this.#audit.append({
         ...base,

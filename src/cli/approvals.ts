@@ -1,7 +1,7 @@
 import { Command } from 'commander';
 import type { ApprovalView } from '../approvals/model.ts';
 import { withClient } from './broker-options.ts';
-import { outputOption, printJson, style, type OutputFormat } from './output.ts';
+import { columns, outputOption, printJson, style, type OutputFormat } from './output.ts';
 
 /** `broker approvals list`, `broker approve ID`, `broker deny ID`: the approver's side. */
 export function approvalCommands(): Command[] {
@@ -41,11 +41,9 @@ export function approvalCommands(): Command[] {
 }
 
 function table(list: ApprovalView[]): string {
-  if (list.length === 0) return 'no approval requests\n';
-  const rows = [
+  return columns(
     ['ID', 'STATE', 'AGENT', 'TEMPLATE', 'NAMESPACE', 'APPROVALS', 'EXPIRES'],
-    ...list.map((r) => [r.id, r.state, r.agent, r.template, r.namespace, `${r.approvals}/${r.required}`, r.expiresAt]),
-  ];
-  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
-  return rows.map((r) => r.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd()).join('\n') + '\n';
+    list.map((r) => [r.id, r.state, r.agent, r.template, r.namespace, `${r.approvals}/${r.required}`, r.expiresAt]),
+    'no approval requests',
+  );
 }

@@ -19,3 +19,11 @@ export const style = {
   dim: (s: string) => chalk.dim(s),
   ok: (s: string) => chalk.green(s),
 };
+
+/** Rows under a header, in columns two spaces apart; `empty` when there are no rows. */
+export function columns(header: string[], rows: string[][], empty: string): string {
+  if (rows.length === 0) return `${empty}\n`;
+  const all = [header, ...rows];
+  const widths = header.map((_, i) => Math.max(...all.map((r) => (r[i] ?? '').length)));
+  return all.map((r) => r.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd()).join('\n') + '\n';
+}

@@ -117,12 +117,12 @@ const PAST: Record<Exclude<Change['action'], 'unchanged'>, [done: string, would:
 };
 
 async function apply(file: string, opts: ApplyOptions): Promise<void> {
-  const [{ loadPolicy }, { kubeApis, loadKubeConfig }, { applyPolicy }] = await Promise.all([
+  const [{ loadPolicyFile }, { kubeApis, loadKubeConfig }, { applyPolicy }] = await Promise.all([
     import('../policy/parse.ts'),
     import('../kube/config.ts'),
     import('../policy/apply.ts'),
   ]);
-  const policy = await loadPolicy(file);
+  const { policy, text } = await loadPolicyFile(file);
   const kube = kubeApis(loadKubeConfig(opts.kubeconfig));
   // Opened first: an unwritable log stops the apply before anything changes.
   const audit = opts.auditLog && !opts.dryRun ? await (await import('../audit/log.ts')).AuditLog.open(opts.auditLog) : undefined;
@@ -132,14 +132,13 @@ async function apply(file: string, opts: ApplyOptions): Promise<void> {
     if (audit) {
       const count = (a: Change['action']) => changes.filter((c) => c.action === a).length;
       const { createHash } = await import('node:crypto');
-      const { readFile } = await import('node:fs/promises');
       const { userInfo } = await import('node:os');
       await audit.append({
         type: 'policy.applied',
         actor: `admin:${userInfo().username}`,
         outcome: 'ok',
         details: {
-          policySha256: createHash('sha256').update(await readFile(file)).digest('hex'),
+          policySha256: createHash('sha256').update(text).digest('hex'),
           cluster: kube.config.getCurrentCluster()?.server ?? '',
           created: count('create'),
           updated: count('update'),

@@ -3,7 +3,7 @@ import type { BrokerClient, StartTask } from '../client/broker-client.ts';
 import { BrokerError } from '../errors.ts';
 import type { TaskView } from '../tasks/model.ts';
 import { withClient } from './broker-options.ts';
-import { outputOption, printJson, style, type OutputFormat } from './output.ts';
+import { columns, outputOption, printJson, style, type OutputFormat } from './output.ts';
 
 interface StartFlags {
   namespace: string;
@@ -161,8 +161,5 @@ class Progress {
 }
 
 function table(tasks: TaskView[]): string {
-  if (tasks.length === 0) return 'no active tasks\n';
-  const rows = [['NAME', 'ID', 'TEMPLATE', 'NAMESPACE', 'EXPIRES'], ...tasks.map((t) => [t.name, t.id, t.template, t.namespace, t.expiresAt])];
-  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
-  return rows.map((r) => r.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd()).join('\n') + '\n';
+  return columns(['NAME', 'ID', 'TEMPLATE', 'NAMESPACE', 'EXPIRES'], tasks.map((t) => [t.name, t.id, t.template, t.namespace, t.expiresAt]), 'no active tasks');
 }

@@ -31,6 +31,11 @@ export interface Authenticator {
   authenticate(req: AuthRequest): Promise<Caller | undefined>;
 }
 
+/** How a caller appears as `actor` in the audit log: `agent:NAME`, or `user:SUBJECT` for an approver. */
+export function actorOf(caller: Caller): string {
+  return caller.agent ? `agent:${caller.agent}` : `user:${caller.subject}`;
+}
+
 export function bearerToken(req: AuthRequest): string | undefined {
   const header = req.headers['authorization'];
   const value = Array.isArray(header) ? header[0] : header;

@@ -73,6 +73,11 @@ export function formatIssues(source: string, issues: readonly PolicyIssue[]): st
 
 /** Reads and parses a policy file. A missing or unreadable file is BrokerError 'invalid_argument' (field: the path). */
 export async function loadPolicy(path: string): Promise<Policy> {
+  return (await loadPolicyFile(path)).policy;
+}
+
+/** loadPolicy, also giving the exact text that was parsed (for recording its hash). */
+export async function loadPolicyFile(path: string): Promise<{ policy: Policy; text: string }> {
   let text: string;
   try {
     text = await readFile(path, 'utf8');
@@ -81,7 +86,7 @@ export async function loadPolicy(path: string): Promise<Policy> {
     const why = code === 'ENOENT' ? 'no such file' : code === 'EISDIR' ? 'is a directory' : (err as Error).message;
     throw new BrokerError('invalid_argument', `cannot read policy file ${path}: ${why}`, { field: path, cause: err });
   }
-  return parsePolicy(text, path);
+  return { policy: parsePolicy(text, path), text };
 }
 
 /** Parses and validates policy YAML; throws PolicyError listing every problem. `source` names the file in messages. */

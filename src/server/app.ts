@@ -8,11 +8,11 @@ import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, ty
 import type { AuditLog } from '../audit/log.ts';
 import { BrokerError, isBrokerError, type ErrorCode } from '../errors.ts';
 import { authenticate } from '../identity/service-account.ts';
-import type { Authenticator, Caller } from '../identity/types.ts';
+import { actorOf, type Authenticator, type Caller } from '../identity/types.ts';
 import { toView as approvalView } from '../approvals/model.ts';
 import { ApprovalRequiredError, type ApprovalService } from '../approvals/service.ts';
 import { toView } from '../tasks/model.ts';
-import { actorOf, type TaskService } from '../tasks/service.ts';
+import type { TaskService } from '../tasks/service.ts';
 import type { TaskStore } from '../tasks/store.ts';
 import { Metrics } from './metrics.ts';
 

@@ -10,7 +10,7 @@ import { AuditLog } from '../audit/log.ts';
 import { BrokerError } from '../errors.ts';
 import { ServiceAccountAuthenticator } from '../identity/service-account.ts';
 import { clusterError, kubeApis, loadKubeConfig, type KubeApis } from '../kube/config.ts';
-import { loadPolicy } from '../policy/parse.ts';
+import { loadPolicyFile } from '../policy/parse.ts';
 import { ApprovalService } from '../approvals/service.ts';
 import { TaskService } from '../tasks/service.ts';
 import { TaskStore } from '../tasks/store.ts';
@@ -65,8 +65,7 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
     https = { cert: readFlagFile(opts.tlsCert, '--tls-cert'), key: readFlagFile(opts.tlsKey, '--tls-key') };
   }
 
-  const policyText = readFlagFile(opts.config, '--config');
-  const policy = await loadPolicy(opts.config);
+  const { policy, text: policyText } = await loadPolicyFile(opts.config);
   const audit = await AuditLog.open(opts.auditLog);
   const kube = kubeApis(loadKubeConfig(opts.kubeconfig));
   const cluster = clusterInfo(kube, opts);

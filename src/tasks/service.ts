@@ -9,7 +9,7 @@ import type { AuditLog } from '../audit/log.ts';
 import type { AuditEventInput } from '../audit/types.ts';
 import { BrokerError } from '../errors.ts';
 import { failpoint } from '../failpoint.ts';
-import type { Caller } from '../identity/types.ts';
+import { actorOf, type Caller } from '../identity/types.ts';
 import { clusterError, isConflict, isNotFound, type KubeApis } from '../kube/config.ts';
 import { ApprovalRequiredError, type ApprovalService } from '../approvals/service.ts';
 import { approvalCount } from '../approvals/model.ts';
@@ -503,7 +503,4 @@ export class TaskService {
   }
 }
 
-export function actorOf(caller: Caller): string {
-  return caller.agent ? `agent:${caller.agent}` : `user:${caller.subject}`;
-}
 
