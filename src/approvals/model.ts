@@ -5,7 +5,8 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import type { V1ConfigMap } from '@kubernetes/client-node';
-import type { Template } from '../policy/types.ts';
+import type { PolicyRule, Principal, Template } from '../policy/types.ts';
+import { SIGNATURE_ANNOTATION, canonicalJson, type Facts } from '../state-signature.ts';
 import { GROUP, LABEL, MANAGED_BY } from '../tasks/model.ts';
 
 export const APPROVAL_KIND = 'approval-request';
@@ -18,6 +19,8 @@ export type ApprovalState = 'pending' | 'approved' | 'denied' | 'used' | 'expire
 export interface Decision {
   /** Who decided (the approver's proven subject). */
   subject: string;
+  /** The person (or identity) behind it: decisions count once per principal. */
+  principal: Principal;
   decision: 'approve' | 'deny';
   reason?: string;
   at: string;
@@ -25,7 +28,7 @@ export interface Decision {
 
 export interface ApprovalRequest {
   id: string;
-  requester: { agent: string; subject: string };
+  requester: { agent: string; subject: string; principal: Principal };
   template: string;
   namespace: string;
   /** The task name the approval is for. */
@@ -44,6 +47,8 @@ export interface ApprovalRequest {
   decisions: Decision[];
   /** The ConfigMap's resourceVersion, for compare-and-swap updates. */
   resourceVersion?: string;
+  /** The broker's signature over approvalFacts() (src/state-signature.ts). */
+  signature?: string;
 }
 
 /** What the API shows of a request. */
@@ -73,25 +78,18 @@ export function configMapName(id: string): string {
   return `approval-${id}`;
 }
 
-/** The grant a template makes, hashed: rules (canonical JSON) or the ClusterRole it binds. */
-export function rulesHash(template: Template): string {
-  const grant = template.clusterRole ? { clusterRole: template.clusterRole } : { rules: template.rules ?? [] };
-  return createHash('sha256').update(canonical(grant)).digest('hex');
+/**
+ * The grant a template makes, hashed: its rules, or the ClusterRole it binds together with that
+ * role's rules as read at the start (so an approval is void once the role changes).
+ */
+export function rulesHash(template: Template, clusterRoleRules?: readonly PolicyRule[]): string {
+  const grant = template.clusterRole ? { clusterRole: template.clusterRole, rules: clusterRoleRules ?? [] } : { rules: template.rules ?? [] };
+  return createHash('sha256').update(canonicalJson(grant)).digest('hex');
 }
 
-function canonical(value: unknown): string {
-  if (Array.isArray(value)) return `[${value.map(canonical).join(',')}]`;
-  if (value && typeof value === 'object') {
-    const entries = Object.entries(value as Record<string, unknown>)
-      .filter(([, v]) => v !== undefined)
-      .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
-    return `{${entries.map(([k, v]) => `${JSON.stringify(k)}:${canonical(v)}`).join(',')}}`;
-  }
-  return JSON.stringify(value);
-}
-
+/** Distinct principals that approved (one person with two identities counts once). */
 export function approvalCount(req: ApprovalRequest): number {
-  return new Set(req.decisions.filter((d) => d.decision === 'approve').map((d) => d.subject)).size;
+  return new Set(req.decisions.filter((d) => d.decision === 'approve').map((d) => d.principal)).size;
 }
 
 /** The state now: a pending or approved request past its expiry is expired. */
@@ -120,8 +118,19 @@ export function toView(req: ApprovalRequest, now: Date): ApprovalView {
   };
 }
 
-export function toConfigMap(req: ApprovalRequest): V1ConfigMap {
-  const { decisions, state, resourceVersion, ...request } = req;
+/** What the broker signs of a request: its object name and the stored data, exactly as stored. */
+export function approvalFacts(name: string, data: Record<string, string>): Facts {
+  return { name, request: data['request'] ?? '', decisions: data['decisions'] ?? '', state: data['state'] ?? '' };
+}
+
+/** The ConfigMap's data for a request (what approvalFacts signs). */
+export function approvalData(req: ApprovalRequest): Record<string, string> {
+  const { decisions, state, resourceVersion: _rv, signature: _sig, ...request } = req;
+  return { request: JSON.stringify(request), decisions: JSON.stringify(decisions), state };
+}
+
+export function toConfigMap(req: ApprovalRequest, signature: string): V1ConfigMap {
+  const { state, resourceVersion } = req;
   return {
     metadata: {
       name: configMapName(req.id),
@@ -133,9 +142,10 @@ export function toConfigMap(req: ApprovalRequest): V1ConfigMap {
         [LABEL.taskName]: req.name,
         [APPROVAL_STATE_LABEL]: state,
       },
+      annotations: { [SIGNATURE_ANNOTATION]: signature },
       ...(resourceVersion ? { resourceVersion } : {}),
     },
-    data: { request: JSON.stringify(request), decisions: JSON.stringify(decisions), state },
+    data: approvalData(req),
   };
 }
 
@@ -144,7 +154,14 @@ export function fromConfigMap(cm: V1ConfigMap): ApprovalRequest | undefined {
     const request = JSON.parse(cm.data?.['request'] ?? '') as Omit<ApprovalRequest, 'decisions' | 'state' | 'resourceVersion'>;
     const decisions = JSON.parse(cm.data?.['decisions'] ?? '[]') as Decision[];
     const state = (cm.data?.['state'] ?? 'pending') as ApprovalState;
-    return { ...request, decisions, state, ...(cm.metadata?.resourceVersion ? { resourceVersion: cm.metadata.resourceVersion } : {}) };
+    const signature = cm.metadata?.annotations?.[SIGNATURE_ANNOTATION];
+    return {
+      ...request,
+      decisions,
+      state,
+      ...(cm.metadata?.resourceVersion ? { resourceVersion: cm.metadata.resourceVersion } : {}),
+      ...(signature ? { signature } : {}),
+    };
   } catch {
     return undefined;
   }

@@ -1,6 +1,9 @@
 /**
  * Tells people a request waits for them: a JSON POST to the policy's `notifyWebhook` with a `text`
- * field that chat tools display. Retried with exponential backoff; it runs in the background, so its
+ * field that chat tools display. `text` is made only of what the policy and the broker chose (agent and
+ * template names, DNS-label task names and namespaces, numbers, the request id), escaped for chat
+ * markup all the same; the agent's free text (its reason) travels only in the separate `reason` field,
+ * so no link, mention or formatting of the agent's reaches an approver as the broker's own words. Retried with exponential backoff; it runs in the background, so its
  * failure never blocks or loses the request (which is already stored in the cluster).
  */
 import { request } from 'undici';
@@ -28,7 +31,10 @@ export class Notifier {
 
   notify(req: ApprovalRequest): void {
     const body = JSON.stringify({
-      text: `task-broker: ${req.requester.agent} asks for "${req.template}" in ${req.namespace} for ${Math.round(req.ttl / 60)} min${req.reason ? ` (${req.reason})` : ''}. ${req.required} approval(s) needed: broker approve ${req.id}`,
+      text: chatText(
+        `task-broker: agent ${req.requester.agent} asks for template "${req.template}" in namespace ${req.namespace} for ${Math.round(req.ttl / 60)} min. ` +
+          `${req.required} approval(s) needed: broker approve ${req.id}${req.reason ? ' (the agent\'s reason: broker approvals list)' : ''}`,
+      ),
       requestId: req.id,
       requester: req.requester.subject,
       agent: req.requester.agent,
@@ -71,4 +77,9 @@ export class Notifier {
     }
     this.#log(`broker: approval notification for ${id} failed after ${this.#attempts} attempts`);
   }
+}
+
+/** Escapes what chat markup (Slack mrkdwn and its kin) turns into links and mentions: `&`, `<`, `>`. */
+export function chatText(text: string): string {
+  return text.replaceAll('&', '&amp;').replaceAll('<', '&lt;').replaceAll('>', '&gt;');
 }

@@ -1,16 +1,22 @@
 /**
- * The approval workflow: a gated start becomes a request; approvers (never the requester, each once)
- * approve or deny it; once enough approve, the broker signs an approval token that the requester uses
- * exactly once to start exactly that task. Every step is audited before it is acknowledged.
+ * The approval workflow: a gated start becomes a request; approvers (never the requester, each
+ * principal once) approve or deny it; once enough approve, the broker signs an approval token that the
+ * requester uses exactly once to start exactly that task. Every decision is recorded before the
+ * cluster changes (write-ahead), and every request read back is verified (its signature) before it is
+ * trusted: one that fails is treated as absent, and recorded.
  */
 import type { AuditLog } from '../audit/log.ts';
 import { BrokerError } from '../errors.ts';
 import { actorOf, type Caller } from '../identity/types.ts';
 import { clusterError, isConflict, isNotFound, type KubeApis } from '../kube/config.ts';
-import type { Identity, Policy, Template } from '../policy/types.ts';
+import type { ApproverMember, Policy, PolicyRule, Template } from '../policy/types.ts';
+import { StateSigner } from '../state-signature.ts';
+import type { V1ConfigMap } from '@kubernetes/client-node';
 import {
   APPROVAL_SELECTOR,
   approvalCount,
+  approvalData,
+  approvalFacts,
   configMapName,
   effectiveState,
   fromConfigMap,
@@ -31,6 +37,8 @@ export interface GatedStart {
   name: string;
   ttl: number;
   reason?: string | undefined;
+  /** A `clusterRole` template's rules as read at this start (the approval is bound to them). */
+  clusterRoleRules?: readonly PolicyRule[];
 }
 
 export class ApprovalRequiredError extends BrokerError {
@@ -48,23 +56,62 @@ export class ApprovalService {
   readonly #keys: ApprovalKeys;
   readonly #notifier: Notifier | undefined;
   readonly #now: () => Date;
+  readonly #signer: StateSigner;
+  /** Forged records already on record (name@resourceVersion), so each is recorded once. */
+  readonly #forgedSeen = new Set<string>();
 
-  constructor(kube: KubeApis, policy: Policy, audit: AuditLog, options: { now?: () => Date; notifier?: Notifier } = {}) {
+  constructor(
+    kube: KubeApis,
+    policy: Policy,
+    audit: AuditLog,
+    options: { now?: () => Date; notifier?: Notifier; keys?: ApprovalKeys; signer?: StateSigner } = {},
+  ) {
     this.#kube = kube;
     this.#policy = policy;
     this.#audit = audit;
-    this.#keys = new ApprovalKeys(kube, policy.broker.taskNamespace);
+    this.#keys = options.keys ?? new ApprovalKeys(kube, policy.broker.namespace);
+    this.#signer = options.signer ?? new StateSigner(this.#keys);
     this.#now = options.now ?? (() => new Date());
     this.#notifier = options.notifier ?? (policy.broker.notifyWebhook ? new Notifier(policy.broker.notifyWebhook) : undefined);
   }
 
   get #ns(): string {
-    return this.#policy.broker.taskNamespace;
+    return this.#policy.broker.namespace;
   }
 
-  /** Approver groups a caller belongs to. */
+  /** Approver groups a caller belongs to. Agents never approve (policy check keeps their identities out of groups). */
   groupsOf(caller: Caller): string[] {
+    if (caller.agent) return [];
     return this.#policy.approverGroups.filter((g) => g.members.some((m) => matches(m, caller))).map((g) => g.name);
+  }
+
+  /** Signs and stores a request: created when new, else replaced by compare-and-swap on resourceVersion. */
+  async #store(request: ApprovalRequest, create: boolean): Promise<void> {
+    const name = configMapName(request.id);
+    const signature = await this.#signer.sign('approval', approvalFacts(name, approvalData(request)));
+    const body = toConfigMap(request, signature);
+    if (create) await this.#kube.core.createNamespacedConfigMap({ namespace: this.#ns, body });
+    else await this.#kube.core.replaceNamespacedConfigMap({ name, namespace: this.#ns, body });
+  }
+
+  /** The request a ConfigMap holds, if the broker's signature over it holds; else recorded and undefined. */
+  async #trusted(cm: V1ConfigMap): Promise<ApprovalRequest | undefined> {
+    const name = cm.metadata?.name ?? '';
+    const request = fromConfigMap(cm);
+    const ok = request !== undefined && configMapName(request.id) === name && (await this.#signer.verify('approval', approvalFacts(name, cm.data ?? {}), request.signature));
+    if (ok) return request;
+    const key = `${name}@${cm.metadata?.resourceVersion ?? ''}`;
+    if (!this.#forgedSeen.has(key)) {
+      this.#forgedSeen.add(key);
+      await this.#audit.append({
+        type: 'approval.forged',
+        actor: 'system:broker',
+        outcome: 'denied',
+        reason: 'an approval record in the cluster does not carry a valid broker signature: it was changed outside the broker and is ignored',
+        details: { object: name },
+      });
+    }
+    return undefined;
   }
 
   /**
@@ -85,10 +132,11 @@ export class ApprovalService {
   /** The open request for this exact start by this caller, or a new one. */
   async #requestFor(caller: Caller, start: GatedStart, requestId?: string): Promise<ApprovalRequest> {
     const now = this.#now();
-    const hash = rulesHash(start.template);
-    const open = (await this.list()).find(
+    const hash = rulesHash(start.template, start.clusterRoleRules);
+    const all = await this.list();
+    const open = all.find(
       (r) =>
-        r.requester.subject === caller.subject &&
+        r.requester.principal === caller.principal &&
         r.template === start.template.name &&
         r.namespace === start.namespace &&
         r.name === start.name &&
@@ -97,10 +145,18 @@ export class ApprovalService {
         ['pending', 'approved'].includes(effectiveState(r, now)),
     );
     if (open) return open;
+    const limit = this.#policy.broker.limits.openApprovalsPerAgent;
+    const pending = all.filter((r) => r.requester.principal === caller.principal && effectiveState(r, now) === 'pending').length;
+    if (pending >= limit) {
+      throw new BrokerError(
+        'quota_exceeded',
+        `${caller.agent ? `agent "${caller.agent}"` : caller.subject} already has ${pending} approval requests open, the most the policy allows (broker.limits.openApprovalsPerAgent: ${limit})`,
+      );
+    }
     const requirement = start.template.approval ?? this.#policy.defaultApproval;
     const request: ApprovalRequest = {
       id: newRequestId(),
-      requester: { agent: caller.agent, subject: caller.subject },
+      requester: { agent: caller.agent, subject: caller.subject, principal: caller.principal },
       template: start.template.name,
       namespace: start.namespace,
       name: start.name,
@@ -128,7 +184,7 @@ export class ApprovalService {
       details: { approvalRequest: request.id, required: request.required, approvers: request.approvers },
     });
     try {
-      await this.#kube.core.createNamespacedConfigMap({ namespace: this.#ns, body: toConfigMap(request) });
+      await this.#store(request, true);
     } catch (err) {
       throw clusterError('storing the approval request', err);
     }
@@ -137,12 +193,14 @@ export class ApprovalService {
   }
 
   async list(): Promise<ApprovalRequest[]> {
+    let list;
     try {
-      const list = await this.#kube.core.listNamespacedConfigMap({ namespace: this.#ns, labelSelector: APPROVAL_SELECTOR });
-      return list.items.map(fromConfigMap).filter((r): r is ApprovalRequest => r !== undefined).sort((a, b) => a.createdAt.localeCompare(b.createdAt));
+      list = await this.#kube.core.listNamespacedConfigMap({ namespace: this.#ns, labelSelector: APPROVAL_SELECTOR });
     } catch (err) {
       throw clusterError('listing approval requests', err);
     }
+    const trusted = await Promise.all(list.items.map((cm) => this.#trusted(cm)));
+    return trusted.filter((r): r is ApprovalRequest => r !== undefined).sort((a, b) => a.createdAt.localeCompare(b.createdAt));
   }
 
   async get(id: string): Promise<ApprovalRequest> {
@@ -154,29 +212,31 @@ export class ApprovalService {
       if (isNotFound(err)) throw new BrokerError('not_found', `no approval request "${id}"`);
       throw clusterError('reading the approval request', err);
     }
-    const request = fromConfigMap(cm);
-    if (!request) throw new BrokerError('internal', `approval request ${id} is unreadable`);
+    const request = await this.#trusted(cm);
+    if (!request) throw new BrokerError('not_found', `no approval request "${id}"`);
     return request;
   }
 
   /** Requests the caller may see: its own, and those it may decide. */
   async visibleTo(caller: Caller): Promise<ApprovalRequest[]> {
     const groups = new Set(this.groupsOf(caller));
-    return (await this.list()).filter((r) => r.requester.subject === caller.subject || r.approvers.some((g) => groups.has(g)));
+    return (await this.list()).filter((r) => r.requester.principal === caller.principal || r.approvers.some((g) => groups.has(g)));
   }
 
   async view(caller: Caller, id: string): Promise<ApprovalRequest> {
     const request = await this.get(id);
     const groups = this.groupsOf(caller);
-    if (request.requester.subject !== caller.subject && !request.approvers.some((g) => groups.includes(g))) {
+    if (request.requester.principal !== caller.principal && !request.approvers.some((g) => groups.includes(g))) {
       throw new BrokerError('forbidden', `approval request ${id} is neither yours nor one you may decide`);
     }
     return request;
   }
 
   /**
-   * Records an approver's decision. Refused (and audited): the requester itself, anyone outside the
-   * request's approver groups, a second decision by the same approver, a request no longer pending.
+   * Records an approver's decision. Refused (and audited): the requester's principal (any of its
+   * identities), anyone outside the request's approver groups, a second decision by the same principal,
+   * a request no longer pending. The decision is on record before the cluster changes; a write that
+   * then fails is recorded as such.
    */
   async decide(caller: Caller, id: string, decision: 'approve' | 'deny', reason: string | undefined, requestId?: string): Promise<{ request: ApprovalRequest; token?: string }> {
     const actor = actorOf(caller);
@@ -187,34 +247,49 @@ export class ApprovalService {
     for (let attempt = 0; ; attempt++) {
       const request = await this.get(id);
       const now = this.#now();
-      if (request.requester.subject === caller.subject) await refuse('forbidden', `${caller.subject} requested ${id} and cannot decide it`);
+      if (request.requester.principal === caller.principal) {
+        await refuse('forbidden', `${caller.subject} is ${caller.principal}, who requested ${id}, and cannot decide it`);
+      }
+      if (caller.agent) await refuse('forbidden', `${caller.subject} is an identity of agent "${caller.agent}"; agents do not approve`);
       const groups = this.groupsOf(caller).filter((g) => request.approvers.includes(g));
       if (groups.length === 0) await refuse('forbidden', `${caller.subject} is not an approver of ${id} (approvers: ${request.approvers.join(', ')})`);
       const state = effectiveState(request, now);
       if (state !== 'pending') await refuse('approval_closed', `approval request ${id} is ${state}`);
-      if (request.decisions.some((d) => d.subject === caller.subject)) await refuse('forbidden', `${caller.subject} has already decided ${id}`);
+      if (request.decisions.some((d) => d.principal === caller.principal)) await refuse('forbidden', `${caller.principal} has already decided ${id}`);
 
-      request.decisions.push({ subject: caller.subject, decision, ...(reason ? { reason } : {}), at: now.toISOString() });
+      request.decisions.push({ subject: caller.subject, principal: caller.principal, decision, ...(reason ? { reason } : {}), at: now.toISOString() });
       if (decision === 'deny') request.state = 'denied';
       else if (approvalCount(request) >= request.required) request.state = 'approved';
-      try {
-        await this.#kube.core.replaceNamespacedConfigMap({ name: configMapName(id), namespace: this.#ns, body: toConfigMap(request) });
-      } catch (err) {
-        if (isConflict(err) && attempt < 5) continue; // another decision landed first: re-read and re-check
-        throw clusterError('recording the decision', err);
-      }
-      await this.#audit.append({
-        type: decision === 'deny' ? 'approval.denied' : 'approval.granted',
+      const facts = {
         actor,
         agent: request.requester.agent,
         taskName: request.name,
         template: request.template,
         namespace: request.namespace,
-        outcome: 'ok',
         requestId,
+      };
+      // Write-ahead: the decision is on record before it takes effect; an unwritable log stops it here.
+      await this.#audit.append({
+        ...facts,
+        type: decision === 'deny' ? 'approval.denied' : 'approval.granted',
+        outcome: 'ok',
         ...(reason ? { reason } : {}),
-        details: { approvalRequest: id, approver: caller.subject, groups, approvals: approvalCount(request), required: request.required, state: request.state },
+        details: { approvalRequest: id, approver: caller.subject, principal: caller.principal, groups, approvals: approvalCount(request), required: request.required, state: request.state },
       });
+      try {
+        await this.#store(request, false);
+      } catch (err) {
+        const conflict = isConflict(err) && attempt < 5;
+        await this.#audit.append({
+          ...facts,
+          type: 'approval.decision_failed',
+          outcome: 'error',
+          reason: conflict ? 'another decision landed first: re-reading the request and deciding again' : 'the decision could not be stored; it did not take effect',
+          details: { approvalRequest: id, approver: caller.subject },
+        });
+        if (conflict) continue;
+        throw clusterError('recording the decision', err);
+      }
       if (request.state !== 'approved') return { request };
       return { request, token: await this.tokenFor(request, requestId) };
     }
@@ -227,7 +302,7 @@ export class ApprovalService {
       this.#keys,
       {
         rid: request.id,
-        sub: request.requester.subject,
+        sub: request.requester.principal,
         agent: request.requester.agent,
         template: request.template,
         namespace: request.namespace,
@@ -271,12 +346,12 @@ export class ApprovalService {
     } catch (err) {
       return refuse(err instanceof BrokerError ? err.message : 'the approval token is not valid');
     }
-    if (claims.sub !== caller.subject) return refuse(`the approval token was issued to ${claims.sub}, not ${caller.subject}`, claims);
+    if (claims.sub !== caller.principal) return refuse(`the approval token was issued to ${claims.sub}, not ${caller.principal}`, claims);
     if (claims.template !== start.template.name) return refuse(`the approval token is for template "${claims.template}", not "${start.template.name}"`, claims);
     if (claims.namespace !== start.namespace) return refuse(`the approval token is for namespace "${claims.namespace}", not "${start.namespace}"`, claims);
     if (claims.name !== start.name) return refuse(`the approval token is for task "${claims.name}", not "${start.name}"`, claims);
     if (start.ttl > claims.ttl) return refuse(`the approval token grants at most ${claims.ttl} s, not ${start.ttl} s`, claims);
-    if (claims.rulesHash !== rulesHash(start.template)) return refuse(`template "${start.template.name}" changed since it was approved`, claims);
+    if (claims.rulesHash !== rulesHash(start.template, start.clusterRoleRules)) return refuse(`template "${start.template.name}" changed since it was approved`, claims);
 
     for (let attempt = 0; ; attempt++) {
       let request: ApprovalRequest;
@@ -290,14 +365,23 @@ export class ApprovalService {
       if (state === 'used') return refuse(`approval request ${claims.rid} was already used (replay)`, claims);
       if (state !== 'approved') return refuse(`approval request ${claims.rid} is ${state}`, claims);
       request.state = 'used';
+      // Write-ahead, then compare-and-swap on resourceVersion: of two replicas consuming at once, one wins.
+      await this.#audit.append({ ...base, type: 'approval.used', outcome: 'ok', jti: claims.jti, details: { approvalRequest: request.id } });
       try {
-        // Compare-and-swap on resourceVersion: of two replicas consuming at once, one wins.
-        await this.#kube.core.replaceNamespacedConfigMap({ name: configMapName(request.id), namespace: this.#ns, body: toConfigMap(request) });
+        await this.#store(request, false);
       } catch (err) {
-        if (isConflict(err) && attempt < 5) continue;
+        const conflict = isConflict(err) && attempt < 5;
+        await this.#audit.append({
+          ...base,
+          type: 'approval.use_failed',
+          outcome: 'error',
+          reason: conflict ? 'the request changed meanwhile: re-reading it' : 'the approval could not be consumed; nothing was started',
+          jti: claims.jti,
+          details: { approvalRequest: request.id },
+        });
+        if (conflict) continue;
         throw clusterError('consuming the approval', err);
       }
-      await this.#audit.append({ ...base, type: 'approval.used', outcome: 'ok', jti: claims.jti, details: { approvalRequest: request.id } });
       return request.id;
     }
   }
@@ -305,7 +389,7 @@ export class ApprovalService {
   /** A pending request for the caller's task NAME, if any (for the exec plugin's message). */
   async pendingFor(caller: Caller, name: string): Promise<ApprovalRequest | undefined> {
     const now = this.#now();
-    return (await this.list()).find((r) => r.requester.subject === caller.subject && r.name === name && effectiveState(r, now) === 'pending');
+    return (await this.list()).find((r) => r.requester.principal === caller.principal && r.name === name && effectiveState(r, now) === 'pending');
   }
 
   /** Deletes requests that ended (denied, used, expired) more than `keepMs` ago. */
@@ -323,8 +407,10 @@ export class ApprovalService {
   }
 }
 
-function matches(identity: Identity, caller: Caller): boolean {
+function matches(identity: ApproverMember, caller: Caller): boolean {
   switch (identity.kind) {
+    case 'person':
+      return caller.principal === `person:${identity.name}`;
     case 'serviceAccount':
       return caller.method === 'serviceAccount' && identity.username === caller.subject;
     case 'oidc':

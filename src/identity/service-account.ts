@@ -7,6 +7,7 @@ import { hash } from 'node:crypto';
 import type { AuthenticationV1Api } from '@kubernetes/client-node';
 import { BrokerError } from '../errors.ts';
 import { clusterError } from '../kube/config.ts';
+import { principalIndex, type KnownIdentity } from '../policy/principals.ts';
 import type { Policy } from '../policy/types.ts';
 import { bearerToken, type Authenticator, type AuthRequest, type Caller } from './types.ts';
 
@@ -25,7 +26,8 @@ export class ServiceAccountAuthenticator implements Authenticator {
   readonly method = 'serviceAccount' as const;
   readonly #authn: AuthenticationV1Api;
   readonly #audience: string;
-  readonly #agents: Map<string, string>;
+  /** ServiceAccount usernames the policy names, with their agent and principal. */
+  readonly #known: Map<string, KnownIdentity>;
   readonly #cacheMs: number;
   readonly #now: () => number;
   readonly #cache = new Map<string, CacheEntry>();
@@ -34,14 +36,8 @@ export class ServiceAccountAuthenticator implements Authenticator {
   constructor(authn: AuthenticationV1Api, policy: Policy, options: ServiceAccountAuthenticatorOptions = {}) {
     this.#authn = authn;
     this.#audience = policy.broker.identityAudience;
-    this.#agents = new Map();
-    for (const agent of policy.agents) {
-      for (const id of agent.identities) if (id.kind === 'serviceAccount') this.#agents.set(id.username, agent.name);
-    }
-    // Approvers who are not agents are known too, with no agent name.
-    for (const group of policy.approverGroups) {
-      for (const id of group.members) if (id.kind === 'serviceAccount' && !this.#agents.has(id.username)) this.#agents.set(id.username, '');
-    }
+    // Agents, people and approvers; only ServiceAccount subjects can come through TokenReview.
+    this.#known = new Map([...principalIndex(policy)].filter(([subject]) => subject.startsWith('system:serviceaccount:')));
     this.#cacheMs = options.cacheMs ?? 10_000;
     this.#now = options.now ?? Date.now;
   }
@@ -78,10 +74,10 @@ export class ServiceAccountAuthenticator implements Authenticator {
     } else if (!(status.audiences ?? []).includes(this.#audience)) {
       result = new BrokerError('unauthenticated', 'the ServiceAccount token is not for this broker\'s audience');
     } else {
-      const agent = this.#agents.get(username);
+      const known = this.#known.get(username);
       result =
-        agent !== undefined
-          ? { agent, subject: username, method: 'serviceAccount' }
+        known !== undefined
+          ? { agent: known.agent, subject: username, method: 'serviceAccount', principal: known.principal }
           : new BrokerError('unauthenticated', `${username} is not an agent or approver in the policy`, { field: 'subject' });
     }
     // Refusals are remembered briefly too, so a caller retrying a bad token cannot flood the API server.

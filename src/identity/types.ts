@@ -3,6 +3,8 @@
  * agent keys later) is an Authenticator, and the policy maps what it proves onto a named agent.
  */
 
+import type { Principal } from '../policy/types.ts';
+
 export type IdentityMethod = 'serviceAccount' | 'oidc' | 'agentKey';
 
 export interface Caller {
@@ -11,6 +13,11 @@ export interface Caller {
   /** What was proven, e.g. `system:serviceaccount:ci:deployer`, or `ISSUER#SUB` for OIDC. */
   subject: string;
   method: IdentityMethod;
+  /**
+   * The agent or person behind the identity (src/policy/principals.ts). Approvals count per principal:
+   * a requester's other identities never approve, and one person with two identities counts once.
+   */
+  principal: Principal;
   /** Group claims (OIDC), for approver groups. */
   groups?: string[];
 }

@@ -18,6 +18,22 @@ export interface Agent {
   identities: Identity[];
 }
 
+/**
+ * A person (an approver, an on-call engineer): one principal behind one or more identities, so that
+ * approvals count once per person however many identities they sign in with. YAML: `people:`.
+ */
+export interface Person {
+  name: string;
+  identities: Identity[];
+}
+
+/**
+ * Who stands behind a caller, for approvals: the agent or person an identity belongs to, or the
+ * identity itself when the policy names it only in an approver group. `agent:NAME`, `person:NAME`,
+ * or `identity:SUBJECT`.
+ */
+export type Principal = `agent:${string}` | `person:${string}` | `identity:${string}`;
+
 /** A Kubernetes RBAC PolicyRule, as in rbac.authorization.k8s.io/v1. */
 export interface PolicyRule {
   apiGroups?: string[];
@@ -54,9 +70,12 @@ export interface GatedPair {
   apiGroup: string;
 }
 
+/** An approver group member: an identity, or a person (YAML `person: NAME`) with all of their identities. */
+export type ApproverMember = Identity | { kind: 'person'; name: string };
+
 export interface ApproverGroup {
   name: string;
-  members: Identity[];
+  members: ApproverMember[];
 }
 
 export interface ApprovalRequirement {
@@ -67,9 +86,16 @@ export interface ApprovalRequirement {
 }
 
 export interface BrokerSettings {
-  /** Namespace holding each task's ServiceAccount and Secret, approval records and the broker's own SA. */
+  /**
+   * The broker's own namespace: its ServiceAccount, the approval signing key, approval requests, the
+   * sweeper Lease and the audit log's checkpoint. Never the task namespace (where the broker may mint
+   * tokens), so the broker cannot mint one for itself; no template may allow it. Default
+   * `task-broker-system`.
+   */
+  namespace: string;
+  /** Namespace holding each task's ServiceAccount and Secret (and nothing else). */
   taskNamespace: string;
-  /** The broker's own ServiceAccount name, in taskNamespace. */
+  /** The broker's own ServiceAccount name, in `namespace`. */
   serviceAccount: string;
   /** Lifetime of minted tokens, seconds; at least 600 (TokenRequest's minimum). */
   tokenTtl: number;
@@ -79,11 +105,22 @@ export interface BrokerSettings {
   approvalRequestTtl: number;
   /** Optional webhook notified of new approval requests. */
   notifyWebhook?: string;
+  /** Per-agent caps (YAML `broker.limits`), so one agent cannot flood the cluster with objects. */
+  limits: AgentLimits;
+}
+
+export interface AgentLimits {
+  /** Active tasks one agent may hold at once. Default 10. */
+  activeTasksPerAgent: number;
+  /** Pending approval requests one agent may have open at once. Default 5. */
+  openApprovalsPerAgent: number;
 }
 
 export interface Policy {
   broker: BrokerSettings;
   agents: Agent[];
+  /** People (approvers); their identities never belong to an agent. */
+  people: Person[];
   templates: Template[];
   /** The gated set; the defaults of docs/policy.md when the policy has none. */
   gated: GatedPair[];

@@ -11,6 +11,7 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import type { V1ObjectMeta, V1Secret } from '@kubernetes/client-node';
+import { SIGNATURE_ANNOTATION, type Facts } from '../state-signature.ts';
 
 export const GROUP = 'task-broker.dev';
 export const LABEL = {
@@ -48,6 +49,8 @@ export interface Task {
   reason?: string;
   approvalId?: string;
   state: TaskState;
+  /** The broker's signature over taskFacts(): a record that fails it is not trusted (src/state-signature.ts). */
+  signature?: string;
   /** Object names (the Secret and ServiceAccount are in the broker's task namespace). */
   secretName: string;
   secretUid?: string;
@@ -118,8 +121,25 @@ export function taskLabels(task: Pick<Task, 'id' | 'name' | 'agent' | 'template'
   };
 }
 
+/** What the broker signs of a task: who, what grant, where, until when, and the record it lives in. */
+export function taskFacts(task: Pick<Task, 'id' | 'name' | 'agent' | 'template' | 'namespace' | 'createdAt' | 'expiresAt' | 'reason' | 'approvalId' | 'secretName'>): Facts {
+  return {
+    id: task.id,
+    name: task.name,
+    agent: task.agent,
+    template: task.template,
+    namespace: task.namespace,
+    createdAt: task.createdAt.toISOString(),
+    expiresAt: task.expiresAt.toISOString(),
+    reason: task.reason ?? null,
+    approvalId: task.approvalId ?? null,
+    secret: task.secretName,
+  };
+}
+
 export function taskAnnotations(task: Task): Record<string, string> {
   return {
+    ...(task.signature === undefined ? {} : { [SIGNATURE_ANNOTATION]: task.signature }),
     [ANNOTATION.namespace]: task.namespace,
     [ANNOTATION.createdAt]: task.createdAt.toISOString(),
     [ANNOTATION.expiresAt]: task.expiresAt.toISOString(),
@@ -154,6 +174,7 @@ export function taskFromSecret(secret: V1Secret): Task | undefined {
     expiresAt,
     ...(reason === undefined ? {} : { reason }),
     ...(approvalId === undefined ? {} : { approvalId }),
+    ...(notes[SIGNATURE_ANNOTATION] === undefined ? {} : { signature: notes[SIGNATURE_ANNOTATION] }),
     state: labels[LABEL.state] === 'active' ? 'active' : 'pending',
     secretName: meta.name,
     ...(meta.uid === undefined ? {} : { secretUid: meta.uid }),

@@ -15,7 +15,8 @@ import { ApprovalRequiredError, type ApprovalService } from '../approvals/servic
 import { approvalCount } from '../approvals/model.ts';
 import { parseDuration } from '../policy/duration.ts';
 import { gatedPairsHitBy } from '../policy/parse.ts';
-import type { Policy, Template } from '../policy/types.ts';
+import type { GatedPair, Policy, PolicyRule, Template } from '../policy/types.ts';
+import type { StateSigner } from '../state-signature.ts';
 import {
   LABEL,
   newTaskId,
@@ -23,6 +24,7 @@ import {
   secretNameFor,
   serviceAccountNameFor,
   taskAnnotations,
+  taskFacts,
   taskFromSecret,
   taskLabels,
   templateClusterRole,
@@ -64,6 +66,20 @@ export interface TaskServiceOptions {
   now?: () => Date;
   /** Gated templates need it; without it they cannot be started at all. */
   approvals?: ApprovalService;
+  /** Signs each task record (the store verifies them); without it records are unsigned (unit tests only). */
+  signer?: StateSigner;
+}
+
+/** TokenRequest's floor for `expirationSeconds`. */
+export const MIN_TOKEN_SECONDS = 600;
+
+/**
+ * The lifetime to ask TokenRequest for: the lesser of the policy's tokenTTL and the task's remaining
+ * time, raised to the API's 600 s floor only when that is shorter. A task with less than 600 s left
+ * relies on the broker deleting its RoleBinding on time (docs/architecture.md).
+ */
+export function tokenSeconds(tokenTtl: number, remainingSeconds: number): number {
+  return Math.max(MIN_TOKEN_SECONDS, Math.min(tokenTtl, Math.ceil(remainingSeconds)));
 }
 
 export type EndCause = 'ended' | 'expired' | 'orphaned';
@@ -78,8 +94,9 @@ export class TaskService {
   readonly #minting = new Map<string, Promise<MintedToken>>();
   readonly #templates: Map<string, Template>;
   readonly #approvals: ApprovalService | undefined;
-  /** Templates whose rules intersect the gated set: they start only with an approval token. */
-  readonly #gated: Set<string>;
+  /** Per template with `rules`, the gated pairs they hit: non-empty ones start only with an approval token. */
+  readonly #gated: Map<string, GatedPair[]>;
+  readonly #signer: StateSigner | undefined;
 
   constructor(kube: KubeApis, policy: Policy, audit: AuditLog, store: TaskStore, options: TaskServiceOptions = {}) {
     this.#kube = kube;
@@ -89,12 +106,60 @@ export class TaskService {
     this.#now = options.now ?? (() => new Date());
     this.#templates = new Map(policy.templates.map((t) => [t.name, t]));
     this.#approvals = options.approvals;
-    this.#gated = new Set(policy.templates.filter((t) => gatedPairsHitBy(t.rules ?? [], policy.gated).length > 0).map((t) => t.name));
+    this.#gated = new Map(policy.templates.map((t) => [t.name, gatedPairsHitBy(t.rules ?? [], policy.gated)]));
+    this.#signer = options.signer;
     store.onRemoved((id) => this.#tokens.delete(id));
+    store.onForged((task) => void this.#revokeForged(task));
+  }
+
+  /** A task record whose signature fails: it grants nothing more, and what it names is removed. */
+  async #revokeForged(task: Task): Promise<void> {
+    this.#tokens.delete(task.id);
+    await this.#audit
+      .append({
+        type: 'task.forged',
+        actor: 'system:broker',
+        agent: task.agent,
+        task: task.id,
+        taskName: task.name,
+        template: task.template,
+        namespace: task.namespace,
+        outcome: 'denied',
+        reason: 'the task record in the cluster does not carry a valid broker signature: it was changed outside the broker; revoking it',
+      })
+      .catch(() => undefined);
+    await this.#deleteObjects(task).catch(() => undefined);
+  }
+
+  /**
+   * The gated pairs a template hits. A `clusterRole` template's rules live in the cluster and can
+   * change, so its ClusterRole is read at every start (fail closed: unreadable means no start).
+   */
+  async gatedHits(template: Template): Promise<{ hits: GatedPair[]; rules: PolicyRule[] | undefined }> {
+    if (!template.clusterRole) return { hits: this.#gated.get(template.name) ?? [], rules: undefined };
+    let role;
+    try {
+      role = await this.#kube.rbac.readClusterRole({ name: template.clusterRole });
+    } catch (err) {
+      throw clusterError(`reading ClusterRole ${template.clusterRole} of template "${template.name}"`, err);
+    }
+    const rules: PolicyRule[] = (role.rules ?? []).map((r) => ({
+      ...(r.apiGroups ? { apiGroups: r.apiGroups } : {}),
+      ...(r.resources ? { resources: r.resources } : {}),
+      ...(r.resourceNames ? { resourceNames: r.resourceNames } : {}),
+      ...(r.nonResourceURLs ? { nonResourceURLs: r.nonResourceURLs } : {}),
+      verbs: r.verbs,
+    }));
+    return { hits: gatedPairsHitBy(rules, this.#policy.gated), rules };
   }
 
   get taskNamespace(): string {
     return this.#policy.broker.taskNamespace;
+  }
+
+  /** The broker's own namespace (its Lease, approval records, signing key). */
+  get brokerNamespace(): string {
+    return this.#policy.broker.namespace;
   }
 
   /** Checks a start request against the policy; throws the first problem, naming its field. */
@@ -142,16 +207,33 @@ export class TaskService {
       if (this.#store.findByName(caller.agent, checked.name)) {
         throw new BrokerError('task_exists', `agent "${caller.agent}" already has an active task "${checked.name}"`, { field: 'name' });
       }
+      const limit = this.#policy.broker.limits.activeTasksPerAgent;
+      const held = this.#store.list().filter((t) => t.agent === caller.agent).length;
+      if (held >= limit) {
+        throw new BrokerError('quota_exceeded', `agent "${caller.agent}" already holds ${held} tasks, the most the policy allows (broker.limits.activeTasksPerAgent: ${limit}); end one first`);
+      }
     } catch (err) {
       await this.#refuse(base, req.name, err);
       throw err;
     }
     const { template, name, ttl } = checked;
     let approvalId: string | undefined;
-    if (this.#gated.has(template.name)) {
+    let gate: Awaited<ReturnType<TaskService['gatedHits']>>;
+    try {
+      gate = await this.gatedHits(template);
+    } catch (err) {
+      await this.#refuse(base, name, err);
+      throw err;
+    }
+    if (gate.hits.length > 0) {
       if (!this.#approvals) throw new BrokerError('forbidden', `template "${template.name}" is gated and this broker takes no approvals`);
       try {
-        approvalId = await this.#approvals.authorize(caller, { template, namespace: req.namespace, name, ttl, reason: req.reason }, req.approvalToken, requestId);
+        approvalId = await this.#approvals.authorize(
+          caller,
+          { template, namespace: req.namespace, name, ttl, reason: req.reason, ...(gate.rules ? { clusterRoleRules: gate.rules } : {}) },
+          req.approvalToken,
+          requestId,
+        );
       } catch (err) {
         await this.#refuse(base, name, err);
         throw err;
@@ -181,7 +263,16 @@ export class TaskService {
     const facts = { ...base, task: task.id, taskName: name, expiresAt: task.expiresAt.toISOString() };
 
     // Write-ahead: the attempt is on record before anything exists; an unwritable log stops it here.
+    // The record is signed meanwhile (one read of the key Secret, overlapped with the fsync).
+    const signing = this.#signer?.sign('task', taskFacts(task));
+    signing?.catch(() => undefined); // observed below, after the record
     await this.#audit.append({ ...facts, type: 'task.requested', outcome: 'ok', ...(req.reason ? { reason: req.reason } : {}) });
+    try {
+      if (signing) task.signature = await signing;
+    } catch (err) {
+      await this.#refuse({ ...base, task: task.id }, name, err);
+      throw err;
+    }
     try {
       await this.#createObjects(task, template);
     } catch (err) {
@@ -388,7 +479,7 @@ export class TaskService {
         body: {
           spec: {
             audiences: [],
-            expirationSeconds: this.#policy.broker.tokenTtl,
+            expirationSeconds: tokenSeconds(this.#policy.broker.tokenTtl, (task.expiresAt.getTime() - mintedAt.getTime()) / 1000),
             boundObjectRef: { apiVersion: 'v1', kind: 'Secret', name: task.secretName, ...(task.secretUid ? { uid: task.secretUid } : {}) },
           },
         },

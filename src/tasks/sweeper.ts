@@ -40,12 +40,14 @@ export class Sweeper {
   #leader = false;
   #lastRenew = 0;
   #lastOrphanSweep = 0;
+  /** When the Lease was last renewed, by any replica, as last seen here (ms since epoch; 0: never seen). */
+  #observedRenew = 0;
   #running: Promise<void> | undefined;
 
   constructor(kube: KubeApis, tasks: TaskService, options: SweeperOptions = {}) {
     this.#kube = kube;
     this.#tasks = tasks;
-    this.#namespace = tasks.taskNamespace;
+    this.#namespace = tasks.brokerNamespace;
     this.#identity = options.identity ?? `${hostname()}_${process.pid}_${Math.random().toString(36).slice(2, 8)}`;
     this.#intervalMs = options.intervalMs ?? 1_000;
     this.#leaseMs = options.leaseMs ?? 15_000;
@@ -57,6 +59,14 @@ export class Sweeper {
 
   get leader(): boolean {
     return this.#leader;
+  }
+
+  /**
+   * Seconds since any replica last renewed the sweeper Lease, as seen here; Infinity before it was
+   * first seen. Above the lease duration, nobody is ending expired tasks (an alert in docs/operations.md).
+   */
+  leaseAgeSeconds(now = Date.now()): number {
+    return this.#observedRenew === 0 ? Infinity : Math.max(0, (now - this.#observedRenew) / 1000);
   }
 
   start(): void {
@@ -111,6 +121,7 @@ export class Sweeper {
             spec: this.#spec(now, now, 0),
           },
         });
+        this.#observedRenew = now.getTime();
         return true;
       } catch (createErr) {
         if (isConflict(createErr)) return false;
@@ -122,6 +133,7 @@ export class Sweeper {
     const renewed = spec.renewTime ? new Date(spec.renewTime).getTime() : 0;
     const duration = (spec.leaseDurationSeconds ?? 0) * 1000;
     const free = !spec.holderIdentity || renewed + duration < now.getTime();
+    if (spec.holderIdentity) this.#observedRenew = renewed;
     if (!mine && !free) return false;
     const acquired = mine && spec.acquireTime ? new Date(spec.acquireTime) : now;
     const transitions = (spec.leaseTransitions ?? 0) + (mine ? 0 : 1);
@@ -131,6 +143,7 @@ export class Sweeper {
         namespace: this.#namespace,
         body: { ...lease, spec: this.#spec(acquired, now, transitions) },
       });
+      this.#observedRenew = now.getTime();
       return true;
     } catch (err) {
       if (isConflict(err)) return false; // another replica got there first

@@ -160,7 +160,7 @@ describe('approvals', () => {
     const id = await request('alpha', { template: 'read-secrets', namespace: 'team-b', name: 'denied' });
     const self = await cli('alpha', ['approve', id]);
     assert.equal(self.code, EXIT.error);
-    assert.match(self.stderr, /requested .* and cannot decide it \[forbidden\]/);
+    assert.match(self.stderr, /who requested .* and cannot decide it \[forbidden\]/);
     const outsider = await cli('carol', ['approve', id]);
     assert.equal(outsider.code, EXIT.error);
     assert.match(outsider.stderr, /is not an approver of/);
@@ -189,7 +189,7 @@ describe('approvals', () => {
 
     const wrongRequester = await attempt('beta', {});
     assert.equal(wrongRequester.status, 403, JSON.stringify(wrongRequester.body));
-    assert.match(wrongRequester.body.error.message, /issued to system:serviceaccount:agents:alpha, not system:serviceaccount:agents:beta/);
+    assert.match(wrongRequester.body.error.message, /issued to agent:alpha, not agent:beta/);
     assert.match((await attempt('alpha', { namespace: 'team-b' })).body.error.message, /for namespace "team-a", not "team-b"/);
     assert.match((await attempt('alpha', { template: 'exec-pods' })).body.error.message, /for template "read-secrets", not "exec-pods"/);
     assert.match((await attempt('alpha', { name: 'other' })).body.error.message, /for task "single-use", not "other"/);
@@ -228,7 +228,7 @@ describe('approvals', () => {
     // Two tokens signed with the key in use now.
     const first = await approvedToken('beta', body, ['bob']);
     const second = await approvedToken('alpha', body, ['bob']);
-    const ns = env.policy.broker.taskNamespace;
+    const ns = env.policy.broker.namespace;
     const name = 'task-broker-approval-key';
     const keys = async () => JSON.parse(Buffer.from((await env.admin.core.readNamespacedSecret({ name, namespace: ns })).data!['keys.json']!, 'base64').toString()) as { current: Record<string, string> };
     const write = async (value: object) => {
@@ -310,7 +310,8 @@ describe('approvals', () => {
   test('each new request was announced on the webhook (after retries), and the audit chains verify', async () => {
     // Two deliveries failed (500) and were retried: every request made here arrives, in any order.
     const happy = (x: Record<string, unknown>) =>
-      /^task-broker: alpha asks for "read-secrets" in team-a for 15 min \(rotate keys\)\. 1 approval\(s\) needed: broker approve ar-/.test(String(x['text']));
+      /^task-broker: agent alpha asks for template "read-secrets" in namespace team-a for 15 min\. 1 approval\(s\) needed: broker approve ar-\w+ \(the agent's reason: broker approvals list\)$/.test(String(x['text'])) &&
+      x['reason'] === 'rotate keys';
     for (let i = 0; i < 100 && !notifications.some(happy); i++) await sleep(200);
     const n = notifications.find(happy);
     assert.ok(n, JSON.stringify(notifications.map((x) => x['text'])));

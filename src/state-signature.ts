@@ -1,0 +1,101 @@
+/**
+ * Signatures on the state the broker keeps in the cluster and trusts when it reads it back (DESIGN.md
+ * §4): a task's grant and expiry, an approval request's decisions and state. Whoever can write those
+ * objects (a careless RBAC grant, a stolen admin token) cannot forge what the broker acts on: a record
+ * whose signature fails is treated as absent, and recorded.
+ *
+ * Ed25519 with the broker's approval key (src/approvals/token.ts, a Secret in the broker's own
+ * namespace), over `task-broker/KIND/v1\n` + canonical JSON of the facts. Signing reads the key
+ * Secret every time, so nothing is signed with a key an operator has just rotated out; verification
+ * uses the key set cached for a few seconds, and a signature by a key not in the cache refreshes it
+ * once, so a rotation by another replica is picked up on first use. Removing the `previous` key
+ * invalidates whatever it signed (docs/approvals.md, "Key rotation").
+ */
+import { createPrivateKey, createPublicKey, sign, verify, type KeyObject } from 'node:crypto';
+import type { JWK } from 'jose';
+import type { ApprovalKeys } from './approvals/token.ts';
+
+/** The annotation that carries a signature: `KID.SIGNATURE` (base64url). */
+export const SIGNATURE_ANNOTATION = 'task-broker.dev/signature';
+
+export type Facts = { [key: string]: string | number | boolean | null | Facts | Facts[] | string[] };
+
+interface KeyCache {
+  kid: string;
+  privateKey: KeyObject;
+  publicKeys: Map<string, KeyObject>;
+  until: number;
+}
+
+export class StateSigner {
+  readonly #keys: ApprovalKeys;
+  readonly #cacheMs: number;
+  readonly #now: () => number;
+  #cache: KeyCache | undefined;
+  #loading: Promise<KeyCache> | undefined;
+
+  constructor(keys: ApprovalKeys, options: { cacheMs?: number; now?: () => number } = {}) {
+    this.#keys = keys;
+    this.#cacheMs = options.cacheMs ?? 5_000;
+    this.#now = options.now ?? Date.now;
+  }
+
+  async sign(kind: string, facts: Facts): Promise<string> {
+    const keys = await this.#current(true);
+    return `${keys.kid}.${sign(null, payload(kind, facts), keys.privateKey).toString('base64url')}`;
+  }
+
+  /** Whether `signature` is this broker's over exactly these facts. Never throws for a bad signature. */
+  async verify(kind: string, facts: Facts, signature: string | undefined): Promise<boolean> {
+    if (!signature) return false;
+    const dot = signature.indexOf('.');
+    if (dot <= 0) return false;
+    const kid = signature.slice(0, dot);
+    const sig = Buffer.from(signature.slice(dot + 1), 'base64url');
+    let keys = await this.#current();
+    if (!keys.publicKeys.has(kid)) keys = await this.#current(true);
+    const key = keys.publicKeys.get(kid);
+    if (!key) return false;
+    try {
+      return verify(null, payload(kind, facts), key, sig);
+    } catch {
+      return false;
+    }
+  }
+
+  #current(refresh = false): Promise<KeyCache> {
+    if (!refresh && this.#cache && this.#cache.until > this.#now()) return Promise.resolve(this.#cache);
+    this.#loading ??= this.#load().finally(() => (this.#loading = undefined));
+    return this.#loading;
+  }
+
+  async #load(): Promise<KeyCache> {
+    const current = await this.#keys.signingKey();
+    const publicKeys = new Map<string, KeyObject>();
+    for (const jwk of await this.#keys.verificationKeys()) publicKeys.set(jwk.kid, createPublicKey({ key: jwk as JWK & { kty: string }, format: 'jwk' }));
+    const cache: KeyCache = {
+      kid: current.kid,
+      privateKey: createPrivateKey({ key: current as JWK & { kty: string }, format: 'jwk' }),
+      publicKeys,
+      until: this.#now() + this.#cacheMs,
+    };
+    this.#cache = cache;
+    return cache;
+  }
+}
+
+function payload(kind: string, facts: Facts): Buffer {
+  return Buffer.from(`task-broker/${kind}/v1\n${canonicalJson(facts)}`, 'utf8');
+}
+
+/** JSON with object keys sorted at every level, undefined values left out. */
+export function canonicalJson(value: unknown): string {
+  if (Array.isArray(value)) return `[${value.map(canonicalJson).join(',')}]`;
+  if (value && typeof value === 'object') {
+    const entries = Object.entries(value as Record<string, unknown>)
+      .filter(([, v]) => v !== undefined)
+      .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+    return `{${entries.map(([k, v]) => `${JSON.stringify(k)}:${canonicalJson(v)}`).join(',')}}`;
+  }
+  return JSON.stringify(value);
+}
