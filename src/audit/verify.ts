@@ -86,6 +86,12 @@ export class ChainVerifier {
   #lastHash = GENESIS_HASH;
   #line = 0;
   #failure: Extract<VerifyResult, { ok: false }> | undefined;
+  readonly #onRecord: ((seq: number, hash: string) => void) | undefined;
+
+  /** `onRecord` is called for every record that holds, in order (AuditLog.open looks up its checkpoint with it). */
+  constructor(onRecord?: (seq: number, hash: string) => void) {
+    this.#onRecord = onRecord;
+  }
 
   get broken(): boolean {
     return this.#failure !== undefined;
@@ -125,6 +131,7 @@ export class ChainVerifier {
     }
     this.#records++;
     this.#lastHash = hash;
+    this.#onRecord?.(expectedSeq, hash);
   }
 
   /** A line that could not even be read as text. */
@@ -199,9 +206,16 @@ export async function verifyAuditFile(path: string, options: VerifyOptions = {})
   }
 }
 
-/** @internal Verify from an open handle, reading from offset 0 (AuditLog.open uses the handle it appends to). */
-export async function verifyHandle(fh: Pick<FileHandle, 'read'>, options: VerifyOptions = {}): Promise<VerifyResult> {
-  const v = new ChainVerifier();
+/**
+ * @internal Verify from an open handle, reading from offset 0 (AuditLog.open uses the handle it appends
+ * to). `onRecord` sees each record that holds.
+ */
+export async function verifyHandle(
+  fh: Pick<FileHandle, 'read'>,
+  options: VerifyOptions = {},
+  onRecord?: (seq: number, hash: string) => void,
+): Promise<VerifyResult> {
+  const v = new ChainVerifier(onRecord);
   const decoder = new TextDecoder('utf-8', { fatal: true });
   const buf = Buffer.allocUnsafe(1 << 20);
   let carry: Buffer[] = [];

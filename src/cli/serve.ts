@@ -14,6 +14,7 @@ interface ServeFlags {
   leaseDuration?: number;
   publicServer?: string;
   publicCa?: string;
+  acceptAuditReset?: boolean;
 }
 
 function duration(value: string): number {
@@ -36,6 +37,7 @@ export function serveCommand(): Command {
     .option('--insecure-http', 'serve plain HTTP; allowed only on a loopback address')
     .option('--public-server <url>', "API server URL that clients' kubeconfigs should use (default: the broker's own)")
     .option('--public-ca <file>', 'CA of --public-server (PEM)')
+    .option('--accept-audit-reset', 'start even if the audit log does not match its checkpoint in the cluster (removed, replaced or cut); recorded as audit.reset')
     .addOption(new Option('--sweep-interval <duration>', 'how often expired tasks are looked for').argParser(duration).hideHelp())
     .addOption(new Option('--orphan-grace <duration>', 'age before objects of an unfinished start are removed').argParser(duration).hideHelp())
     .addOption(new Option('--lease-duration <duration>', 'sweeper Lease duration').argParser(duration).hideHelp())
@@ -58,6 +60,7 @@ export function serveCommand(): Command {
         ...(flags.leaseDuration ? { leaseMs: flags.leaseDuration } : {}),
         ...(flags.publicServer ? { publicServer: flags.publicServer } : {}),
         ...(flags.publicCa ? { publicCa: flags.publicCa } : {}),
+        ...(flags.acceptAuditReset ? { acceptAuditReset: true } : {}),
       });
       process.stdout.write(`listening on ${broker.url}\n`);
       await new Promise<void>((done) => {

@@ -6,7 +6,7 @@ import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import type { FastifyInstance } from 'fastify';
-import { AuditLog } from '../audit/log.ts';
+import { openCheckedAuditLog } from '../audit/head.ts';
 import { BrokerError } from '../errors.ts';
 import { ServiceAccountAuthenticator } from '../identity/service-account.ts';
 import { clusterError, kubeApis, loadKubeConfig, type KubeApis } from '../kube/config.ts';
@@ -35,6 +35,8 @@ export interface ServeOptions {
   publicServer?: string;
   /** Its CA (PEM file); default: the broker's own kubeconfig CA. */
   publicCa?: string;
+  /** Start even if the audit log does not match its cluster checkpoint, recording audit.reset first (src/audit/head.ts). */
+  acceptAuditReset?: boolean;
 }
 
 export interface RunningBroker {
@@ -66,14 +68,21 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
   }
 
   const { policy, text: policyText } = await loadPolicyFile(opts.config);
-  const audit = await AuditLog.open(opts.auditLog);
   const kube = kubeApis(loadKubeConfig(opts.kubeconfig));
+  // The log is checked against its checkpoint in the cluster before anything is appended (src/audit/head.ts).
+  const { audit, checkpoint } = await openCheckedAuditLog({
+    path: opts.auditLog,
+    api: kube.core,
+    namespace: policy.broker.namespace,
+    acceptReset: opts.acceptAuditReset === true,
+  });
   const cluster = clusterInfo(kube, opts);
   const store = new TaskStore();
   try {
     await store.watch(kube.config, policy.broker.taskNamespace);
   } catch (err) {
     await audit.close();
+    await checkpoint.close();
     throw clusterError(`watching tasks in namespace ${policy.broker.taskNamespace} (was \`broker policy apply\` run?)`, err);
   }
   const approvals = new ApprovalService(kube, policy, audit);
@@ -124,6 +133,7 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
         await store.stop();
         await audit.append({ type: 'broker.stopped', actor: 'system:broker', outcome: 'ok' }).catch(() => undefined);
         await audit.close();
+        await checkpoint.close();
       })()),
   };
 }

@@ -1,13 +1,18 @@
-/** The audit log (src/audit): chain, durability with group commit, fail closed, the secret guard, verify. */
+/**
+ * The audit log (src/audit): chain, durability with group commit, fail closed, removal detection,
+ * redaction and the secret guard, the cluster checkpoint (with a fake API), verify.
+ */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { chmod, mkdir, mkdtemp, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { appendFile, chmod, mkdir, mkdtemp, open, readFile, rename, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { readFileSync } from 'node:fs';
 import { execFile } from 'node:child_process';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
+import * as k8s from '@kubernetes/client-node';
 import { Command } from 'commander';
-import { AuditLog, GENESIS_HASH, type AuditEventInput, type AuditRecord } from '../../src/audit/log.ts';
+import { AuditLog, GENESIS_HASH, REDACTED, redactTokens, type AuditEventInput, type AuditRecord } from '../../src/audit/log.ts';
+import { auditHeadName, openCheckedAuditLog } from '../../src/audit/head.ts';
 import { canonicalRecordJson, recordLine, sha256Hex, verifyAuditFile, verifyAuditText } from '../../src/audit/verify.ts';
 import { auditCommand } from '../../src/cli/audit.ts';
 import { BrokerError } from '../../src/errors.ts';
@@ -396,12 +401,10 @@ describe('fail closed', () => {
   });
 });
 
-describe('never a secret', () => {
+describe('never a secret, never a lost decision', () => {
   const jwt = 'eyJhbGciOiJSUzI1NiIsImtpZCI6IjEifQ.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQifQ.c2lnbmF0dXJl';
+  const bearer = 'sha256~AbCdEfGhIjKlMnOpQrStUv';
   const refused: [string, AuditEventInput][] = [
-    ['a JWT in reason', { type: 'auth.failed', actor: 'agent:a', reason: `bad token ${jwt}` }],
-    ['a JWT nested in details', { type: 'kube.request', actor: 'agent:a', details: { headers: [{ value: jwt }] } }],
-    ['a bearer header in details', { type: 'kube.request', actor: 'agent:a', details: { auth: 'Bearer sha256~AbCdEfGhIjKlMnOpQrStUv' } }],
     ['a key named token', { type: 'credential.minted', actor: 'agent:a', details: { token: 'x' } }],
     ['a key named Password', { type: 'task.started', actor: 'agent:a', details: { Password: 'x' } }],
     ['a key named secret, nested', { type: 'task.started', actor: 'agent:a', details: { a: { b: [{ secret: 1 }] } } }],
@@ -410,9 +413,10 @@ describe('never a secret', () => {
     ['a key named client_secret', { type: 'policy.applied', actor: 'user:alice', details: { client_secret: 'x' } }],
     ['an unknown top-level field', { type: 'task.started', actor: 'agent:a', token: 'x' } as AuditEventInput],
     ['a non-JSON details value', { type: 'task.started', actor: 'agent:a', details: { when: new Date() as unknown as string } }],
+    ['a token as the event type (a programming mistake)', { type: `x.${jwt}`, actor: 'agent:a' }],
   ];
 
-  test('refuses JWT- and bearer-looking values and secret-named keys, writing nothing and using no seq', async () => {
+  test('refuses secret-named keys and malformed events, writing nothing and using no seq', async () => {
     const path = fresh();
     const log = await AuditLog.open(path);
     await log.append(event(0));
@@ -420,7 +424,7 @@ describe('never a secret', () => {
       await assert.rejects(log.append(ev), (err: unknown) => isCode('internal')(err) && !(err as Error).message.includes(jwt), name);
     }
     assert.equal(log.healthy, true);
-    // Ordinary values that merely mention tokens are fine.
+    // Ordinary values that merely mention tokens are written as they are.
     const ok = await log.append({
       type: 'auth.failed',
       actor: 'anonymous',
@@ -429,10 +433,296 @@ describe('never a secret', () => {
       details: { tokenTtlSeconds: 600, keyId: 'k1' },
     });
     assert.equal(ok.seq, 1);
+    assert.equal(ok.reason, 'missing bearer token');
     await log.close();
     const text = await readFile(path, 'utf8');
     assert.ok(!text.includes('eyJ'));
     assert.equal(verifyAuditText(text).ok, true);
+  });
+
+  test('a reason holding a JWT-like run and a Bearer run is written redacted; the chain verifies; the secret is nowhere in the file', async () => {
+    const path = fresh();
+    const log = await AuditLog.open(path);
+    const rec = await log.append({
+      type: 'approval.granted',
+      actor: 'user:carol',
+      outcome: 'allowed',
+      reason: `looks fine, see ${jwt} and Authorization: Bearer ${bearer} (pasted by mistake)`,
+    });
+    assert.equal(rec.reason, `looks fine, see ${REDACTED} and Authorization: Bearer ${REDACTED} (pasted by mistake)`);
+    await log.close();
+    const text = await readFile(path, 'utf8');
+    for (const secret of [jwt, bearer, 'eyJ', 'AbCdEfGhIj']) assert.ok(!text.includes(secret), `${secret} is in the file`);
+    assert.deepEqual(verifyAuditText(text), { ok: true, records: 1, lastHash: rec.hash });
+  });
+
+  test('every free-text field and details value or key is redacted, never refused', async () => {
+    const path = fresh();
+    const log = await AuditLog.open(path);
+    const jwe = `${jwt}.cGFydDQ.cGFydDU`; // five segments: nothing of it is kept
+    const rec = await log.append({
+      type: 'task.refused',
+      actor: `identity:${jwt}`,
+      template: jwt,
+      taskName: `n-${jwt}`,
+      namespace: `Bearer ${bearer}`,
+      outcome: 'denied',
+      reason: `unknown_template: ${jwe}`,
+      details: { note: `bearer ${bearer}`, list: [jwt, 'plain'], [jwt]: 1, nested: { deep: [{ v: jwt }] } },
+    });
+    assert.equal(rec.actor, `identity:${REDACTED}`);
+    assert.equal(rec.template, REDACTED);
+    assert.equal(rec.taskName, `n-${REDACTED}`);
+    assert.equal(rec.namespace, `Bearer ${REDACTED}`);
+    assert.equal(rec.reason, `unknown_template: ${REDACTED}`);
+    assert.deepEqual(rec.details, { note: `bearer ${REDACTED}`, list: [REDACTED, 'plain'], [REDACTED]: 1, nested: { deep: [{ v: REDACTED }] } });
+    await log.close();
+    const text = await readFile(path, 'utf8');
+    assert.ok(!/eyJ|cGFydD|AbCdEf/.test(text), text);
+    assert.equal(verifyAuditText(text).ok, true);
+    assert.equal(redactTokens('no token here'), 'no token here');
+  });
+});
+
+describe('a removed or replaced log', () => {
+  const within = async (ms: number, probe: () => boolean): Promise<number> => {
+    const t0 = Date.now();
+    while (!probe()) {
+      if (Date.now() - t0 > ms) throw new Error(`not within ${ms} ms`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    return Date.now() - t0;
+  };
+  const goneError = (err: unknown) => isCode('audit_unavailable')(err) && /removed or replaced/.test((err as Error).message);
+
+  test('rm of the file: within ~1.5 s unhealthy, and every append is refused', async () => {
+    const path = fresh();
+    const log = await AuditLog.open(path);
+    await log.append(event(0));
+    await rm(path);
+    await within(1500, () => !log.healthy);
+    await assert.rejects(log.append(event(1)), goneError);
+    await log.close();
+  });
+
+  test('another file renamed over it: within ~1.5 s unhealthy, and every append is refused', async () => {
+    const path = fresh();
+    const log = await AuditLog.open(path);
+    await log.append(event(0));
+    const other = fresh();
+    await writeFile(other, '');
+    await rename(other, path);
+    await within(1500, () => !log.healthy);
+    await assert.rejects(log.append(event(1)), (err: unknown) => goneError(err) && /is now another file/.test((err as Error).message));
+    await log.close();
+    assert.equal(await readFile(path, 'utf8'), '', 'the new file is left alone');
+  });
+
+  test('without waiting for the timer: the first write after rm is not acknowledged', async () => {
+    const path = fresh();
+    const log = await AuditLog.open(path, { checkIntervalMs: 0 }); // the check after each write+fdatasync only
+    const r0 = await log.append(event(0));
+    await rm(path);
+    const results = await Promise.allSettled([log.append(event(1)), log.append(event(2))]);
+    for (const r of results) assert.ok(r.status === 'rejected' && goneError(r.reason), String(r.status === 'rejected' ? r.reason : 'resolved'));
+    assert.equal(log.healthy, false);
+    assert.deepEqual(log.durableHead, { seq: 0, hash: r0.hash }, 'the head never names a record that was not acknowledged');
+    await log.close();
+  });
+
+  test('a file cut or written by someone else while open is caught too', async () => {
+    for (const change of ['truncate', 'append'] as const) {
+      const path = fresh();
+      const log = await AuditLog.open(path);
+      await log.append(event(0));
+      await log.append(event(1));
+      if (change === 'truncate') await truncate(path, 10);
+      else await appendFile(path, '{"seq":2}\n');
+      await within(1500, () => !log.healthy);
+      await assert.rejects(log.append(event(2)), (err: unknown) => isCode('audit_unavailable')(err) && /changed outside the broker/.test((err as Error).message));
+      await log.close();
+    }
+  });
+
+  test('sizeBytes follows the file; a log left alone stays healthy', async () => {
+    const { path } = await makeLog(2);
+    const log = await AuditLog.open(path, { checkIntervalMs: 50 });
+    assert.equal(log.sizeBytes, (await stat(path)).size);
+    for (let i = 2; i < 20; i++) void log.append(event(i));
+    await log.append(event(20));
+    await new Promise((r) => setTimeout(r, 200)); // a few checks, some during writes
+    assert.equal(log.healthy, true);
+    assert.equal(log.sizeBytes, (await stat(path)).size);
+    assert.deepEqual(log.durableHead, { seq: 20, hash: log.lastHash });
+    await log.close();
+  });
+});
+
+describe('the checkpoint in the cluster (head.ts, with a fake ConfigMap API)', () => {
+  /** An in-memory ConfigMap API with resourceVersions, 404 and 409 like the API server's. */
+  class FakeConfigMaps {
+    objects = new Map<string, k8s.V1ConfigMap>();
+    writes = 0;
+    rv = 1;
+    fail: number | undefined;
+    #key = (ns: string, name: string) => `${ns}/${name}`;
+    readNamespacedConfigMap = async ({ name, namespace }: { name: string; namespace: string }): Promise<k8s.V1ConfigMap> => {
+      if (this.fail) throw new k8s.ApiException(this.fail, 'injected', {}, {});
+      const o = this.objects.get(this.#key(namespace, name));
+      if (!o) throw new k8s.ApiException(404, 'not found', {}, {});
+      return structuredClone(o);
+    };
+    createNamespacedConfigMap = async ({ namespace, body }: { namespace: string; body: k8s.V1ConfigMap }): Promise<k8s.V1ConfigMap> => {
+      if (this.fail) throw new k8s.ApiException(this.fail, 'injected', {}, {});
+      const key = this.#key(namespace, body.metadata!.name!);
+      if (this.objects.has(key)) throw new k8s.ApiException(409, 'exists', {}, {});
+      const o = { ...structuredClone(body), metadata: { ...body.metadata, resourceVersion: String(++this.rv) } };
+      this.objects.set(key, o);
+      this.writes++;
+      return structuredClone(o);
+    };
+    replaceNamespacedConfigMap = async ({ name, namespace, body }: { name: string; namespace: string; body: k8s.V1ConfigMap }): Promise<k8s.V1ConfigMap> => {
+      if (this.fail) throw new k8s.ApiException(this.fail, 'injected', {}, {});
+      const have = this.objects.get(this.#key(namespace, name));
+      if (!have) throw new k8s.ApiException(404, 'not found', {}, {});
+      if (body.metadata?.resourceVersion && body.metadata.resourceVersion !== have.metadata!.resourceVersion) throw new k8s.ApiException(409, 'conflict', {}, {});
+      const o = { ...structuredClone(body), metadata: { ...body.metadata, resourceVersion: String(++this.rv) } };
+      this.objects.set(this.#key(namespace, name), o);
+      this.writes++;
+      return structuredClone(o);
+    };
+    head(path: string): Record<string, string> | undefined {
+      return this.objects.get(`task-broker-system/${auditHeadName('host-a', resolve(path))}`)?.data;
+    }
+  }
+
+  const open = (api: FakeConfigMaps, path: string, acceptReset = false, lines: string[] = []) =>
+    openCheckedAuditLog({ path, api, namespace: 'task-broker-system', host: 'host-a', acceptReset, log: (l) => lines.push(l), checkpointIntervalMs: 20 });
+
+  /** A broker run: open, append `n` records, close (the head is written on close). */
+  async function run(api: FakeConfigMaps, path: string, n: number): Promise<void> {
+    const { audit, checkpoint } = await open(api, path);
+    for (let i = 0; i < n; i++) await audit.append(event(i));
+    await audit.close();
+    await checkpoint.close();
+  }
+
+  test('the name is per host and absolute path', () => {
+    assert.match(auditHeadName('h', '/var/log/a.jsonl'), /^task-broker-audit-head-[0-9a-f]{16}$/);
+    assert.notEqual(auditHeadName('h', '/a'), auditHeadName('h2', '/a'));
+    assert.notEqual(auditHeadName('h', '/a'), auditHeadName('h', '/b'));
+  });
+
+  test('the head is written when it moves, at most once per interval, never ahead of the file, and on close', async () => {
+    const api = new FakeConfigMaps();
+    const path = fresh();
+    const lines: string[] = [];
+    const { audit, checkpoint } = await open(api, path, false, lines);
+    assert.match(lines.join('\n'), /no audit checkpoint .* yet/);
+    assert.equal(api.writes, 0, 'nothing to record yet');
+    await Promise.all(Array.from({ length: 50 }, (_, i) => audit.append(event(i))));
+    await new Promise((r) => setTimeout(r, 120));
+    const writes = api.writes;
+    assert.ok(writes >= 1 && writes <= 3, `writes ${writes}`);
+    assert.equal(api.head(path)!['seq'], '49');
+    assert.equal(api.head(path)!['hash'], audit.lastHash);
+    assert.equal(api.head(path)!['path'], resolve(path));
+    assert.equal(api.head(path)!['host'], 'host-a');
+    await new Promise((r) => setTimeout(r, 60));
+    assert.equal(api.writes, writes, 'not rewritten while the head stays');
+    const last = await audit.append(event(50));
+    await audit.close();
+    await checkpoint.close();
+    assert.equal(api.head(path)!['seq'], '50');
+    assert.equal(api.head(path)!['hash'], last.hash);
+    assert.equal(api.objects.values().next().value!.metadata!.labels!['task-broker.dev/component'], 'audit-head');
+  });
+
+  test('a matching log (also one that grew past the head) starts normally', async () => {
+    const api = new FakeConfigMaps();
+    const path = fresh();
+    await run(api, path, 3);
+    // Records the head has not caught up with (a crash within its second) are fine.
+    const extra = await AuditLog.open(path);
+    await extra.append(event(3));
+    await extra.close();
+    const { audit, checkpoint } = await open(api, path);
+    assert.equal(audit.nextSeq, 4);
+    await audit.close();
+    await checkpoint.close();
+    assert.equal(api.head(path)!['seq'], '3');
+  });
+
+  for (const [name, damage, found] of [
+    ['a missing log', (p: string) => rm(p), /expected record seq 2 with hash [0-9a-f]{64}, found no log at all \(the file was missing\)/],
+    ['a log cut to its first line', async (p: string) => writeFile(p, (await readFile(p, 'utf8')).split('\n')[0] + '\n'), /found a log of 1 records ending at seq 0/],
+    ['a replaced log (another chain, as long)', async (p: string) => {
+      await rm(p);
+      const other = await AuditLog.open(p);
+      for (let i = 0; i < 3; i++) await other.append({ type: 'kube.request', actor: 'agent:x', requestId: `other-${i}` });
+      await other.close();
+    }, /found hash [0-9a-f]{64} at seq 2: the log was replaced/],
+  ] as const) {
+    test(`${name}: refused with audit_checkpoint_mismatch, or reset on record with acceptReset`, async () => {
+      const api = new FakeConfigMaps();
+      const path = fresh();
+      await run(api, path, 3);
+      const before = api.head(path)!;
+      await damage(path);
+      const kept = await readFile(path, 'utf8').catch(() => undefined);
+      await assert.rejects(open(api, path), (err: unknown) => isCode('audit_checkpoint_mismatch')(err) && found.test((err as Error).message) && /checkpoint ConfigMap task-broker-system\/task-broker-audit-head-/.test((err as Error).message));
+      assert.deepEqual(api.head(path), before, 'the checkpoint is left as it was');
+      assert.equal(await readFile(path, 'utf8').catch(() => undefined), kept, 'nothing was appended (a missing log is not created)');
+
+      const lines: string[] = [];
+      const { audit, checkpoint } = await open(api, path, true, lines);
+      const first = audit.nextSeq - 1;
+      await audit.append(event(99));
+      await audit.close();
+      await checkpoint.close();
+      const records = (await readFile(path, 'utf8')).split('\n').slice(0, -1).map((l) => JSON.parse(l) as AuditRecord);
+      const reset = records[first]!;
+      assert.equal(reset.type, 'audit.reset');
+      assert.equal(reset.outcome, 'ok');
+      assert.equal(records.length, first + 2, 'audit.reset is the first record appended');
+      assert.deepEqual((reset.details as Record<string, Record<string, unknown>>)['checkpoint']!['seq'], 2);
+      assert.equal((reset.details as Record<string, Record<string, unknown>>)['checkpoint']!['hash'], before['hash']);
+      assert.equal((reset.details as Record<string, Record<string, unknown>>)['found']!['records'], first);
+      assert.match(lines.join('\n'), /--accept-audit-reset/);
+      assert.equal((await verifyAuditFile(path)).ok, true);
+      assert.equal(api.head(path)!['seq'], String(first + 1), 'the checkpoint follows the new log');
+      // And the next start is an ordinary one.
+      await run(api, path, 0);
+    });
+  }
+
+  test('a malformed checkpoint is refused like a mismatch', async () => {
+    const api = new FakeConfigMaps();
+    const path = fresh();
+    await run(api, path, 1);
+    api.objects.values().next().value!.data!['seq'] = 'seven';
+    await assert.rejects(open(api, path), (err: unknown) => isCode('audit_checkpoint_mismatch')(err) && /malformed: seq "seven"/.test((err as Error).message));
+  });
+
+  test('a checkpoint that cannot be read stops the start (cluster_unavailable); a failed write is reported and retried', async () => {
+    const api = new FakeConfigMaps();
+    const path = fresh();
+    api.fail = 403;
+    await assert.rejects(open(api, path), (err: unknown) => isCode('cluster_unavailable')(err) && /get, create and update on configmaps in namespace task-broker-system/.test((err as Error).message));
+    api.fail = undefined;
+    const lines: string[] = [];
+    const { audit, checkpoint } = await open(api, path, false, lines);
+    api.fail = 500;
+    await audit.append(event(0));
+    await new Promise((r) => setTimeout(r, 100));
+    assert.equal(lines.filter((l) => /writing the audit checkpoint/.test(l)).length, 1, 'reported once, not every second');
+    assert.ok(checkpoint.lastError);
+    api.fail = undefined;
+    await new Promise((r) => setTimeout(r, 100));
+    assert.equal(checkpoint.lastError, undefined);
+    assert.equal(api.head(path)!['seq'], '0');
+    await audit.close();
+    await checkpoint.close();
   });
 });
 
