@@ -26,6 +26,7 @@ export const ERROR_CODES = {
   ttl_out_of_range: 'The requested TTL is below the minimum or above the template\'s maximum.',
   task_exists: 'The agent already has an active task of that name.',
   no_active_task: 'The agent has no active task of that name: start one first.',
+  rate_limited: 'Too many requests from this source address or identity, or too many failed authentications from this address: retry after the `Retry-After` seconds.',
   approval_required: 'The template is gated: the task needs an approval token; the error carries the approval request id.',
   approval_invalid: 'The approval token was refused: expired, replayed, tampered with, or issued for another request, template, namespace or requester.',
   approval_closed: 'The approval request is no longer pending (approved, denied, used or expired) and takes no more decisions.',

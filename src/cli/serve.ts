@@ -1,5 +1,6 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { parseDuration } from '../policy/duration.ts';
+import { DEFAULT_LIMITS, formatRate, parseRate, type Limits, type Rate } from '../server/limits.ts';
 
 interface ServeFlags {
   config: string;
@@ -15,6 +16,17 @@ interface ServeFlags {
   publicServer?: string;
   publicCa?: string;
   acceptAuditReset?: boolean;
+  rateLimitSource?: Rate | 'off';
+  rateLimitIdentity?: Rate | 'off';
+  authFailureLimit?: Rate | 'off';
+  maxTokenReviews?: number;
+  maxConnections?: number;
+  maxConnectionsPerSource?: number;
+  connectionTimeout?: number;
+  requestTimeout?: number;
+  headersTimeout?: number;
+  keepAliveTimeout?: number;
+  authFailureLogInterval?: number;
 }
 
 function duration(value: string): number {
@@ -38,9 +50,20 @@ export function serveCommand(): Command {
     .option('--public-server <url>', "API server URL that clients' kubeconfigs should use (default: the broker's own)")
     .option('--public-ca <file>', 'CA of --public-server (PEM)')
     .option('--accept-audit-reset', 'start even if the audit log does not match its checkpoint in the cluster (removed, replaced or cut); recorded as audit.reset')
+    .addOption(limit('--rate-limit-source <n/duration>', 'requests from one source address, every route ("off": none)', rate, D.perSource))
+    .addOption(limit('--auth-failure-limit <n/duration>', 'failed authentications from one source address; beyond, 429 without checking', rate, D.authFailures))
+    .addOption(limit('--rate-limit-identity <n/duration>', 'requests of one authenticated caller', rate, D.perIdentity))
+    .addOption(limit('--max-token-reviews <n>', 'TokenReviews in flight at once; more wait up to 1 s, then 429 (0: no cap)', count, D.maxTokenReviews))
+    .addOption(limit('--max-connections <n>', 'connections open at once (0: no cap)', count, D.maxConnections))
+    .addOption(limit('--max-connections-per-source <n>', 'connections open at once from one source address (0: no cap)', count, D.maxConnectionsPerSource))
+    .addOption(limit('--request-timeout <duration>', 'a request, headers and body, must arrive within this ("off": no limit)', timeout, D.requestTimeoutMs))
+    .addOption(limit('--headers-timeout <duration>', 'its headers must arrive within this', timeout, D.headersTimeoutMs))
+    .addOption(limit('--connection-timeout <duration>', 'a connection idle both ways this long is closed ("off": never)', timeout, D.connectionTimeoutMs))
+    .addOption(limit('--keep-alive-timeout <duration>', 'an idle keep-alive connection is closed after this', timeout, D.keepAliveTimeoutMs))
     .addOption(new Option('--sweep-interval <duration>', 'how often expired tasks are looked for').argParser(duration).hideHelp())
     .addOption(new Option('--orphan-grace <duration>', 'age before objects of an unfinished start are removed').argParser(duration).hideHelp())
     .addOption(new Option('--lease-duration <duration>', 'sweeper Lease duration').argParser(duration).hideHelp())
+    .addOption(new Option('--auth-failure-log-interval <duration>', 'how often refused callers are summarised in the audit log').argParser(duration).hideHelp())
     .addHelpText('after', '\nExample:\n  broker serve --config policy.yaml --audit-log /var/lib/task-broker/audit.jsonl \\\n    --tls-cert tls.crt --tls-key tls.key')
     .action(async (flags: ServeFlags) => {
       const m = /^(.*):(\d+)$/.exec(flags.listen);
@@ -61,6 +84,7 @@ export function serveCommand(): Command {
         ...(flags.publicServer ? { publicServer: flags.publicServer } : {}),
         ...(flags.publicCa ? { publicCa: flags.publicCa } : {}),
         ...(flags.acceptAuditReset ? { acceptAuditReset: true } : {}),
+        limits: limitsFrom(flags),
       });
       process.stdout.write(`listening on ${broker.url}\n`);
       await new Promise<void>((done) => {
@@ -73,4 +97,46 @@ export function serveCommand(): Command {
         process.on('SIGINT', stop);
       });
     });
+}
+
+// Limits (docs/operations.md). Defaults: DEFAULT_LIMITS (src/server/limits.ts), shown by --help.
+const D = DEFAULT_LIMITS;
+
+function limit<T extends Rate | number | undefined>(flags: string, description: string, parse: (v: string) => T | 'off', value: T): Option {
+  const shown = typeof value === 'number' ? (flags.includes('<duration>') ? (value ? `${value / 1000}s` : 'off') : String(value)) : formatRate(value as Rate | undefined);
+  return new Option(flags, description).argParser(parse).default(value ?? 'off', shown);
+}
+
+function rate(value: string): Rate | 'off' {
+  try {
+    return parseRate(value) ?? 'off';
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message);
+  }
+}
+
+function count(value: string): number {
+  if (!/^\d+$/.test(value)) throw new InvalidArgumentError(`${JSON.stringify(value)} is not a whole number`);
+  return Number(value);
+}
+
+function timeout(value: string): number {
+  return value === 'off' ? 0 : duration(value);
+}
+
+function limitsFrom(flags: ServeFlags): Partial<Limits> {
+  const rateOf = (r: Rate | 'off') => (r === 'off' ? undefined : r);
+  const limits: Partial<Limits> = {};
+  if (flags.rateLimitSource !== undefined) limits.perSource = rateOf(flags.rateLimitSource);
+  if (flags.authFailureLimit !== undefined) limits.authFailures = rateOf(flags.authFailureLimit);
+  if (flags.rateLimitIdentity !== undefined) limits.perIdentity = rateOf(flags.rateLimitIdentity);
+  if (flags.maxTokenReviews !== undefined) limits.maxTokenReviews = flags.maxTokenReviews;
+  if (flags.maxConnections !== undefined) limits.maxConnections = flags.maxConnections;
+  if (flags.maxConnectionsPerSource !== undefined) limits.maxConnectionsPerSource = flags.maxConnectionsPerSource;
+  if (flags.requestTimeout !== undefined) limits.requestTimeoutMs = flags.requestTimeout;
+  if (flags.headersTimeout !== undefined) limits.headersTimeoutMs = flags.headersTimeout;
+  if (flags.connectionTimeout !== undefined) limits.connectionTimeoutMs = flags.connectionTimeout;
+  if (flags.keepAliveTimeout !== undefined) limits.keepAliveTimeoutMs = flags.keepAliveTimeout;
+  if (flags.authFailureLogInterval !== undefined) limits.failureLogIntervalMs = flags.authFailureLogInterval;
+  return limits;
 }

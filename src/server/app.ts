@@ -14,6 +14,8 @@ import { ApprovalRequiredError, type ApprovalService } from '../approvals/servic
 import { toView } from '../tasks/model.ts';
 import type { TaskService } from '../tasks/service.ts';
 import type { TaskStore } from '../tasks/store.ts';
+import { AuthFailureLog } from './auth-failures.ts';
+import { DEFAULT_LIMITS, guardConnections, httpServerOptions, RateLimitedError, RequestGuard, type Limits } from './limits.ts';
 import { Metrics } from './metrics.ts';
 
 /** HTTP status of each error code the API can return. */
@@ -29,6 +31,7 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   not_found: 404,
   no_active_task: 404,
   task_exists: 409,
+  rate_limited: 429,
   approval_required: 403,
   approval_invalid: 403,
   approval_closed: 409,
@@ -55,6 +58,8 @@ export interface AppDeps {
   cluster?: { server: string; certificateAuthorityData?: string };
   /** Where server-side failures are logged (never to the client). Default stderr. */
   log?: (line: string) => void;
+  /** Rate limits, connection caps and timeouts (src/server/limits.ts); each one not given takes its default. */
+  limits?: Partial<Limits>;
 }
 
 declare module 'fastify' {
@@ -104,30 +109,29 @@ interface StartBody {
 export function buildApp(deps: AppDeps): FastifyInstance {
   const log = deps.log ?? ((line: string) => process.stderr.write(line + '\n'));
   const metrics = deps.metrics ?? new Metrics();
+  const limits: Limits = { ...DEFAULT_LIMITS, ...deps.limits };
+  const serverOptions = httpServerOptions(limits);
   const app = Fastify({
     logger: false,
     bodyLimit: deps.bodyLimit ?? 16 * 1024,
     genReqId: () => randomUUID(),
     // Strict: reject unknown fields and wrong types instead of dropping or coercing them.
     ajv: { customOptions: { removeAdditional: false, coerceTypes: false, useDefaults: false, allErrors: false } },
-    ...(deps.https ? { https: deps.https } : {}),
+    connectionTimeout: limits.connectionTimeoutMs,
+    requestTimeout: limits.requestTimeoutMs,
+    keepAliveTimeout: limits.keepAliveTimeoutMs,
+    ...(deps.https ? { https: { ...deps.https, ...serverOptions } } : { http: serverOptions }),
   } as Parameters<typeof Fastify>[0]) as unknown as FastifyInstance;
 
   app.decorateRequest('caller', undefined);
+  const guard = registerLimits(app, deps, limits, metrics);
 
   app.addHook('onRequest', async (req, reply) => {
     reply.header('x-request-id', req.id);
     if (!req.url.startsWith('/v1/')) return;
-    try {
-      req.caller = await authenticate(deps.authenticators, req);
-    } catch (err) {
-      const reason = err instanceof Error ? err.message : String(err);
-      await deps.audit
-        .append({ type: 'auth.failed', actor: 'anonymous', outcome: 'denied', reason, requestId: req.id, details: { method: req.method, path: routePath(req) } })
-        .catch(() => undefined);
-      throw err;
-    }
+    req.caller = await guard.authenticate(req, () => authenticate(deps.authenticators, req));
   });
+  app.addHook('onRequest', guard.onIdentity);
 
   app.addHook('onResponse', async (req, reply) => {
     metrics.observeRequest(req.routeOptions.url ?? 'unmatched', req.method, reply.statusCode, reply.elapsedTime / 1000);
@@ -150,6 +154,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
         .catch(() => undefined);
     }
     if (status >= 500) log(`broker: ${req.method} ${routePath(req)} ${req.id}: ${err.code}: ${describe(error)}`);
+    if (err instanceof RateLimitedError) reply.header('retry-after', String(err.retryAfterSeconds)).header('x-request-id', req.id);
     return reply.code(status).send({ error: publicError(err, status) });
   });
 
@@ -163,6 +168,8 @@ export function buildApp(deps: AppDeps): FastifyInstance {
   });
   app.get('/metrics', async (_req, reply) => {
     metrics.activeTasks.set(deps.store.list().filter((t) => t.state === 'active').length);
+    const auditBytes = (deps.audit as { sizeBytes?: number }).sizeBytes;
+    if (typeof auditBytes === 'number') metrics.auditLogBytes.set(auditBytes);
     reply.header('content-type', metrics.registry.contentType);
     return metrics.registry.metrics();
   });
@@ -206,6 +213,25 @@ export function buildApp(deps: AppDeps): FastifyInstance {
   );
 
   return app;
+}
+
+/**
+ * Limits before work (src/server/limits.ts): connection caps on the server, the per-source budget as
+ * the first onRequest hook, and the aggregated record of refused callers (flushed on a timer and on
+ * close). The per-identity hook is added after authentication by the caller.
+ */
+function registerLimits(app: FastifyInstance, deps: AppDeps, limits: Limits, metrics: Metrics): RequestGuard {
+  guardConnections(app.server, limits, metrics);
+  const failureLog = new AuthFailureLog({
+    append: (event) => deps.audit.append(event),
+    intervalMs: limits.failureLogIntervalMs,
+    maxSources: limits.failureLogMaxSources,
+  });
+  const guard = new RequestGuard(app, limits, metrics, failureLog);
+  app.addHook('onRequest', guard.onSource);
+  app.addHook('onReady', async () => failureLog.start());
+  app.addHook('onClose', async () => failureLog.close());
+  return guard;
 }
 
 function registerApprovalRoutes(app: FastifyInstance, approvals: ApprovalService): void {

@@ -16,6 +16,8 @@ import { TaskService } from '../tasks/service.ts';
 import { TaskStore } from '../tasks/store.ts';
 import { Sweeper } from '../tasks/sweeper.ts';
 import { buildApp } from './app.ts';
+import { capTokenReviews, DEFAULT_LIMITS, type Limits } from './limits.ts';
+import { Metrics } from './metrics.ts';
 
 export interface ServeOptions {
   config: string;
@@ -37,6 +39,8 @@ export interface ServeOptions {
   publicCa?: string;
   /** Start even if the audit log does not match its cluster checkpoint, recording audit.reset first (src/audit/head.ts). */
   acceptAuditReset?: boolean;
+  /** Rate limits, connection caps and timeouts; each one not given takes its default (src/server/limits.ts). */
+  limits?: Partial<Limits>;
 }
 
 export interface RunningBroker {
@@ -96,13 +100,18 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
     // Ended approval requests are kept a day for `broker approvals list`, then removed.
     housekeeping: () => approvals.sweep(24 * 3600 * 1000),
   });
+  const metrics = new Metrics();
+  const limits: Limits = { ...DEFAULT_LIMITS, ...opts.limits };
   const app = buildApp({
     tasks,
     approvals,
     store,
     audit,
-    authenticators: [new ServiceAccountAuthenticator(kube.authn, policy)],
+    // TokenReviews in flight are capped, so a flood of random tokens cannot pile up on the API server.
+    authenticators: [new ServiceAccountAuthenticator(capTokenReviews(kube.authn, limits, metrics), policy)],
     cluster,
+    metrics,
+    limits,
     ...(https ? { https } : {}),
   });
 
