@@ -1,7 +1,7 @@
 import { Command } from 'commander';
 import { BrokerError } from '../errors.ts';
 import { describeBreak, verifyAuditFile } from '../audit/verify.ts';
-import type { VerifyResult } from '../audit/types.ts';
+import type { AuditRecord, VerifyResult } from '../audit/types.ts';
 import { outputOption, printJson, style, type OutputFormat } from './output.ts';
 
 interface VerifyCommandOptions {
@@ -34,7 +34,7 @@ export function auditCommand(): Command {
       ].join('\n'),
     )
     .action((file: string, opts: VerifyCommandOptions) => verify(file, opts));
-  // `show` (a task's events, including the API server's view of its requests) comes later.
+  cmd.addCommand(showCommand());
   return cmd;
 }
 
@@ -58,4 +58,121 @@ async function verify(file: string, opts: VerifyCommandOptions): Promise<void> {
   }
   // Also after -o json: main.ts turns the BrokerError into exit status 1 (stdout holds only the JSON).
   throw new BrokerError('audit_chain_broken', describeBreak(result));
+}
+
+interface ShowCommandOptions {
+  task?: string;
+  agent?: string;
+  since?: string;
+  follow?: boolean;
+  output: OutputFormat;
+}
+
+function showCommand(): Command {
+  return new Command('show')
+    .description('the story of tasks in time order: requested, approvals, started, credentials, every API request allowed and denied, ended')
+    .argument('<file>', 'the audit log (JSON Lines)')
+    .option('--task <task>', 'a task id, or a task name (every task of that name)')
+    .option('--agent <name>', "only this agent's tasks and records")
+    .option('--since <when>', 'only events this long ago or later (e.g. 10m, 2h) or since an ISO 8601 time')
+    .option('-f, --follow', 'keep reading the log and print matching records as they are appended (until Ctrl-C)')
+    .addOption(outputOption())
+    .addHelpText(
+      'after',
+      [
+        '',
+        'The chain of what is read is verified: a broken chain is reported, naming the record, and the exit status is 1.',
+        'With -o json: one document {chain, tasks, records, summary}; with --follow -o json: JSON Lines, one record per line.',
+        '',
+        'Example:',
+        '  broker audit show --task read-pods /var/lib/task-broker/audit.jsonl',
+        '  broker audit show --agent deployer --since 1h -o json audit.jsonl | jq \'.records[] | select(.outcome == "denied")\'',
+        '  broker audit show --follow audit.jsonl',
+      ].join('\n'),
+    )
+    .action((file: string, opts: ShowCommandOptions) => show(file, opts));
+}
+
+async function show(file: string, opts: ShowCommandOptions): Promise<void> {
+  const { AuditReader, FollowSelector, NO_PAINT, formatHeader, formatRecord, formatSelection, safeJson, select, selectionJson, storyOfRecord, summarize, summaryLine } =
+    await import('../audit/show.ts');
+  const filter = { task: opts.task, agent: opts.agent, since: opts.since === undefined ? undefined : await sinceTime(opts.since) };
+  // chalk alone does not look at NO_COLOR; stdout must be a terminal too.
+  const colour = process.stdout.isTTY === true && !process.env['NO_COLOR'];
+  const paint = colour ? { denied: style.error, dim: style.dim, ok: style.ok } : NO_PAINT;
+  const reader = new AuditReader(file);
+  const readOrFail = async () => {
+    try {
+      return await reader.read();
+    } catch (err) {
+      throw new BrokerError('invalid_argument', `cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`, { field: 'FILE', cause: err });
+    }
+  };
+  const broken = (result: Extract<VerifyResult, { ok: false }>) =>
+    new BrokerError('audit_chain_broken', `${file}: ${describeBreak(result)}; records from there on are not shown`);
+
+  const records = await readOrFail();
+  if (!opts.follow) {
+    const chain = reader.result(true);
+    const selection = select(records, filter);
+    if (opts.output === 'json') process.stdout.write(safeJson(selectionJson(selection, chain), 2) + '\n');
+    else process.stdout.write(formatSelection(selection, paint));
+    if (!chain.ok) throw broken(chain);
+    if (opts.task !== undefined && selection.stories.length === 0) {
+      throw new BrokerError('not_found', `no task with id or name "${opts.task}"${opts.agent ? ` of agent "${opts.agent}"` : ''} in ${file}`, { field: '--task' });
+    }
+    return;
+  }
+
+  // --follow: what is there, then each matching record as it is appended.
+  const selector = new FollowSelector(filter);
+  const shown: AuditRecord[] = [];
+  let header: string | undefined;
+  const emit = (r: AuditRecord) => {
+    shown.push(r);
+    if (opts.output === 'json') return void process.stdout.write(safeJson(r) + '\n');
+    const stub = storyOfRecord(r);
+    const key = r.task ?? r.taskName ?? '';
+    if (key !== header) {
+      header = key;
+      process.stdout.write((key === '' ? 'not about a task:' : formatHeader(stub)) + '\n');
+    }
+    process.stdout.write(formatRecord(r, paint) + '\n');
+  };
+  for (const r of records) if (selector.matches(r)) emit(r);
+  let stop: () => void = () => {};
+  const stopped = new Promise<void>((done) => (stop = done));
+  const onSignal = () => stop();
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  try {
+    for (;;) {
+      if (reader.broken) throw broken(reader.broken);
+      const more = await Promise.race([new Promise<'tick'>((done) => setTimeout(() => done('tick'), 250)), stopped.then(() => 'stop' as const)]);
+      if (more === 'stop') break;
+      for (const r of await readOrFail()) if (selector.matches(r)) emit(r);
+    }
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  }
+  if (opts.output !== 'json') {
+    const sum = summarize(shown);
+    process.stderr.write(style.dim(`${summaryLine(sum)}\n`));
+  }
+}
+
+/** `--since`: a duration back from now (10m, 2h) or an ISO 8601 time. */
+async function sinceTime(text: string): Promise<Date> {
+  if (/^\d{4}-\d{2}-\d{2}/.test(text)) {
+    const t = Date.parse(text);
+    if (Number.isNaN(t)) throw new BrokerError('invalid_argument', `${JSON.stringify(text)} is not a time`, { field: '--since' });
+    return new Date(t);
+  }
+  const { parseDuration } = await import('../policy/duration.ts');
+  try {
+    return new Date(Date.now() - parseDuration(text) * 1000);
+  } catch (err) {
+    throw new BrokerError('invalid_argument', `${(err as Error).message}, or an ISO 8601 time`, { field: '--since' });
+  }
 }
