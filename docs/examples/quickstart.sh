@@ -22,12 +22,12 @@ eval "$("$broker" dev-cluster up)"          # exports KUBECONFIG (admin) and TAS
 "$kubectl" create serviceaccount demo-agent -n agents
 "$broker" policy apply docs/examples/quickstart-policy.yaml --kubeconfig "$KUBECONFIG"
 
-echo '== the broker: its own ServiceAccount, nothing more'
+echo '== the broker: its own ServiceAccount (in broker.namespace, task-broker-system), nothing more'
 server=$("$kubectl" config view --minify -o jsonpath='{.clusters[0].cluster.server}')
 ca=$("$kubectl" config view --minify -o jsonpath='{.clusters[0].cluster.certificate-authority}')
 bk=$work/broker.kubeconfig
 "$kubectl" config --kubeconfig "$bk" set-cluster local --server "$server" --certificate-authority "$ca" --embed-certs >/dev/null
-"$kubectl" config --kubeconfig "$bk" set-credentials broker --token "$("$kubectl" create token task-broker -n task-broker --duration 1h)" >/dev/null
+"$kubectl" config --kubeconfig "$bk" set-credentials broker --token "$("$kubectl" create token task-broker -n task-broker-system --duration 1h)" >/dev/null
 "$kubectl" config --kubeconfig "$bk" set-context broker --cluster local --user broker >/dev/null
 "$kubectl" config --kubeconfig "$bk" use-context broker >/dev/null
 "$broker" serve --config docs/examples/quickstart-policy.yaml --audit-log "$work/audit.jsonl" --kubeconfig "$bk" \

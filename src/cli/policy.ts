@@ -1,8 +1,8 @@
 import { Command } from 'commander';
 import { BrokerError } from '../errors.ts';
 // The policy parser (yaml, ajv) and the Kubernetes client load only when a command needs them.
-import type { Change } from '../policy/apply.ts';
-import type { Policy, PolicyIssue } from '../policy/types.ts';
+import type { Change, ClusterRoleGate } from '../policy/apply.ts';
+import type { GatedPair, Identity, Policy, PolicyIssue } from '../policy/types.ts';
 import { outputOption, printJson, style, type OutputFormat } from './output.ts';
 
 interface CheckOptions {
@@ -20,15 +20,38 @@ interface ApplyOptions {
 export interface PolicyApplyResult {
   dryRun: boolean;
   changes: Change[];
+  /**
+   * Each `clusterRole` template, checked against the gated set with its ClusterRole's rules as the
+   * cluster holds them; `hits` non-empty means its tasks need approval (`approvers`, `required`).
+   */
+  clusterRoles: Array<{ template: string; clusterRole: string; hits: string[]; aggregated: boolean; approvers: string[]; required: number }>;
 }
 
 export interface PolicySummary {
   agents: number;
+  /** People (approvers), each with their identities (`serviceAccount NS/NAME`, `oidc ISSUER SUB`). */
+  people: Array<{ name: string; identities: string[] }>;
   templates: number;
   gated: number;
   approverGroups: number;
   /** Templates whose rules intersect the gated set, with what they hit: they need approval to start. */
   gatedTemplates: Array<{ template: string; hits: string[]; approvers: string[]; required: number }>;
+  /**
+   * Templates that bind an existing ClusterRole: its rules live in the cluster, so `policy check`
+   * cannot see them; `policy apply` and the broker, at every task start, check them against the gated set.
+   */
+  clusterRoleTemplates: Array<{ template: string; clusterRole: string }>;
+}
+
+/** A gated pair as `policy check` shows it: `create pods/exec`, `delete apps/deployments`. */
+function pairText(h: GatedPair): string {
+  return `${h.verb} ${h.apiGroup ? `${h.apiGroup}/` : ''}${h.resource}`;
+}
+
+function identityText(id: Identity): string {
+  if (id.kind === 'serviceAccount') return `serviceAccount ${id.namespace}/${id.name}`;
+  if (id.kind === 'oidc') return `oidc ${id.issuer} ${id.subject}`;
+  return `oidcGroup ${id.issuer} ${id.group}`;
 }
 
 /** What `policy check` prints with `-o json`. */
@@ -74,14 +97,16 @@ export async function policySummary(policy: Policy): Promise<PolicySummary> {
     const hits = gatedPairsHitBy(t.rules ?? [], policy.gated);
     if (hits.length === 0) return [];
     const approval = t.approval ?? policy.defaultApproval;
-    return [{ template: t.name, hits: hits.map((h) => `${h.verb} ${h.apiGroup ? `${h.apiGroup}/` : ''}${h.resource}`), approvers: approval.approvers, required: approval.required }];
+    return [{ template: t.name, hits: hits.map(pairText), approvers: approval.approvers, required: approval.required }];
   });
   return {
     agents: policy.agents.length,
+    people: policy.people.map((p) => ({ name: p.name, identities: p.identities.map(identityText) })),
     templates: policy.templates.length,
     gated: policy.gated.length,
     approverGroups: policy.approverGroups.length,
     gatedTemplates,
+    clusterRoleTemplates: policy.templates.flatMap((t) => (t.clusterRole === undefined ? [] : [{ template: t.name, clusterRole: t.clusterRole }])),
   };
 }
 
@@ -100,13 +125,17 @@ async function check(file: string, opts: CheckOptions): Promise<void> {
     printJson({ valid: true, issues: [], summary } satisfies PolicyCheckResult);
     return;
   }
-  const n = (count: number, noun: string) => `${count} ${noun}${count === 1 ? '' : 's'}`;
+  const n = (count: number, noun: string, plural = `${noun}s`) => `${count} ${count === 1 ? noun : plural}`;
   process.stdout.write(
-    `${file}: ${style.ok('valid')}: ${n(summary.agents, 'agent')}, ${n(summary.templates, 'template')}, ` +
+    `${file}: ${style.ok('valid')}: ${n(summary.agents, 'agent')}, ${n(summary.people.length, 'person', 'people')}, ${n(summary.templates, 'template')}, ` +
       `${n(summary.gated, 'gated pair')}, ${n(summary.approverGroups, 'approver group')}\n`,
   );
+  for (const p of summary.people) process.stdout.write(`  person: ${p.name} (${p.identities.join('; ')})\n`);
   for (const g of summary.gatedTemplates) {
     process.stdout.write(`  gated: ${g.template} (${g.hits.join(', ')}): needs ${g.required} approval(s) from ${g.approvers.join(', ')}\n`);
+  }
+  for (const c of summary.clusterRoleTemplates) {
+    process.stdout.write(`  clusterRole: ${c.template} binds ClusterRole ${c.clusterRole}: checked against the gated set by policy apply and at every task start, not here\n`);
   }
 }
 
@@ -127,8 +156,9 @@ async function apply(file: string, opts: ApplyOptions): Promise<void> {
   // Opened first: an unwritable log stops the apply before anything changes.
   const audit = opts.auditLog && !opts.dryRun ? await (await import('../audit/log.ts')).AuditLog.open(opts.auditLog) : undefined;
   let changes: Change[];
+  let gates: ClusterRoleGate[];
   try {
-    changes = await applyPolicy(kube, policy, { dryRun: opts.dryRun });
+    ({ changes, clusterRoles: gates } = await applyPolicy(kube, policy, { dryRun: opts.dryRun }));
     if (audit) {
       const count = (a: Change['action']) => changes.filter((c) => c.action === a).length;
       const { createHash } = await import('node:crypto');
@@ -150,9 +180,21 @@ async function apply(file: string, opts: ApplyOptions): Promise<void> {
   } finally {
     await audit?.close();
   }
+  const clusterRoles = gates.map((g) => {
+    const approval = policy.templates.find((t) => t.name === g.template)?.approval ?? policy.defaultApproval;
+    return { template: g.template, clusterRole: g.clusterRole, hits: g.hits.map(pairText), aggregated: g.aggregated, approvers: approval.approvers, required: approval.required };
+  });
   if (opts.output === 'json') {
-    printJson({ dryRun: opts.dryRun, changes } satisfies PolicyApplyResult);
+    printJson({ dryRun: opts.dryRun, changes, clusterRoles } satisfies PolicyApplyResult);
     return;
+  }
+  for (const c of clusterRoles) {
+    const grows = c.aggregated ? ` (it aggregates other ClusterRoles, so it can grow: the broker checks it again at every task start)` : '';
+    process.stdout.write(
+      c.hits.length > 0
+        ? `gated: template ${c.template} binds ClusterRole ${c.clusterRole}, which grants gated access (${c.hits.join(', ')}): starts need ${c.required} approval(s) from ${c.approvers.join(', ')}${grows}\n`
+        : `checked: template ${c.template} binds ClusterRole ${c.clusterRole}, which grants no gated access${grows}\n`,
+    );
   }
   let unchanged = 0;
   for (const c of changes) {

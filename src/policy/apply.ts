@@ -1,25 +1,33 @@
 /**
  * `broker policy apply`: turns the policy into the RBAC objects the broker runs with (DESIGN.md §4).
  * Run once by an administrator with an admin kubeconfig; idempotent; removes what the policy no
- * longer asks for. What it creates is documented in docs/policy.md ("What `broker policy apply`
- * creates"):
+ * longer asks for. What it creates is documented, rule by rule, in docs/policy.md ("What `broker
+ * policy apply` creates"; test/unit/policy-apply-doc.test.ts keeps the two in sync):
  *
- *   Namespace           TASK_NS                      created when missing, never deleted
- *   ServiceAccount      TASK_NS/SA                   the broker's own identity
- *   Role + RoleBinding  TASK_NS/task-broker:broker   serviceaccounts, serviceaccounts/token, secrets, leases
- *   Role + RoleBinding  N/task-broker:broker         per namespace N a template allows: rolebindings, and
- *                                                    `bind` on exactly the ClusterRoles of the templates allowing N
- *   ClusterRole + CRB   task-broker:broker           tokenreviews create
- *   ClusterRole         task-broker:template:NAME    per template with `rules`: exactly those rules
+ *   Namespace           BROKER_NS, TASK_NS                created when missing, never deleted
+ *   ServiceAccount      BROKER_NS/SA                      the broker's own identity
+ *   Role + RoleBinding  BROKER_NS/task-broker:broker      the approval signing key (Secret), approval requests and
+ *                                                         the audit checkpoint (ConfigMaps), the sweeper Lease
+ *   Role + RoleBinding  TASK_NS/task-broker:broker        task ServiceAccounts, their tokens, task Secrets
+ *   Role + RoleBinding  N/task-broker:broker              per namespace N a template allows: rolebindings, and
+ *                                                         `bind` on exactly the ClusterRoles of the templates allowing N
+ *   ClusterRole + CRB   task-broker:broker                tokenreviews create; `get` on the ClusterRoles that
+ *                                                         `clusterRole` templates name (re-checked at every task start)
+ *   ClusterRole         task-broker:template:NAME         per template with `rules`: exactly those rules
  *
  * The broker's own roles hold no `escalate` and no `*`: a compromised broker can bind only the roles an
- * administrator applied from the policy, only in the namespaces the policy names.
+ * administrator applied from the policy, only in the namespaces the policy names. Its ServiceAccount
+ * lives apart from the task namespace (where it may mint tokens), and in its own namespace it can read
+ * no Secret but the signing key, so it cannot mint a token for itself, neither with TokenRequest nor
+ * through a `kubernetes.io/service-account-token` Secret.
  */
 import type * as k8s from '@kubernetes/client-node';
+import { KEY_SECRET } from '../approvals/token.ts';
 import { BrokerError } from '../errors.ts';
 import { clusterError, isNotFound, type KubeApis } from '../kube/config.ts';
 import { LABEL, MANAGED_BY, templateClusterRole } from '../tasks/model.ts';
-import type { Policy, PolicyRule } from './types.ts';
+import { describePair, gatedPairsHitBy, reservedNamespaceProblem, SAME_NAMESPACES_REASON } from './parse.ts';
+import type { GatedPair, Policy, PolicyRule, Template } from './types.ts';
 
 /** The label that marks the objects of `policy apply` (next to `app.kubernetes.io/managed-by`). */
 export const COMPONENT_LABEL = 'task-broker.dev/component';
@@ -65,16 +73,27 @@ export type DesiredObject =
   | { kind: 'RoleBinding'; namespace: string; name: string; labels: Record<string, string>; roleRef: RoleRef; subjects: Subject[] };
 
 /**
- * What the broker needs in its task namespace: per-task ServiceAccounts, their tokens, task Secrets
- * (and the approval signing key), approval requests (ConfigMaps), the sweeper's Lease.
+ * What the broker needs in its own namespace (`broker.namespace`, where its ServiceAccount lives):
+ * the approval signing key (a Secret it creates on first use, then reads and may replace; no other
+ * Secret there can be read, so a `kubernetes.io/service-account-token` Secret it might create for
+ * itself stays out of its reach), approval requests and the audit log's checkpoint (ConfigMaps), the
+ * sweeper's Lease. Nothing that mints tokens: no `serviceaccounts/token`, no ServiceAccounts.
  */
+export function brokerOwnNamespaceRules(): PolicyRule[] {
+  return [
+    { apiGroups: [''], resources: ['secrets'], verbs: ['create'] },
+    { apiGroups: [''], resources: ['secrets'], resourceNames: [KEY_SECRET], verbs: ['get', 'update'] },
+    { apiGroups: [''], resources: ['configmaps'], verbs: ['create', 'delete', 'get', 'list', 'watch', 'update'] },
+    { apiGroups: ['coordination.k8s.io'], resources: ['leases'], verbs: ['get', 'create', 'update'] },
+  ];
+}
+
+/** What the broker needs in its task namespace: per-task ServiceAccounts, their tokens, task Secrets. Nothing else. */
 export function brokerTaskNamespaceRules(): PolicyRule[] {
   return [
     { apiGroups: [''], resources: ['serviceaccounts'], verbs: ['create', 'delete', 'get', 'list', 'watch'] },
     { apiGroups: [''], resources: ['serviceaccounts/token'], verbs: ['create'] },
     { apiGroups: [''], resources: ['secrets'], verbs: ['create', 'delete', 'get', 'list', 'watch', 'patch'] },
-    { apiGroups: [''], resources: ['configmaps'], verbs: ['create', 'delete', 'get', 'list', 'watch', 'update'] },
-    { apiGroups: ['coordination.k8s.io'], resources: ['leases'], verbs: ['get', 'create', 'update'] },
   ];
 }
 
@@ -86,14 +105,53 @@ export function brokerTargetNamespaceRules(clusterRoles: readonly string[]): Pol
   ];
 }
 
-/** Cluster-wide, the broker only reviews callers' ServiceAccount tokens. */
-export function brokerClusterRules(): PolicyRule[] {
-  return [{ apiGroups: ['authentication.k8s.io'], resources: ['tokenreviews'], verbs: ['create'] }];
+/**
+ * Cluster-wide, the broker reviews callers' ServiceAccount tokens, and reads the ClusterRoles that
+ * `clusterRole` templates bind (to check them against the gated set at every task start). The `get` rule is
+ * left out when no template names a ClusterRole: a rule with no `resourceNames` would allow every name.
+ */
+export function brokerClusterRules(templateClusterRoles: readonly string[]): PolicyRule[] {
+  return [
+    { apiGroups: ['authentication.k8s.io'], resources: ['tokenreviews'], verbs: ['create'] },
+    ...(templateClusterRoles.length > 0
+      ? [{ apiGroups: [RBAC_GROUP], resources: ['clusterroles'], resourceNames: [...templateClusterRoles], verbs: ['get'] }]
+      : []),
+  ];
 }
 
 /** The ClusterRole a task of this template is bound to. */
 export function boundClusterRole(template: Policy['templates'][number]): string {
   return template.clusterRole ?? templateClusterRole(template.name);
+}
+
+/** The distinct ClusterRoles that `clusterRole` templates name, sorted. */
+export function namedClusterRoles(policy: Policy): string[] {
+  return [...new Set(policy.templates.flatMap((t) => (t.clusterRole === undefined ? [] : [t.clusterRole])))].sort();
+}
+
+/**
+ * Refuses a policy (built by hand: parsePolicy already refuses these) whose broker namespaces are one,
+ * or where a template allows one of them. Throws BrokerError 'invalid_argument' naming the field.
+ */
+export function assertBrokerNamespacesApart(policy: Policy): void {
+  const { namespace, taskNamespace } = policy.broker;
+  if (namespace === taskNamespace) {
+    throw new BrokerError('invalid_argument', `"broker.namespace" and "broker.taskNamespace" must differ, both are "${namespace}": ${SAME_NAMESPACES_REASON}`, {
+      field: 'broker.namespace',
+    });
+  }
+  const problems: { field: string; message: string }[] = [];
+  policy.templates.forEach((t, i) =>
+    t.namespaces.forEach((ns, j) => {
+      const problem = reservedNamespaceProblem(ns, policy.broker);
+      if (problem) problems.push({ field: `templates[${i}].namespaces[${j}]`, message: `template "${t.name}": ${problem}` });
+    }),
+  );
+  const [first, ...rest] = problems;
+  if (first) {
+    const more = rest.length > 0 ? `; also ${rest.map((p) => p.field).join(', ')}` : '';
+    throw new BrokerError('invalid_argument', `${first.message}${more}`, { field: first.field });
+  }
 }
 
 const KIND_ORDER: readonly ObjectKind[] = ['Namespace', 'ServiceAccount', 'ClusterRole', 'Role', 'ClusterRoleBinding', 'RoleBinding'];
@@ -106,14 +164,17 @@ function compareObjects(a: { kind: string; namespace?: string; name: string }, b
 }
 
 /**
- * Every object the policy asks for, in the order they are applied: Namespace, ServiceAccount,
- * ClusterRoles, Roles, ClusterRoleBinding, RoleBindings (each sorted by namespace, then name). Pure.
+ * Every object the policy asks for, in the order they are applied: Namespaces, ServiceAccount,
+ * ClusterRoles, Roles, ClusterRoleBinding, RoleBindings (each sorted by namespace, then name). Pure;
+ * throws (assertBrokerNamespacesApart) for a policy whose templates allow a broker namespace.
  */
 export function desiredObjects(policy: Policy): DesiredObject[] {
+  assertBrokerNamespacesApart(policy);
   const labels = () => ({ ...POLICY_LABELS });
+  const brokerNs = policy.broker.namespace;
   const taskNs = policy.broker.taskNamespace;
   const sa = policy.broker.serviceAccount;
-  const subjects = (): Subject[] => [{ kind: 'ServiceAccount', name: sa, namespace: taskNs }];
+  const subjects = (): Subject[] => [{ kind: 'ServiceAccount', name: sa, namespace: brokerNs }];
 
   // Namespace → the ClusterRoles the broker may bind there.
   const bindable = new Map<string, Set<string>>();
@@ -126,9 +187,10 @@ export function desiredObjects(policy: Policy): DesiredObject[] {
   }
 
   const out: DesiredObject[] = [
+    { kind: 'Namespace', name: brokerNs, labels: labels() },
     { kind: 'Namespace', name: taskNs, labels: labels() },
-    { kind: 'ServiceAccount', namespace: taskNs, name: sa, labels: labels() },
-    { kind: 'ClusterRole', name: BROKER_ROLE, labels: labels(), rules: brokerClusterRules() },
+    { kind: 'ServiceAccount', namespace: brokerNs, name: sa, labels: labels() },
+    { kind: 'ClusterRole', name: BROKER_ROLE, labels: labels(), rules: brokerClusterRules(namedClusterRoles(policy)) },
     {
       kind: 'ClusterRoleBinding',
       name: BROKER_ROLE,
@@ -140,14 +202,13 @@ export function desiredObjects(policy: Policy): DesiredObject[] {
   for (const t of policy.templates) {
     if (t.rules) out.push({ kind: 'ClusterRole', name: templateClusterRole(t.name), labels: labels(), rules: t.rules.map(copyRule) });
   }
-  // One Role per namespace; when a template allows the task namespace itself, that Role holds both sets of rules.
-  const roleNamespaces = new Set([taskNs, ...bindable.keys()]);
-  for (const ns of roleNamespaces) {
-    const roles = bindable.get(ns);
-    const rules = [
-      ...(ns === taskNs ? brokerTaskNamespaceRules() : []),
-      ...(roles ? brokerTargetNamespaceRules([...roles].sort()) : []),
-    ];
+  // One Role per namespace; no template allows the two broker namespaces (checked above), so each Role has one purpose.
+  const roles: [string, PolicyRule[]][] = [
+    [brokerNs, brokerOwnNamespaceRules()],
+    [taskNs, brokerTaskNamespaceRules()],
+    ...[...bindable].map(([ns, set]): [string, PolicyRule[]] => [ns, brokerTargetNamespaceRules([...set].sort())]),
+  ];
+  for (const [ns, rules] of roles) {
     out.push({ kind: 'Role', namespace: ns, name: BROKER_ROLE, labels: labels(), rules });
     out.push({
       kind: 'RoleBinding',
@@ -159,6 +220,133 @@ export function desiredObjects(policy: Policy): DesiredObject[] {
     });
   }
   return out.sort(compareObjects);
+}
+
+// ---------------------------------------------------------------------------------------------
+// `clusterRole` templates: their rules live in the cluster, so they are checked against the gated set
+// here (by `policy apply`) and again by the broker at every task start.
+
+/** A `clusterRole` template and what its ClusterRole grants of the gated set. */
+export interface ClusterRoleGate {
+  template: string;
+  clusterRole: string;
+  /** The gated pairs the ClusterRole's rules grant, in the order of `policy.gated`; empty when none. */
+  hits: GatedPair[];
+  /** The ClusterRole aggregates others (`aggregationRule`): its rules grow when a matching ClusterRole appears. */
+  aggregated: boolean;
+}
+
+export interface ClusterRoleGateOptions {
+  /**
+   * For an aggregated ClusterRole, also read the ClusterRoles its selectors match (needs `list` on
+   * clusterroles, which an administrator has and the broker has not), in case the aggregation
+   * controller has not filled its rules yet. Default false: the role's own `rules` only.
+   */
+  resolveAggregation?: boolean;
+}
+
+function toPolicyRule(r: k8s.V1PolicyRule): PolicyRule {
+  return {
+    ...(r.apiGroups === undefined ? {} : { apiGroups: [...r.apiGroups] }),
+    ...(r.resources === undefined ? {} : { resources: [...r.resources] }),
+    ...(r.resourceNames === undefined ? {} : { resourceNames: [...r.resourceNames] }),
+    ...(r.nonResourceURLs === undefined ? {} : { nonResourceURLs: [...r.nonResourceURLs] }),
+    verbs: [...(r.verbs ?? [])],
+  };
+}
+
+/** A LabelSelector as the `labelSelector` query string. */
+function selectorString(sel: k8s.V1LabelSelector): string {
+  const parts = Object.entries(sel.matchLabels ?? {}).map(([k, v]) => `${k}=${v}`);
+  for (const e of sel.matchExpressions ?? []) {
+    const values = `(${(e.values ?? []).join(',')})`;
+    if (e.operator === 'In') parts.push(`${e.key} in ${values}`);
+    else if (e.operator === 'NotIn') parts.push(`${e.key} notin ${values}`);
+    else if (e.operator === 'Exists') parts.push(e.key);
+    else if (e.operator === 'DoesNotExist') parts.push(`!${e.key}`);
+  }
+  return parts.join(',');
+}
+
+/**
+ * Reads the ClusterRole of each `clusterRole` template and intersects its rules with the gated set.
+ * One entry per `clusterRole` template, in policy order. A ClusterRole that does not exist is
+ * BrokerError 'invalid_argument' naming it (and every other missing one): its rules cannot be checked,
+ * and whoever creates it later would decide what tasks get. Works with the broker's own credentials
+ * (`get` on exactly those names) as with an administrator's.
+ */
+export async function clusterRoleGatedHits(kube: KubeApis, policy: Policy, options: ClusterRoleGateOptions = {}): Promise<ClusterRoleGate[]> {
+  const rulesOf = new Map<string, { rules: PolicyRule[]; aggregated: boolean } | undefined>();
+  for (const name of namedClusterRoles(policy)) {
+    let role: k8s.V1ClusterRole | undefined;
+    try {
+      role = await readOrUndefined(() => kube.rbac.readClusterRole({ name }));
+    } catch (err) {
+      throw clusterError(`reading ClusterRole ${name}`, err);
+    }
+    if (!role) {
+      rulesOf.set(name, undefined);
+      continue;
+    }
+    const rules = (role.rules ?? []).map(toPolicyRule);
+    const selectors = role.aggregationRule?.clusterRoleSelectors ?? [];
+    if (options.resolveAggregation && selectors.length > 0) {
+      for (const sel of selectors) {
+        try {
+          const matched = await kube.rbac.listClusterRole({ labelSelector: selectorString(sel) });
+          for (const m of matched.items) if (m.metadata?.name !== name) rules.push(...(m.rules ?? []).map(toPolicyRule));
+        } catch (err) {
+          throw clusterError(`listing the ClusterRoles that ClusterRole ${name} aggregates`, err);
+        }
+      }
+    }
+    rulesOf.set(name, { rules, aggregated: role.aggregationRule !== undefined });
+  }
+  const missing: { index: number; template: Template }[] = [];
+  const out: ClusterRoleGate[] = [];
+  policy.templates.forEach((t, index) => {
+    if (t.clusterRole === undefined) return;
+    const role = rulesOf.get(t.clusterRole);
+    if (!role) missing.push({ index, template: t });
+    else out.push({ template: t.name, clusterRole: t.clusterRole, hits: gatedPairsHitBy(role.rules, policy.gated), aggregated: role.aggregated });
+  });
+  const [first, ...rest] = missing;
+  if (first) {
+    const more = rest.length > 0 ? `; also missing: ${rest.map((m) => `"${m.template.clusterRole}" (template "${m.template.name}")`).join(', ')}` : '';
+    throw new BrokerError(
+      'invalid_argument',
+      `ClusterRole "${first.template.clusterRole}" (named by template "${first.template.name}") does not exist, so its rules cannot be checked against the gated set${more}`,
+      { field: `templates[${first.index}].clusterRole` },
+    );
+  }
+  return out;
+}
+
+/** `template X binds ClusterRole Y, which grants gated access (create pods/exec, ...): starts need approval`. */
+export function describeClusterRoleGate(g: ClusterRoleGate): string {
+  return `template "${g.template}" binds ClusterRole "${g.clusterRole}", which grants gated access (${g.hits.map(describePair).join(', ')}): starts need approval`;
+}
+
+/**
+ * Throws BrokerError 'invalid_argument' when a `clusterRole` template whose ClusterRole grants gated
+ * access has no approver groups (nobody could ever approve its tasks).
+ */
+export function assertGatedClusterRolesApprovable(policy: Policy, gates: readonly ClusterRoleGate[]): void {
+  const unapprovable = gates.filter((g) => {
+    if (g.hits.length === 0) return false;
+    const t = policy.templates.find((x) => x.name === g.template)!;
+    return (t.approval ?? policy.defaultApproval).approvers.length === 0;
+  });
+  const [first, ...rest] = unapprovable;
+  if (!first) return;
+  const index = policy.templates.findIndex((t) => t.name === first.template);
+  const more = rest.length > 0 ? `; so do templates ${rest.map((g) => `"${g.template}"`).join(', ')}` : '';
+  throw new BrokerError(
+    'invalid_argument',
+    `template "${first.template}" binds ClusterRole "${first.clusterRole}", which grants gated access (${first.hits.map(describePair).join(', ')}), ` +
+      `but no approver groups can approve its tasks: declare "approvers" (or give the template an "approval"), or bind a ClusterRole without gated access${more}`,
+    { field: `templates[${index}].clusterRole` },
+  );
 }
 
 function copyRule(r: PolicyRule): PolicyRule {
@@ -247,23 +435,33 @@ function change(action: Change['action'], o: { kind: string; namespace?: string 
   return { action, kind: o.kind, ...(o.namespace === undefined ? {} : { namespace: o.namespace }), name: o.name };
 }
 
+/** What `applyPolicy` did (or, in a dry run, would do). */
+export interface ApplyResult {
+  /** Every change, unchanged objects included: first the desired objects in apply order, then the deletions. */
+  changes: Change[];
+  /** Each `clusterRole` template, with what its ClusterRole grants of the gated set. */
+  clusterRoles: ClusterRoleGate[];
+}
+
 /**
  * Makes the cluster hold exactly the objects of desiredObjects(policy): creates what is missing,
- * replaces what differs (rules, roleRef, subjects, our labels), deletes managed RBAC objects the
- * policy no longer asks for (bindings before roles). Template namespaces must exist; all are checked
- * before anything is written. Returns every change (unchanged objects included): first the desired
- * objects in apply order, then the deletions.
+ * replaces what differs (rules, roleRef, subjects, our labels), deletes managed RBAC objects and
+ * ServiceAccounts the policy no longer asks for (bindings before roles, ServiceAccounts last).
+ * Before anything is written it checks that no template allows a broker namespace, that every
+ * template namespace exists, and that every `clusterRole` template's ClusterRole exists and, when it
+ * grants gated access, that the template has approvers.
  */
-export async function applyPolicy(kube: KubeApis, policy: Policy, options: ApplyOptions = {}): Promise<Change[]> {
+export async function applyPolicy(kube: KubeApis, policy: Policy, options: ApplyOptions = {}): Promise<ApplyResult> {
   const dryRun = options.dryRun ?? false;
-  const taskNs = policy.broker.taskNamespace;
 
-  // 1. Every namespace a template allows must exist (the task namespace is created below).
+  // 1. Nothing is written for a policy that puts tasks in a broker namespace.
+  assertBrokerNamespacesApart(policy);
+
+  // 2. Every namespace a template allows must exist (the broker's two are created below).
   const missing: { ns: string; template: string; index: number }[] = [];
   const checked = new Map<string, boolean>();
   for (const [index, t] of policy.templates.entries()) {
     for (const ns of t.namespaces) {
-      if (ns === taskNs) continue;
       let exists = checked.get(ns);
       if (exists === undefined) {
         exists = (await readOrUndefined(() => kube.core.readNamespace({ name: ns })).catch((err: unknown) => {
@@ -282,7 +480,11 @@ export async function applyPolicy(kube: KubeApis, policy: Policy, options: Apply
     });
   }
 
-  // 2. Create or update each desired object, in order (roles before the bindings that refer to them).
+  // 3. `clusterRole` templates: their ClusterRoles exist, and the gated ones can be approved.
+  const clusterRoles = await clusterRoleGatedHits(kube, policy, { resolveAggregation: true });
+  assertGatedClusterRolesApprovable(policy, clusterRoles);
+
+  // 4. Create or update each desired object, in order (roles before the bindings that refer to them).
   const desired = desiredObjects(policy);
   const changes: Change[] = [];
   for (const obj of desired) {
@@ -293,16 +495,18 @@ export async function applyPolicy(kube: KubeApis, policy: Policy, options: Apply
     }
   }
 
-  // 3. Delete managed RBAC objects that are no longer desired: bindings first, then roles.
+  // 5. Delete managed objects that are no longer desired: bindings first, then roles, then ServiceAccounts
+  //    (the broker's ServiceAccount of a previous layout or name: deleting it also voids its tokens).
   const wanted = new Set(desired.map((o) => describe(o)));
   const stale: { kind: ObjectKind; namespace?: string; name: string; remove: () => Promise<unknown> }[] = [];
   try {
     const labelSelector = POLICY_SELECTOR;
-    const [crbs, rbs, crs, roles] = await Promise.all([
+    const [crbs, rbs, crs, roles, sas] = await Promise.all([
       kube.rbac.listClusterRoleBinding({ labelSelector }),
       kube.rbac.listRoleBindingForAllNamespaces({ labelSelector }),
       kube.rbac.listClusterRole({ labelSelector }),
       kube.rbac.listRoleForAllNamespaces({ labelSelector }),
+      kube.core.listServiceAccountForAllNamespaces({ labelSelector }),
     ]);
     for (const o of crbs.items) {
       const name = o.metadata!.name!;
@@ -322,10 +526,15 @@ export async function applyPolicy(kube: KubeApis, policy: Policy, options: Apply
       const namespace = o.metadata!.namespace!;
       stale.push({ kind: 'Role', namespace, name, remove: () => kube.rbac.deleteNamespacedRole({ name, namespace }) });
     }
+    for (const o of sas.items) {
+      const name = o.metadata!.name!;
+      const namespace = o.metadata!.namespace!;
+      stale.push({ kind: 'ServiceAccount', namespace, name, remove: () => kube.core.deleteNamespacedServiceAccount({ name, namespace }) });
+    }
   } catch (err) {
     throw clusterError('listing the objects of a previous policy apply', err);
   }
-  const deleteOrder: ObjectKind[] = ['RoleBinding', 'ClusterRoleBinding', 'Role', 'ClusterRole'];
+  const deleteOrder: ObjectKind[] = ['RoleBinding', 'ClusterRoleBinding', 'Role', 'ClusterRole', 'ServiceAccount'];
   const toDelete = stale
     .filter((o) => !wanted.has(describe(o)))
     .sort((a, b) => deleteOrder.indexOf(a.kind) - deleteOrder.indexOf(b.kind) || (a.namespace ?? '').localeCompare(b.namespace ?? '') || a.name.localeCompare(b.name));
@@ -339,7 +548,7 @@ export async function applyPolicy(kube: KubeApis, policy: Policy, options: Apply
     }
     changes.push(change('delete', o));
   }
-  return changes;
+  return { changes, clusterRoles };
 }
 
 async function upsert(kube: KubeApis, obj: DesiredObject, dryRun: boolean): Promise<Change> {

@@ -8,7 +8,7 @@ import type { ErrorObject } from 'ajv';
 import { LineCounter, isAlias, isMap, isNode, isScalar, isSeq, parseDocument, type Document } from 'yaml';
 import { BrokerError } from '../errors.ts';
 import { durationProblem, parseDuration } from './duration.ts';
-import { schemaErrors } from './schema.ts';
+import { DNS_LABEL_PATTERN, schemaErrors } from './schema.ts';
 import type {
   Agent,
   ApprovalRequirement,
@@ -16,6 +16,7 @@ import type {
   BrokerSettings,
   GatedPair,
   Identity,
+  Person,
   Policy,
   PolicyIssue,
   PolicyRule,
@@ -29,10 +30,12 @@ export { POLICY_API_VERSION, POLICY_KIND } from './schema.ts';
 export const MIN_TOKEN_TTL = 600;
 
 export const BROKER_DEFAULTS = {
+  namespace: 'task-broker-system',
   serviceAccount: 'task-broker',
   tokenTtl: 600,
   identityAudience: 'task-broker',
   approvalRequestTtl: 3600,
+  limits: { activeTasksPerAgent: 10, openApprovalsPerAgent: 5 },
 } as const;
 
 /**
@@ -125,7 +128,7 @@ export function formatPath(path: readonly Seg[]): string {
   return out;
 }
 
-const SECTION_NOUN: Record<string, string> = { agents: 'agent', templates: 'template', approvers: 'approver group' };
+const SECTION_NOUN: Record<string, string> = { agents: 'agent', people: 'person', templates: 'template', approvers: 'approver group' };
 
 class IssueList {
   readonly list: PolicyIssue[] = [];
@@ -240,10 +243,14 @@ function reportSchemaError(issues: IssueList, data: unknown, err: ErrorObject): 
     issues.add(path, `${field} must be "NAMESPACE/NAME" with both parts DNS-1123 labels, got ${got}`);
     return;
   }
+  if (kind === 'positiveInteger' && (err.keyword === 'minimum' || err.keyword === 'type')) {
+    issues.add(path, `${field} must be a whole number of at least 1, got ${got}`);
+    return;
+  }
   if ((kind === 'identity' || kind === 'member') && (err.keyword === 'minProperties' || err.keyword === 'maxProperties')) {
-    const keys = kind === 'identity' ? '"serviceAccount" or "oidc"' : '"serviceAccount", "oidc" or "oidcGroup"';
     const present = isObject(err.data) ? Object.keys(err.data).map((k) => JSON.stringify(k)).join(', ') : '';
-    issues.add(path, `an identity has exactly one key, ${keys}; got ${present || 'none'}`);
+    const what = kind === 'identity' ? 'an identity has exactly one key, "serviceAccount" or "oidc"' : 'an approver group member has exactly one key, "serviceAccount", "oidc", "oidcGroup" or "person"';
+    issues.add(path, `${what}; got ${present || 'none'}`);
     return;
   }
   switch (err.keyword) {
@@ -357,12 +364,28 @@ function uniqueNames(issues: IssueList, section: string, items: unknown[]): Set<
   return new Set(first.keys());
 }
 
-/** Distinct members of the named groups; Infinity when one of them is an OIDC group (its size is unknown). */
-function memberCount(groups: Map<string, unknown[]>, names: string[]): number {
+/**
+ * Who stands behind an approver group member, for counting: `person NAME` for a `person:` member and
+ * for an identity that belongs to a declared person, the identity's key otherwise; undefined when malformed.
+ */
+function principalKey(member: unknown, personOf: ReadonlyMap<string, string>): string | undefined {
+  if (isObject(member) && typeof member['person'] === 'string') return `person ${JSON.stringify(member['person'])}`;
+  const key = identityKey(member);
+  if (key === undefined) return undefined;
+  const person = personOf.get(key);
+  return person === undefined ? key : `person ${JSON.stringify(person)}`;
+}
+
+/**
+ * Distinct approvers in the named groups, counted per principal: a person counts once however many
+ * of their identities (or `person:` entries) the groups list. Infinity when one of them is an OIDC
+ * group (its size is unknown).
+ */
+function memberCount(groups: Map<string, unknown[]>, names: string[], personOf: ReadonlyMap<string, string>): number {
   const keys = new Set<string>();
   for (const name of names) {
     for (const m of groups.get(name) ?? []) {
-      const key = identityKey(m);
+      const key = principalKey(m, personOf);
       if (key?.startsWith('oidcGroup')) return Infinity;
       if (key) keys.add(key);
     }
@@ -375,6 +398,7 @@ function checkApproval(
   path: Seg[],
   raw: Obj,
   groups: Map<string, unknown[]>,
+  personOf: ReadonlyMap<string, string>,
   fallback: { approvers: string[]; required: unknown },
 ): void {
   const approvers = Array.isArray(raw['approvers']) ? strings(raw['approvers']) : fallback.approvers;
@@ -388,7 +412,7 @@ function checkApproval(
   if (typeof required !== 'number' || !Number.isInteger(required) || required < 1) return;
   const declared = approvers.filter((a) => groups.has(a));
   if (declared.length !== approvers.length) return;
-  const count = memberCount(groups, declared);
+  const count = memberCount(groups, declared, personOf);
   if (required > count) {
     const at = raw['required'] === undefined ? path : [...path, 'required'];
     const groupsText = declared.length === 0 ? 'no approver groups' : `approver group${declared.length === 1 ? '' : 's'} ${declared.map((a) => JSON.stringify(a)).join(', ')}`;
@@ -397,11 +421,45 @@ function checkApproval(
 }
 
 const CLUSTER_ROLE_NAME = /^[^/%]+$/;
+const DNS_LABEL = new RegExp(DNS_LABEL_PATTERN);
+
+/**
+ * Why a template may not allow `ns`, when `ns` is one of the broker's own namespaces; undefined
+ * otherwise. Used by the policy checks and again by `policy apply` (for a Policy built by hand).
+ */
+export function reservedNamespaceProblem(ns: string, broker: { namespace: string; taskNamespace: string }): string | undefined {
+  if (ns === broker.taskNamespace) {
+    return (
+      `namespace ${JSON.stringify(ns)} is the broker's task namespace ("broker.taskNamespace"), which no template may allow: ` +
+      `a task there could rewrite task records and mint tokens for task ServiceAccounts, and so extend itself or take over other tasks`
+    );
+  }
+  if (ns === broker.namespace) {
+    return (
+      `namespace ${JSON.stringify(ns)} is the broker's own namespace ("broker.namespace"), which no template may allow: ` +
+      `a task there could forge approvals (their records and signing key live there) or act as the broker`
+    );
+  }
+  return undefined;
+}
+
+/** Why the two broker namespaces may not be one. */
+export const SAME_NAMESPACES_REASON =
+  'the broker may mint tokens for any ServiceAccount in the task namespace, so its own ServiceAccount there could mint tokens for itself';
 
 function semanticChecks(issues: IssueList, data: Obj): void {
   // broker
   const broker = data['broker'];
+  const brokerNs = isObject(broker) && typeof broker['namespace'] === 'string' ? broker['namespace'] : BROKER_DEFAULTS.namespace;
+  const taskNs = isObject(broker) && typeof broker['taskNamespace'] === 'string' ? broker['taskNamespace'] : undefined;
   if (isObject(broker)) {
+    if (taskNs !== undefined && taskNs === brokerNs) {
+      const given = broker['namespace'] !== undefined;
+      issues.add(
+        given ? ['broker', 'namespace'] : ['broker', 'taskNamespace'],
+        `"broker.namespace"${given ? '' : ` (default ${JSON.stringify(BROKER_DEFAULTS.namespace)})`} and "broker.taskNamespace" must differ, both are ${JSON.stringify(taskNs)}: ${SAME_NAMESPACES_REASON}`,
+      );
+    }
     const tokenTtl = seconds(issues, ['broker', 'tokenTTL'], broker['tokenTTL']);
     if (tokenTtl !== undefined && tokenTtl < MIN_TOKEN_TTL) {
       issues.add(['broker', 'tokenTTL'], `"broker.tokenTTL" must be at least 10m (600s, TokenRequest's minimum), got ${JSON.stringify(broker['tokenTTL'])}`);
@@ -441,20 +499,71 @@ function semanticChecks(issues: IssueList, data: Obj): void {
     });
   });
 
-  // approver groups
+  const agentOf = (key: string): string => {
+    const at = owner.get(key)!;
+    const agent = agents[at.agent];
+    const name = isObject(agent) && typeof agent['name'] === 'string' ? JSON.stringify(agent['name']) : `agents[${at.agent}]`;
+    return `agent ${name} (line ${issues.line(['agents', at.agent, 'identities', at.id])})`;
+  };
+
+  // people: unique names, each identity in at most one person and in no agent
+  const people = list(data['people']);
+  const personNames = uniqueNames(issues, 'people', people);
+  const personOwner = new Map<string, { person: number; id: number }>();
+  /** Identity key → the name of the person it belongs to (for counting approvers per principal). */
+  const personOf = new Map<string, string>();
+  people.forEach((person, p) => {
+    if (!isObject(person)) return;
+    list(person['identities']).forEach((id, j) => {
+      const path = ['people', p, 'identities', j];
+      checkIssuers(issues, path, id);
+      const key = identityKey(id);
+      if (key === undefined) return;
+      if (owner.has(key)) {
+        issues.add(path, `identity ${key} belongs to ${agentOf(key)}: an agent's identity cannot also be a person's, or the agent could approve its own tasks`);
+        return;
+      }
+      const prev = personOwner.get(key);
+      if (prev === undefined) {
+        personOwner.set(key, { person: p, id: j });
+        if (typeof person['name'] === 'string') personOf.set(key, person['name']);
+      } else if (prev.person === p) issues.add(path, `identity ${key} is listed twice in this person`);
+      else {
+        const other = people[prev.person];
+        const otherName = isObject(other) && typeof other['name'] === 'string' ? JSON.stringify(other['name']) : `people[${prev.person}]`;
+        issues.add(path, `identity ${key} already belongs to person ${otherName} (line ${issues.line(['people', prev.person, 'identities', prev.id])}); an identity maps to one person`);
+      }
+    });
+  });
+
+  // approver groups: members are people or identities, never an agent's identity
   const groupsRaw = list(data['approvers']);
   uniqueNames(issues, 'approvers', groupsRaw);
   const groups = new Map<string, unknown[]>();
   groupsRaw.forEach((g, i) => {
     if (!isObject(g)) return;
     if (typeof g['name'] === 'string' && !groups.has(g['name'])) groups.set(g['name'], list(g['members']));
-    list(g['members']).forEach((m, j) => checkIssuers(issues, ['approvers', i, 'members', j], m));
+    list(g['members']).forEach((m, j) => {
+      const path = ['approvers', i, 'members', j];
+      checkIssuers(issues, path, m);
+      if (isObject(m) && typeof m['person'] === 'string') {
+        // (A name that is not a DNS label is reported by the schema already.)
+        if (!personNames.has(m['person']) && DNS_LABEL.test(m['person'])) {
+          issues.add([...path, 'person'], `person ${JSON.stringify(m['person'])} is not declared in "people"${personNames.size ? ` (declared: ${[...personNames].join(', ')})` : ''}`);
+        }
+        return;
+      }
+      const key = identityKey(m);
+      if (key !== undefined && owner.has(key)) {
+        issues.add(path, `identity ${key} belongs to ${agentOf(key)}: an agent's identity cannot approve, or the agent could approve its own tasks`);
+      }
+    });
   });
 
   // default approval requirement
   const approvalsRaw = isObject(data['approvals']) ? data['approvals'] : {};
   const defaultApprovers = Array.isArray(approvalsRaw['approvers']) ? strings(approvalsRaw['approvers']) : [...groups.keys()];
-  if (isObject(data['approvals'])) checkApproval(issues, ['approvals'], approvalsRaw, groups, { approvers: [...groups.keys()], required: 1 });
+  if (isObject(data['approvals'])) checkApproval(issues, ['approvals'], approvalsRaw, groups, personOf, { approvers: [...groups.keys()], required: 1 });
   const defaultRequired = approvalsRaw['required'] ?? 1;
 
   // gated
@@ -500,6 +609,8 @@ function semanticChecks(issues: IssueList, data: Obj): void {
       if (typeof ns !== 'string') return;
       if (seenNs.has(ns)) issues.add(at('namespaces', j), `namespace ${JSON.stringify(ns)} is listed twice`);
       seenNs.add(ns);
+      const reserved = taskNs === undefined ? undefined : reservedNamespaceProblem(ns, { namespace: brokerNs, taskNamespace: taskNs });
+      if (reserved) issues.add(at('namespaces', j), reserved);
     });
     const ttl = t['ttl'];
     if (isObject(ttl)) {
@@ -516,7 +627,7 @@ function semanticChecks(issues: IssueList, data: Obj): void {
     });
     const approval = t['approval'];
     if (isObject(approval)) {
-      checkApproval(issues, at('approval'), approval, groups, { approvers: defaultApprovers, required: defaultRequired });
+      checkApproval(issues, at('approval'), approval, groups, personOf, { approvers: defaultApprovers, required: defaultRequired });
     }
     // A template whose rules touch the gated set needs someone able to approve it.
     if (Array.isArray(t['rules'])) {
@@ -530,7 +641,8 @@ function semanticChecks(issues: IssueList, data: Obj): void {
   });
 }
 
-function describePair(p: GatedPair): string {
+/** `create pods/exec`, `delete deployments.apps`. */
+export function describePair(p: GatedPair): string {
   return `${p.verb} ${p.resource}${p.apiGroup && p.apiGroup !== '*' ? `.${p.apiGroup}` : ''}`;
 }
 
@@ -587,9 +699,22 @@ interface RawApproval {
   approvers?: string[];
   required?: number;
 }
+interface RawMember extends RawIdentity {
+  person?: string;
+}
 interface RawPolicy {
-  broker: { taskNamespace: string; serviceAccount?: string; tokenTTL?: string; identityAudience?: string; approvalRequestTTL?: string; notifyWebhook?: string };
+  broker: {
+    namespace?: string;
+    taskNamespace: string;
+    serviceAccount?: string;
+    tokenTTL?: string;
+    identityAudience?: string;
+    approvalRequestTTL?: string;
+    notifyWebhook?: string;
+    limits?: { activeTasksPerAgent?: number; openApprovalsPerAgent?: number };
+  };
   agents: { name: string; identities?: RawIdentity[] }[];
+  people?: { name: string; identities: RawIdentity[] }[];
   templates: {
     name: string;
     description?: string;
@@ -601,7 +726,7 @@ interface RawPolicy {
     approval?: RawApproval;
   }[];
   gated?: Obj[];
-  approvers?: { name: string; members: RawIdentity[] }[];
+  approvers?: { name: string; members: RawMember[] }[];
   approvals?: RawApproval;
 }
 
@@ -631,15 +756,24 @@ function toRule(raw: Obj): PolicyRule {
 function build(raw: RawPolicy): Policy {
   const b = raw.broker;
   const broker: BrokerSettings = {
+    namespace: b.namespace ?? BROKER_DEFAULTS.namespace,
     taskNamespace: b.taskNamespace,
     serviceAccount: b.serviceAccount ?? BROKER_DEFAULTS.serviceAccount,
     tokenTtl: b.tokenTTL === undefined ? BROKER_DEFAULTS.tokenTtl : parseDuration(b.tokenTTL),
     identityAudience: b.identityAudience ?? BROKER_DEFAULTS.identityAudience,
     approvalRequestTtl: b.approvalRequestTTL === undefined ? BROKER_DEFAULTS.approvalRequestTtl : parseDuration(b.approvalRequestTTL),
     ...(b.notifyWebhook === undefined ? {} : { notifyWebhook: b.notifyWebhook }),
+    limits: {
+      activeTasksPerAgent: b.limits?.activeTasksPerAgent ?? BROKER_DEFAULTS.limits.activeTasksPerAgent,
+      openApprovalsPerAgent: b.limits?.openApprovalsPerAgent ?? BROKER_DEFAULTS.limits.openApprovalsPerAgent,
+    },
   };
   const agents: Agent[] = raw.agents.map((a) => ({ name: a.name, identities: (a.identities ?? []).map(toIdentity) }));
-  const approverGroups: ApproverGroup[] = (raw.approvers ?? []).map((g) => ({ name: g.name, members: g.members.map(toIdentity) }));
+  const people: Person[] = (raw.people ?? []).map((p) => ({ name: p.name, identities: p.identities.map(toIdentity) }));
+  const approverGroups: ApproverGroup[] = (raw.approvers ?? []).map((g) => ({
+    name: g.name,
+    members: g.members.map((m) => (m.person !== undefined ? { kind: 'person' as const, name: m.person } : toIdentity(m))),
+  }));
   const defaultApproval: ApprovalRequirement = {
     approvers: raw.approvals?.approvers ?? approverGroups.map((g) => g.name),
     required: raw.approvals?.required ?? 1,
@@ -658,5 +792,5 @@ function build(raw: RawPolicy): Policy {
       : { approval: { approvers: t.approval.approvers ?? [...defaultApproval.approvers], required: t.approval.required ?? defaultApproval.required } }),
   }));
   const gated = raw.gated === undefined ? DEFAULT_GATED.map((p) => ({ ...p })) : expandGated(raw.gated);
-  return { broker, agents, templates, gated, approverGroups, defaultApproval };
+  return { broker, agents, people, templates, gated, approverGroups, defaultApproval };
 }

@@ -32,16 +32,19 @@ export const POLICY_SCHEMA = {
       kind: { type: 'string', const: POLICY_KIND },
       broker: closed(
         {
+          namespace: ref('dnsLabel'),
           taskNamespace: ref('dnsLabel'),
           serviceAccount: ref('dnsLabel'),
           tokenTTL: ref('duration'),
           identityAudience: ref('text'),
           approvalRequestTTL: ref('duration'),
           notifyWebhook: ref('text'),
+          limits: closed({ activeTasksPerAgent: ref('positiveInteger'), openApprovalsPerAgent: ref('positiveInteger') }),
         },
         ['taskNamespace'],
       ),
       agents: arrayOf(ref('agent')),
+      people: arrayOf(ref('person')),
       templates: arrayOf(ref('template')),
       gated: arrayOf(ref('gated')),
       approvers: arrayOf(ref('approverGroup')),
@@ -54,6 +57,7 @@ export const POLICY_SCHEMA = {
     text: { title: 'text', type: 'string', minLength: 1 },
     dnsLabel: { title: 'dnsLabel', type: 'string', pattern: DNS_LABEL_PATTERN },
     duration: { title: 'duration', type: 'string', pattern: DURATION_PATTERN },
+    positiveInteger: { title: 'positiveInteger', type: 'integer', minimum: 1 },
     serviceAccountRef: { title: 'serviceAccountRef', type: 'string', pattern: `^${LABEL}/${LABEL}$` },
     oidc: closed({ issuer: ref('text'), subject: ref('text') }, ['issuer', 'subject']),
     oidcGroup: closed({ issuer: ref('text'), group: ref('text') }, ['issuer', 'group']),
@@ -63,14 +67,17 @@ export const POLICY_SCHEMA = {
       minProperties: 1,
       maxProperties: 1,
     },
+    // An approver group member: an identity, or `person: NAME` (a person declared in `people`, all their identities).
     member: {
       title: 'member',
-      ...closed({ serviceAccount: ref('serviceAccountRef'), oidc: ref('oidc'), oidcGroup: ref('oidcGroup') }),
+      ...closed({ serviceAccount: ref('serviceAccountRef'), oidc: ref('oidc'), oidcGroup: ref('oidcGroup'), person: ref('dnsLabel') }),
       minProperties: 1,
       maxProperties: 1,
     },
     // `identities` may be empty or absent: an agent enrolled with an agent key (broker agent enroll) needs only its name.
     agent: closed({ name: ref('dnsLabel'), identities: arrayOf(ref('identity')) }, ['name']),
+    // A person signs in with one or more identities (no agent keys), so `identities` is required.
+    person: closed({ name: ref('dnsLabel'), identities: arrayOf(ref('identity'), 1) }, ['name', 'identities']),
     rule: closed(
       {
         apiGroups: arrayOf({ type: 'string' }, 1),

@@ -20,8 +20,14 @@ const MAIN = new URL('../../src/cli/main.ts', import.meta.url).pathname;
 
 export interface BrokerEnvOptions {
   policyText?: string;
-  /** Namespaces to create before the policy is applied. Default: every template namespace. */
+  /**
+   * Namespaces to create before the policy is applied. Default: every template namespace. The
+   * namespaces of the policy's ServiceAccount identities, and the broker's own two (`broker.namespace`,
+   * `broker.taskNamespace`), are always there.
+   */
   namespaces?: string[];
+  /** Runs as the administrator after the namespaces exist and before the policy is applied. */
+  beforeApply?: (admin: KubeApis) => Promise<void>;
 }
 
 export class BrokerEnv {
@@ -52,16 +58,25 @@ export class BrokerEnv {
       const policyFile = join(dir, 'policy.yaml');
       writeFileSync(policyFile, text);
       const policy = parsePolicy(text, policyFile);
-      const identities = [...policy.agents.flatMap((a) => a.identities), ...policy.approverGroups.flatMap((g) => g.members)].flatMap((id) =>
+      const identities = [
+        ...policy.agents.flatMap((a) => a.identities),
+        ...policy.people.flatMap((p) => p.identities),
+        ...policy.approverGroups.flatMap((g) => g.members),
+      ].flatMap((id) =>
         id.kind === 'serviceAccount' ? [id] : [],
       );
       const namespaces = options.namespaces ?? [...new Set(policy.templates.flatMap((t) => t.namespaces))];
-      for (const ns of new Set([...namespaces, ...identities.map((id) => id.namespace)])) {
-        await admin.core.createNamespace({ body: { metadata: { name: ns } } });
+      const brokerNamespaces = [policy.broker.namespace, policy.broker.taskNamespace];
+      for (const ns of new Set([...namespaces, ...identities.map((id) => id.namespace), ...brokerNamespaces])) {
+        await admin.core.createNamespace({ body: { metadata: { name: ns } } }).catch((err) => {
+          if (!(err instanceof k8s.ApiException && err.code === 409)) throw err;
+        });
       }
+      await options.beforeApply?.(admin);
       await applyPolicy(admin, policy, {});
-      // The broker runs with its own ServiceAccount's token: exactly what `policy apply` granted it.
-      const brokerToken = await mintToken(admin, policy.broker.taskNamespace, policy.broker.serviceAccount, [], 3600);
+      // The broker runs with its own ServiceAccount's token, minted in its own namespace (broker.namespace):
+      // exactly what `policy apply` granted it.
+      const brokerToken = await mintToken(admin, policy.broker.namespace, policy.broker.serviceAccount, [], 3600);
       const brokerKubeconfig = writeTokenKubeconfig(join(dir, 'broker.kubeconfig'), cluster, brokerToken);
       // Agents and approvers are ServiceAccounts whose tokens carry the broker's audience.
       for (const id of identities) {

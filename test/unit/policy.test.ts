@@ -51,7 +51,22 @@ const where = (issues: PolicyIssue[]) => issues.map((i) => `${i.line} ${i.path}`
 test('the example policy in docs/examples parses, with its values converted', async () => {
   const p = await loadPolicy(example);
   assert.deepEqual(p.agents.map((a) => a.name), ['code-agent', 'ci']);
-  assert.deepEqual(p.templates.map((t) => t.name), ['read-pods', 'deployer', 'debug-exec']);
+  assert.deepEqual(p.templates.map((t) => t.name), ['read-pods', 'deployer', 'debug-exec', 'view']);
+  assert.equal(p.broker.namespace, 'task-broker-system');
+  assert.equal(p.broker.taskNamespace, 'task-broker');
+  assert.deepEqual(p.broker.limits, { activeTasksPerAgent: 10, openApprovalsPerAgent: 5 });
+  assert.deepEqual(p.people, [
+    {
+      name: 'alice',
+      identities: [
+        { kind: 'oidc', issuer: 'https://login.example.com', subject: 'alice' },
+        { kind: 'oidc', issuer: 'https://sso.example.org', subject: 'alice@example.com' },
+      ],
+    },
+    { name: 'bob', identities: [{ kind: 'oidc', issuer: 'https://login.example.com', subject: 'bob' }] },
+  ]);
+  assert.deepEqual(p.approverGroups[0]!.members, [{ kind: 'person', name: 'alice' }, { kind: 'person', name: 'bob' }]);
+  assert.equal(p.templates[3]!.clusterRole, 'view');
   assert.deepEqual(p.agents[0]!.identities, [
     { kind: 'serviceAccount', namespace: 'agents', name: 'code-agent', username: 'system:serviceaccount:agents:code-agent' },
   ]);
@@ -69,18 +84,21 @@ test('the example policy in docs/examples parses, with its values converted', as
 test('the example policy: only debug-exec touches the default gated set', async () => {
   const p = await loadPolicy(example);
   const hits = p.templates.map((t) => gatedPairsHitBy(t.rules ?? [], p.gated).map((g) => `${g.verb} ${g.resource}`));
-  assert.deepEqual(hits, [[], [], ['create pods/exec']]);
+  assert.deepEqual(hits, [[], [], ['create pods/exec'], []]); // view is a clusterRole template: checked at apply and start
 });
 
 test('defaults are applied when keys are absent: broker settings, default gated set, approval requirement', () => {
   const p = parsePolicy(MINIMAL + 'approvers:\n  - name: sre\n    members: [{ oidc: { issuer: "https://idp", subject: a } }]\n  - name: sec\n    members: [{ oidc: { issuer: "https://idp", subject: b } }]\n');
   assert.deepEqual(p.broker, {
+    namespace: 'task-broker-system',
     taskNamespace: 'task-broker',
     serviceAccount: 'task-broker',
     tokenTtl: 600,
     identityAudience: 'task-broker',
     approvalRequestTtl: 3600,
+    limits: { activeTasksPerAgent: 10, openApprovalsPerAgent: 5 },
   });
+  assert.deepEqual(p.people, []);
   assert.deepEqual(p.gated, DEFAULT_GATED);
   assert.equal(p.gated.length, 10);
   assert.notEqual(p.gated, DEFAULT_GATED, 'the policy gets its own copy');
@@ -355,6 +373,165 @@ test('notifyWebhook must be an http(s) URL', () => {
   assert.deepEqual(where(issuesOf(hook('mailto:ops@example.com'))), ['5 broker.notifyWebhook']);
 });
 
+// ---------------------------------------------------------------------------------------------
+// The broker's own namespace, per-agent limits, people, approvals per principal (issue 8)
+
+const withBroker = (extra: string) => MINIMAL.replace('  taskNamespace: task-broker\n', `  taskNamespace: task-broker\n${extra}`);
+const IDP = 'issuer: "https://idp"';
+
+test('broker.namespace defaults to task-broker-system and must be a DNS label', () => {
+  assert.equal(parsePolicy(MINIMAL).broker.namespace, 'task-broker-system');
+  assert.equal(parsePolicy(withBroker('  namespace: tb-own\n')).broker.namespace, 'tb-own');
+  const issues = issuesOf(withBroker('  namespace: TB_Own\n'));
+  assert.deepEqual(where(issues), ['5 broker.namespace']);
+  assert.match(issues[0]!.message, /"broker\.namespace" must be a DNS-1123 label/);
+});
+
+test('broker.namespace must differ from broker.taskNamespace, given or by default', () => {
+  const given = issuesOf(withBroker('  namespace: task-broker\n'));
+  assert.deepEqual(given.map((i) => [i.line, i.path]), [[5, 'broker.namespace']]);
+  assert.match(given[0]!.message, /^"broker\.namespace" and "broker\.taskNamespace" must differ, both are "task-broker": the broker may mint tokens for any ServiceAccount in the task namespace, so its own ServiceAccount there could mint tokens for itself$/);
+  // taskNamespace set to the default of namespace: reported on taskNamespace, naming the default.
+  const byDefault = issuesOf(MINIMAL.replace('taskNamespace: task-broker', 'taskNamespace: task-broker-system'));
+  assert.deepEqual(byDefault.map((i) => [i.line, i.path]), [[4, 'broker.taskNamespace']]);
+  assert.match(byDefault[0]!.message, /"broker\.namespace" \(default "task-broker-system"\) and "broker\.taskNamespace" must differ/);
+  // Moving namespace elsewhere fixes it.
+  parsePolicy(MINIMAL.replace('taskNamespace: task-broker', 'taskNamespace: task-broker-system\n  namespace: tb-own'));
+});
+
+test('broker.limits: positive whole numbers, defaults 10 and 5, each optional', () => {
+  assert.deepEqual(parsePolicy(withBroker('  limits: { activeTasksPerAgent: 3 }\n')).broker.limits, { activeTasksPerAgent: 3, openApprovalsPerAgent: 5 });
+  assert.deepEqual(parsePolicy(withBroker('  limits:\n    openApprovalsPerAgent: 1\n')).broker.limits, { activeTasksPerAgent: 10, openApprovalsPerAgent: 1 });
+  const issues = issuesOf(withBroker('  limits:\n    activeTasksPerAgent: 0\n    openApprovalsPerAgent: 1.5\n    perSource: 2\n'));
+  assert.deepEqual(issues.map((i) => [i.line, i.path, i.message]), [
+    [6, 'broker.limits.activeTasksPerAgent', '"broker.limits.activeTasksPerAgent" must be a whole number of at least 1, got 0'],
+    [7, 'broker.limits.openApprovalsPerAgent', '"broker.limits.openApprovalsPerAgent" must be a whole number of at least 1, got 1.5'],
+    [8, 'broker.limits.perSource', 'unknown key "perSource" (expected one of: activeTasksPerAgent, openApprovalsPerAgent)'],
+  ]);
+  assert.deepEqual(where(issuesOf(withBroker('  limits: { activeTasksPerAgent: "3" }\n'))), ['5 broker.limits.activeTasksPerAgent']);
+});
+
+test('people: a name and at least one identity (serviceAccount or oidc); built into Policy.people', () => {
+  const people = `people:\n  - name: alice\n    identities:\n      - oidc: { ${IDP}, subject: alice }\n      - serviceAccount: laptops/alice\n`;
+  const p = parsePolicy(MINIMAL + people);
+  assert.deepEqual(p.people, [
+    {
+      name: 'alice',
+      identities: [
+        { kind: 'oidc', issuer: 'https://idp', subject: 'alice' },
+        { kind: 'serviceAccount', namespace: 'laptops', name: 'alice', username: 'system:serviceaccount:laptops:alice' },
+      ],
+    },
+  ]);
+  const bad = issuesOf(
+    MINIMAL +
+      'people:\n  - name: alice\n  - name: bob\n    identities: []\n  - name: Carol\n    identities:\n      - oidcGroup: { issuer: "https://idp", group: sre }\n',
+  );
+  assert.deepEqual(where(bad), [
+    '16 people[0].identities', // missing: the line of the person
+    '18 people[1].identities', // empty
+    '19 people[2].name', // not a DNS label
+    '21 people[2].identities[0].oidcGroup', // a group is not one person
+  ]);
+  assert.equal(bad[0]!.message, 'person "alice": "identities" is required');
+  assert.equal(bad[1]!.message, 'person "bob": "identities" must have at least 1 item');
+});
+
+test('people: unique names; an identity belongs to at most one person, once', () => {
+  const text =
+    MINIMAL +
+    `people:\n  - name: alice\n    identities:\n      - oidc: { ${IDP}, subject: a }\n      - oidc: { ${IDP}, subject: a }\n` +
+    `  - name: bob\n    identities:\n      - oidc: { ${IDP}, subject: a }\n  - name: alice\n    identities:\n      - oidc: { ${IDP}, subject: z }\n`;
+  const issues = issuesOf(text);
+  assert.deepEqual(issues.map((i) => [i.line, i.path, i.message]), [
+    [19, 'people[0].identities[1]', 'person "alice": identity oidc subject "a" of https://idp is listed twice in this person'],
+    [22, 'people[1].identities[0]', 'person "bob": identity oidc subject "a" of https://idp already belongs to person "alice" (line 18); an identity maps to one person'],
+    [23, 'people[2].name', 'person "alice": person name "alice" is already used by people[0] (line 16)'],
+  ]);
+});
+
+test("an agent's identity may not belong to a person: the agent could approve its own tasks", () => {
+  const issues = issuesOf(MINIMAL + 'people:\n  - name: alice\n    identities:\n      - serviceAccount: agents/bot\n');
+  assert.deepEqual(issues.map((i) => [i.line, i.path, i.message]), [
+    [18, 'people[0].identities[0]', 'person "alice": identity serviceAccount "agents/bot" belongs to agent "bot" (line 8): an agent\'s identity cannot also be a person\'s, or the agent could approve its own tasks'],
+  ]);
+});
+
+test("an agent's identity may not be listed in an approver group (the agent could approve its own tasks)", () => {
+  // What test/fixtures/approvals-policy.yaml used to do: serviceAccount agents/alpha both as agent and approver.
+  const issues = issuesOf(MINIMAL + `approvers:\n  - name: sre\n    members:\n      - oidc: { ${IDP}, subject: a }\n      - serviceAccount: agents/bot\n`);
+  assert.deepEqual(issues.map((i) => [i.line, i.path, i.message]), [
+    [19, 'approvers[0].members[1]', 'approver group "sre": identity serviceAccount "agents/bot" belongs to agent "bot" (line 8): an agent\'s identity cannot approve, or the agent could approve its own tasks'],
+  ]);
+  // The same ServiceAccount name in another namespace is another identity.
+  parsePolicy(MINIMAL + 'approvers:\n  - name: sre\n    members:\n      - serviceAccount: approvers/bot\n');
+});
+
+test('approver group members may be `person: NAME`, which must name a declared person', () => {
+  const people = `people:\n  - name: alice\n    identities: [{ oidc: { ${IDP}, subject: a } }]\n`;
+  const p = parsePolicy(MINIMAL + people + `approvers:\n  - name: sre\n    members:\n      - person: alice\n      - oidc: { ${IDP}, subject: b }\n`);
+  assert.deepEqual(p.approverGroups, [{ name: 'sre', members: [{ kind: 'person', name: 'alice' }, { kind: 'oidc', issuer: 'https://idp', subject: 'b' }] }]);
+  const issues = issuesOf(MINIMAL + people + `approvers:\n  - name: sre\n    members:\n      - person: bob\n      - person: alice\n        oidc: { ${IDP}, subject: a }\n      - person: Alice\n`);
+  assert.deepEqual(issues.map((i) => [i.line, i.path]), [
+    [21, 'approvers[0].members[0].person'],
+    [22, 'approvers[0].members[1]'],
+    [24, 'approvers[0].members[2].person'],
+  ]);
+  assert.equal(issues[0]!.message, 'approver group "sre": person "bob" is not declared in "people" (declared: alice)');
+  assert.equal(issues[1]!.message, 'approver group "sre": an approver group member has exactly one key, "serviceAccount", "oidc", "oidcGroup" or "person"; got "person", "oidc"');
+  assert.match(issues[2]!.message, /"members\[2\]\.person" must be a DNS-1123 label/);
+});
+
+test('N-of-M counts a person once, whether named as `person:` or by any of their identities', () => {
+  const people =
+    `people:\n  - name: alice\n    identities:\n      - oidc: { ${IDP}, subject: alice }\n      - oidc: { issuer: "https://sso", subject: alice }\n` +
+    `  - name: bob\n    identities: [{ oidc: { ${IDP}, subject: bob } }]\n`;
+  // sre lists alice twice (as a person and by one identity), ops lists her other identity: alice, bob = 2.
+  const groups =
+    `approvers:\n  - name: sre\n    members:\n      - person: alice\n      - oidc: { ${IDP}, subject: alice }\n      - person: bob\n` +
+    `  - name: ops\n    members:\n      - oidc: { issuer: "https://sso", subject: alice }\n`;
+  assert.equal(parsePolicy(MINIMAL + people + groups + 'approvals: { approvers: [sre, ops], required: 2 }\n').defaultApproval.required, 2);
+  const issues = issuesOf(MINIMAL + people + groups + 'approvals: { approvers: [sre, ops], required: 3 }\n');
+  assert.deepEqual(issues.map((i) => [i.line, i.path, i.message]), [
+    [31, 'approvals.required', '"required" is 3 but approver groups "sre", "ops" have only 2 distinct members'],
+  ]);
+  // A template's own requirement is counted the same way: ops alone is one person.
+  const tpl = MINIMAL.replace('    agents: [bot]\n', '    agents: [bot]\n    approval: { approvers: [ops], required: 2 }\n');
+  assert.deepEqual(where(issuesOf(tpl + people + groups)), ['15 templates[0].approval.required']);
+});
+
+test("a template may not allow the broker's task namespace nor its own namespace (tasks there could forge approvals or extend themselves)", () => {
+  const text = withBroker('  namespace: tb-own\n').replace('namespaces: [dev]', 'namespaces: [dev, task-broker, tb-own]');
+  const issues = issuesOf(text);
+  assert.deepEqual(issues.map((i) => [i.line, i.path]), [
+    [12, 'templates[0].namespaces[1]'],
+    [12, 'templates[0].namespaces[2]'],
+  ]);
+  assert.equal(
+    issues[0]!.message,
+    `template "read": namespace "task-broker" is the broker's task namespace ("broker.taskNamespace"), which no template may allow: a task there could rewrite task records and mint tokens for task ServiceAccounts, and so extend itself or take over other tasks`,
+  );
+  assert.equal(
+    issues[1]!.message,
+    `template "read": namespace "tb-own" is the broker's own namespace ("broker.namespace"), which no template may allow: a task there could forge approvals (their records and signing key live there) or act as the broker`,
+  );
+  // The default broker.namespace is reserved too.
+  assert.deepEqual(where(issuesOf(MINIMAL.replace('namespaces: [dev]', 'namespaces: [task-broker-system]'))), ['11 templates[0].namespaces[0]']);
+});
+
+test('every fixture and example policy is valid under these rules', async () => {
+  const { readdirSync } = await import('node:fs');
+  const files = [
+    ...readdirSync(new URL('../../docs/examples/', import.meta.url)).filter((f) => f.endsWith('.yaml')).map((f) => new URL(`../../docs/examples/${f}`, import.meta.url)),
+    ...readdirSync(new URL('../fixtures/', import.meta.url)).filter((f) => f.endsWith('.yaml')).map((f) => new URL(`../fixtures/${f}`, import.meta.url)),
+  ];
+  assert.ok(files.length >= 4);
+  for (const file of files) {
+    const p = parsePolicy(readFileSync(file, 'utf8').replaceAll('NOTIFY_URL', 'http://127.0.0.1:9/hook'), file.pathname);
+    assert.notEqual(p.broker.namespace, p.broker.taskNamespace, file.pathname);
+  }
+});
+
 test('parseDuration reads h/m/s strings into whole seconds', () => {
   assert.equal(parseDuration('600s'), 600);
   assert.equal(parseDuration('10m'), 600);
@@ -425,16 +602,25 @@ test('policy check prints a summary of a valid file', async () => {
   assert.equal(res.code, 0, res.stderr);
   assert.equal(
     res.stdout,
-    `${example}: valid: 2 agents, 3 templates, 10 gated pairs, 2 approver groups\n  gated: debug-exec (create pods/exec): needs 2 approval(s) from sre, security\n`,
+    `${example}: valid: 2 agents, 2 people, 4 templates, 10 gated pairs, 2 approver groups\n` +
+      '  person: alice (oidc https://login.example.com alice; oidc https://sso.example.org alice@example.com)\n' +
+      '  person: bob (oidc https://login.example.com bob)\n' +
+      '  gated: debug-exec (create pods/exec): needs 2 approval(s) from sre, security\n' +
+      '  clusterRole: view binds ClusterRole view: checked against the gated set by policy apply and at every task start, not here\n',
   );
   const json = await runCheck([example, '-o', 'json']);
   assert.equal(json.code, 0, json.stderr);
   assert.deepEqual(JSON.parse(json.stdout), { valid: true, issues: [], summary: {
       agents: 2,
-      templates: 3,
+      people: [
+        { name: 'alice', identities: ['oidc https://login.example.com alice', 'oidc https://sso.example.org alice@example.com'] },
+        { name: 'bob', identities: ['oidc https://login.example.com bob'] },
+      ],
+      templates: 4,
       gated: 10,
       approverGroups: 2,
       gatedTemplates: [{ template: 'debug-exec', hits: ['create pods/exec'], approvers: ['sre', 'security'], required: 2 }],
+      clusterRoleTemplates: [{ template: 'view', clusterRole: 'view' }],
     },
   });
 });
