@@ -6,6 +6,7 @@
 package main
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -14,8 +15,10 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -27,7 +30,10 @@ const (
 	exitApproval        = 3
 	exitUnauthenticated = 4
 	exitUnavailable     = 5
-	timeout             = 10 * time.Second
+	// The whole request (DNS, connect, TLS, sending, headers, body) ends within this many seconds;
+	// BROKER_CREDENTIAL_TIMEOUT sets it. An idle timeout alone lets a server that drips bytes hold kubectl.
+	defaultTimeoutSeconds = 10
+	maxTimeoutSeconds     = 300
 )
 
 var apiVersions = []string{"client.authentication.k8s.io/v1", "client.authentication.k8s.io/v1beta1"}
@@ -37,6 +43,8 @@ const usage = `usage: broker credential --task NAME [--broker URL] [--broker-ca 
 The kubectl exec credential plugin: prints an ExecCredential for the task NAME.
 Broker URL and CA also come from BROKER_URL and BROKER_CA; the caller's identity from
 BROKER_IDENTITY_TOKEN_FILE (e.g. a projected ServiceAccount token) or BROKER_IDENTITY_TOKEN.
+The broker URL must be https:// (http:// only to loopback); redirects are refused. The whole
+request must end within BROKER_CREDENTIAL_TIMEOUT seconds (default 10).
 
 Example:
   broker credential --task deploy --broker https://broker.example:8443
@@ -62,11 +70,13 @@ func fail(code int, format string, args ...any) *pluginError {
 
 type options struct {
 	task, broker, brokerCA string
+	brokerFrom             string // where the broker URL came from, for messages: --broker or BROKER_URL
+	timeoutSeconds         int
 	help                   bool
 }
 
 func parseArgs(argv []string) (options, error) {
-	o := options{broker: os.Getenv("BROKER_URL"), brokerCA: os.Getenv("BROKER_CA")}
+	o := options{broker: os.Getenv("BROKER_URL"), brokerFrom: "BROKER_URL", brokerCA: os.Getenv("BROKER_CA")}
 	for i := 0; i < len(argv); i++ {
 		arg := argv[i]
 		flag, inline, hasInline := arg, "", false
@@ -95,6 +105,7 @@ func parseArgs(argv []string) (options, error) {
 			o.task, err = value()
 		case "--broker":
 			o.broker, err = value()
+			o.brokerFrom = "--broker"
 		case "--broker-ca":
 			o.brokerCA, err = value()
 		case "-h", "--help":
@@ -115,7 +126,29 @@ func parseArgs(argv []string) (options, error) {
 		return o, fail(exitUsage, "no broker: pass --broker URL or set BROKER_URL")
 	}
 	o.broker = strings.TrimRight(o.broker, "/")
+	o.timeoutSeconds = defaultTimeoutSeconds
+	if raw := os.Getenv("BROKER_CREDENTIAL_TIMEOUT"); raw != "" {
+		n, convErr := strconv.Atoi(raw)
+		if convErr != nil || strings.TrimLeft(raw, "0123456789") != "" || raw[0] == '0' || n < 1 || n > maxTimeoutSeconds {
+			quoted, _ := json.Marshal(raw)
+			return o, fail(exitUsage, "BROKER_CREDENTIAL_TIMEOUT must be a whole number of seconds from 1 to %d, not %s", maxTimeoutSeconds, quoted)
+		}
+		o.timeoutSeconds = n
+	}
 	return o, nil
+}
+
+// loopback: the only hosts plain http:// may reach (127.0.0.0/8, ::1, localhost); the identity token
+// must not cross a network in clear.
+func loopback(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	addr, err := netip.ParseAddr(host)
+	if err != nil {
+		return false
+	}
+	return (addr.Is4() && addr.As4()[0] == 127) || addr == netip.IPv6Loopback()
 }
 
 func execAPIVersion() (string, error) {
@@ -234,6 +267,11 @@ func explain(status int, body []byte, o options, source string) *pluginError {
 	return fail(exitError, "broker credential: the broker at %s answered %d%s%s", o.broker, status, said, code)
 }
 
+// redirected refuses a 3xx answer. Its Location is not printed: it may carry a token of its own.
+func redirected(status int, o options) *pluginError {
+	return fail(exitError, "broker credential: the broker at %s answered %d, a redirect: redirects are refused, the identity token goes only to the configured broker URL (check %s)", o.broker, status, o.brokerFrom)
+}
+
 func run(argv []string, stdout, stderr io.Writer) int {
 	err := func() error {
 		o, err := parseArgs(argv)
@@ -257,6 +295,9 @@ func run(argv []string, stdout, stderr io.Writer) int {
 			quoted, _ := json.Marshal(o.broker)
 			return fail(exitUsage, "the broker URL %s is not a URL", quoted)
 		}
+		if target.Scheme == "http" && !loopback(target.Hostname()) {
+			return fail(exitUsage, "broker credential: the broker URL from %s is plain http:// to %s, which is not loopback: use https:// (http:// is allowed only to 127.0.0.0/8, ::1 and localhost, so that the identity token never crosses a network in clear)", o.brokerFrom, strings.ToLower(target.Host))
+		}
 		tlsConfig := &tls.Config{MinVersion: tls.VersionTLS12}
 		if o.brokerCA != "" {
 			pem, readErr := os.ReadFile(o.brokerCA)
@@ -269,19 +310,35 @@ func run(argv []string, stdout, stderr io.Writer) int {
 			}
 			tlsConfig.RootCAs = pool
 		}
-		client := &http.Client{
-			Timeout:   timeout,
-			Transport: &http.Transport{TLSClientConfig: tlsConfig, DialContext: (&net.Dialer{Timeout: timeout}).DialContext, Proxy: nil},
+		// One deadline for the whole request, body included: the context ends DNS, dial, TLS and reads.
+		ctx, cancel := context.WithTimeout(context.Background(), time.Duration(o.timeoutSeconds)*time.Second)
+		defer cancel()
+		timedOut := func() error {
+			return fail(exitUnavailable, "broker credential: the broker at %s gave no complete answer: timed out after %d s", o.broker, o.timeoutSeconds)
 		}
-		req, _ := http.NewRequest(http.MethodPost, target.String(), nil)
+		client := &http.Client{
+			Transport: &http.Transport{TLSClientConfig: tlsConfig, DialContext: (&net.Dialer{}).DialContext, Proxy: nil},
+			// Never follow a redirect: the identity token goes to the configured broker URL and nowhere else.
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		}
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, target.String(), nil)
 		req.Header.Set("Authorization", "Bearer "+token)
 		req.Header.Set("Accept", "application/json")
 		res, reqErr := client.Do(req)
 		if reqErr != nil {
+			if ctx.Err() != nil {
+				return timedOut()
+			}
 			return fail(exitUnavailable, "broker credential: the broker is unreachable at %s: %s", o.broker, networkError(reqErr))
 		}
 		defer res.Body.Close()
-		body, _ := io.ReadAll(io.LimitReader(res.Body, 1<<20))
+		if res.StatusCode >= 300 && res.StatusCode < 400 {
+			return redirected(res.StatusCode, o)
+		}
+		body, readErr := io.ReadAll(io.LimitReader(res.Body, 1<<20))
+		if readErr != nil && ctx.Err() != nil {
+			return timedOut()
+		}
 		if res.StatusCode != http.StatusOK {
 			return explain(res.StatusCode, body, o, source)
 		}
@@ -331,8 +388,6 @@ func networkError(err error) string {
 		return "SELF_SIGNED_CERT_IN_CHAIN (certificate signed by unknown authority; pass --broker-ca)"
 	case errors.As(err, &hostname):
 		return "ERR_TLS_CERT_ALTNAME_INVALID (" + hostname.Error() + ")"
-	case strings.Contains(err.Error(), "Client.Timeout") || strings.Contains(err.Error(), "i/o timeout"):
-		return fmt.Sprintf("no answer within %d s", int(timeout/time.Second))
 	}
 	return errnoName(err)
 }

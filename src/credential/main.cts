@@ -8,6 +8,9 @@
  * ExecCredential on stdout in the apiVersion that KUBERNETES_EXEC_INFO asks for. Messages go to
  * stderr and say what to do. It writes no file and keeps nothing: the broker holds the token.
  *
+ * The identity token goes to the configured broker URL and nowhere else: no redirect is followed, and
+ * plain http:// is allowed only to loopback. One deadline covers the whole request.
+ *
  * Exit codes as the CLI's (docs/cli.md): 0 ok, 1 error, 2 usage, 3 approval required,
  * 4 not authenticated, 5 unavailable.
  */
@@ -19,7 +22,9 @@ const fs = process.getBuiltinModule('node:fs') as typeof FsModule;
 
 const EXIT = { ok: 0, error: 1, usage: 2, approval: 3, unauthenticated: 4, unavailable: 5 } as const;
 const API_VERSIONS = ['client.authentication.k8s.io/v1', 'client.authentication.k8s.io/v1beta1'];
-const TIMEOUT_MS = 10_000;
+/** Seconds for the whole request (DNS, connect, TLS, sending, headers, body); BROKER_CREDENTIAL_TIMEOUT sets it. */
+const DEFAULT_TIMEOUT_S = 10;
+const MAX_TIMEOUT_S = 300;
 
 class PluginError extends Error {
   readonly exitCode: number;
@@ -32,7 +37,10 @@ class PluginError extends Error {
 interface Options {
   task: string;
   broker: string;
+  /** Where the broker URL came from, for messages: --broker or BROKER_URL. */
+  brokerFrom: string;
   brokerCa: string | undefined;
+  timeoutS: number;
 }
 
 export interface PluginModule {
@@ -52,6 +60,8 @@ const USAGE = `usage: broker credential --task NAME [--broker URL] [--broker-ca 
 The kubectl exec credential plugin: prints an ExecCredential for the task NAME.
 Broker URL and CA also come from BROKER_URL and BROKER_CA; the caller's identity from
 BROKER_IDENTITY_TOKEN_FILE (e.g. a projected ServiceAccount token) or BROKER_IDENTITY_TOKEN.
+The broker URL must be https:// (http:// only to loopback); redirects are refused. The whole
+request must end within BROKER_CREDENTIAL_TIMEOUT seconds (default 10).
 
 Example:
   broker credential --task deploy --broker https://broker.example:8443
@@ -67,6 +77,7 @@ kubectl runs it from a kubeconfig user (\`broker kubeconfig\` writes one):
 function parseArgs(argv: string[], env: NodeJS.ProcessEnv): Options | 'help' {
   let task: string | undefined;
   let broker = env['BROKER_URL'];
+  let brokerFrom = 'BROKER_URL';
   let brokerCa = env['BROKER_CA'];
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i]!;
@@ -83,6 +94,7 @@ function parseArgs(argv: string[], env: NodeJS.ProcessEnv): Options | 'help' {
         break;
       case '--broker':
         broker = value();
+        brokerFrom = '--broker';
         break;
       case '--broker-ca':
         brokerCa = value();
@@ -96,7 +108,20 @@ function parseArgs(argv: string[], env: NodeJS.ProcessEnv): Options | 'help' {
   }
   if (!task) throw new PluginError(`--task is required\n${USAGE}`, EXIT.usage);
   if (!broker) throw new PluginError('no broker: pass --broker URL or set BROKER_URL', EXIT.usage);
-  return { task, broker: broker.replace(/\/+$/, ''), brokerCa };
+  let timeoutS = DEFAULT_TIMEOUT_S;
+  const rawTimeout = env['BROKER_CREDENTIAL_TIMEOUT'];
+  if (rawTimeout) {
+    timeoutS = /^[1-9][0-9]{0,2}$/.test(rawTimeout) ? Number(rawTimeout) : 0;
+    if (timeoutS < 1 || timeoutS > MAX_TIMEOUT_S) {
+      throw new PluginError(`BROKER_CREDENTIAL_TIMEOUT must be a whole number of seconds from 1 to ${MAX_TIMEOUT_S}, not ${JSON.stringify(rawTimeout)}`, EXIT.usage);
+    }
+  }
+  return { task, broker: broker.replace(/\/+$/, ''), brokerFrom, brokerCa, timeoutS };
+}
+
+/** The only hosts plain http:// may reach: 127.0.0.0/8, ::1, localhost (URL has already normalised them). */
+function loopback(hostname: string): boolean {
+  return hostname === 'localhost' || hostname === '[::1]' || /^127\.\d+\.\d+\.\d+$/.test(hostname);
 }
 
 /** The apiVersion to answer in: what KUBERNETES_EXEC_INFO asks for (v1 when run without it). */
@@ -147,14 +172,17 @@ interface Reply {
   body: string;
 }
 
+/** The deadline passed before the answer was complete. */
+class TimedOut extends Error {}
+
 /**
  * One POST over a fresh connection, written by hand on node:net / node:tls: loading node:http costs
  * more start-up time than the whole request (DESIGN.md §3 measured it), and this runs on every
- * kubectl call. HTTP/1.1 with `Connection: close`; the body is read to the end of the stream.
+ * kubectl call. HTTP/1.1 with `Connection: close`; the body is read to the end of the stream, all of it
+ * within `timeoutMs` from the start (a socket idle timeout would let a server that drips bytes hang us).
  */
-function post(url: URL, token: string, ca: Buffer | undefined): Promise<Reply> {
+function post(url: URL, token: string, ca: Buffer | undefined, timeoutMs: number): Promise<Reply> {
   const secure = url.protocol === 'https:';
-  if (!secure && url.protocol !== 'http:') return Promise.reject(new Error(`unsupported scheme ${url.protocol}`));
   const host = url.hostname.replace(/^\[(.*)\]$/, '$1');
   const port = Number(url.port) || (secure ? 443 : 80);
   const request =
@@ -173,7 +201,8 @@ function post(url: URL, token: string, ca: Buffer | undefined): Promise<Reply> {
       socket = net.connect({ host, port }, () => socket.write(request));
     }
     const chunks: Buffer[] = [];
-    socket.setTimeout(TIMEOUT_MS, () => socket.destroy(new Error(`no answer within ${TIMEOUT_MS / 1000} s`)));
+    const deadline = setTimeout(() => socket.destroy(new TimedOut()), timeoutMs);
+    socket.on('close', () => clearTimeout(deadline));
     socket.on('data', (c: Buffer) => chunks.push(c));
     socket.on('error', fail);
     socket.on('end', () => {
@@ -268,6 +297,15 @@ async function run(io: PluginIo): Promise<number> {
     } catch {
       throw new PluginError(`the broker URL ${JSON.stringify(opts.broker)} is not a URL`, EXIT.usage);
     }
+    if (url.protocol !== 'https:' && url.protocol !== 'http:') {
+      throw new PluginError(`the broker URL ${JSON.stringify(opts.broker)} is not a URL`, EXIT.usage);
+    }
+    if (url.protocol === 'http:' && !loopback(url.hostname)) {
+      throw new PluginError(
+        `broker credential: the broker URL from ${opts.brokerFrom} is plain http:// to ${url.host}, which is not loopback: use https:// (http:// is allowed only to 127.0.0.0/8, ::1 and localhost, so that the identity token never crosses a network in clear)`,
+        EXIT.usage,
+      );
+    }
     let ca: Buffer | undefined;
     if (opts.brokerCa) {
       try {
@@ -278,10 +316,20 @@ async function run(io: PluginIo): Promise<number> {
     }
     let reply: Reply;
     try {
-      reply = await post(url, token, ca);
+      reply = await post(url, token, ca, opts.timeoutS * 1000);
     } catch (err) {
+      if (err instanceof TimedOut) {
+        throw new PluginError(`broker credential: the broker at ${opts.broker} gave no complete answer: timed out after ${opts.timeoutS} s`, EXIT.unavailable);
+      }
       const e = err as NodeJS.ErrnoException;
       throw new PluginError(`broker credential: the broker is unreachable at ${opts.broker}: ${e.code ?? e.message}`, EXIT.unavailable);
+    }
+    // Never followed (the Location is not printed: it may carry a token of its own).
+    if (reply.status >= 300 && reply.status < 400) {
+      throw new PluginError(
+        `broker credential: the broker at ${opts.broker} answered ${reply.status}, a redirect: redirects are refused, the identity token goes only to the configured broker URL (check ${opts.brokerFrom})`,
+        EXIT.error,
+      );
     }
     if (reply.status !== 200) throw explain(reply, opts, source);
     let credential: { token?: unknown; expirationTimestamp?: unknown };
@@ -337,6 +385,8 @@ if (require.main === module) {
     stdout: (s) => writeAll(1, s),
     stderr: (s) => writeAll(2, s),
   }).then((code) => {
-    process.exitCode = code;
+    // Exit now: a DNS lookup cut by the deadline would otherwise keep the process alive until it ends
+    // (everything was written with writeSync).
+    process.exit(code);
   });
 }

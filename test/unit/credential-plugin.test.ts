@@ -6,6 +6,8 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer, type Server } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
+import { createServer as createTcpServer, type Socket } from 'node:net';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -24,6 +26,10 @@ for (const build of ['node', 'native'] as const)
 describe(`broker credential (${build})`, () => {
   let server: Server;
   let url: string;
+  // Where the test broker's redirects point: a plain-HTTP server that must never hear from the plugin.
+  let elsewhere: Server;
+  let elsewhereUrl: string;
+  const elsewhereSeen = { connections: 0, requests: 0 };
   const seen: Array<{ method: string; url: string; authorization: string | undefined }> = [];
   const replies = new Map<string, { status: number; body: string }>([
     ['/v1/tasks/ok/credential', { status: 200, body: JSON.stringify({ token: 'tok-123', expirationTimestamp: '2030-01-01T00:00:00.000Z', taskId: 'abc', jti: 'j' }) }],
@@ -36,15 +42,30 @@ describe(`broker credential (${build})`, () => {
   ]);
 
   before(async () => {
+    elsewhere = createServer((_req, res) => {
+      elsewhereSeen.requests++;
+      res.writeHead(200, { 'content-type': 'application/json' }).end(replies.get('/v1/tasks/ok/credential')!.body);
+    });
+    elsewhere.on('connection', () => elsewhereSeen.connections++);
+    await new Promise<void>((done) => elsewhere.listen(0, '127.0.0.1', done));
+    elsewhereUrl = `http://127.0.0.1:${(elsewhere.address() as { port: number }).port}`;
     server = createServer((req, res) => {
       seen.push({ method: req.method!, url: req.url!, authorization: req.headers.authorization });
+      const redirect = /^\/v1\/tasks\/redirect-(\d{3})\/credential$/.exec(req.url!);
+      if (redirect) {
+        res.writeHead(Number(redirect[1]), { location: `${elsewhereUrl}/v1/tasks/ok/credential?access_token=location-secret` }).end();
+        return;
+      }
       const reply = replies.get(req.url!) ?? { status: 404, body: '{}' };
       res.writeHead(reply.status, { 'content-type': 'application/json' }).end(reply.body);
     });
     await new Promise<void>((done) => server.listen(0, '127.0.0.1', done));
     url = `http://127.0.0.1:${(server.address() as { port: number }).port}`;
   });
-  after(() => new Promise<void>((done) => server.close(() => done())));
+  after(async () => {
+    await new Promise<void>((done) => server.close(() => done()));
+    await new Promise<void>((done) => elsewhere.close(() => done()));
+  });
 
   async function plugin(argv: string[], env: NodeJS.ProcessEnv) {
     if (build === 'native') return run(NATIVE, argv, env);
@@ -96,6 +117,133 @@ describe(`broker credential (${build})`, () => {
     assert.match(noId.stderr, /no identity: set BROKER_IDENTITY_TOKEN_FILE/);
     assert.match((await plugin(['--task', 'ok'], env({ KUBERNETES_EXEC_INFO: '{' }))).stderr, /KUBERNETES_EXEC_INFO is not valid JSON/);
     assert.match((await plugin(['--task', 'ok', '--broker-ca', '/nonexistent/ca.pem'], env())).stderr, /cannot read the broker CA \/nonexistent\/ca.pem: ENOENT/);
+    const ftp = await plugin(['--task', 'ok'], env({ BROKER_URL: 'ftp://127.0.0.1' }));
+    assert.equal(ftp.code, 2);
+    assert.match(ftp.stderr, /the broker URL "ftp:\/\/127.0.0.1" is not a URL/);
+    for (const timeout of ['0', '07', '1.5', '-1', '301', 'ten', ' 5']) {
+      const res = await plugin(['--task', 'ok'], env({ BROKER_CREDENTIAL_TIMEOUT: timeout }));
+      assert.equal(res.code, 2, timeout);
+      assert.equal(res.stderr, `BROKER_CREDENTIAL_TIMEOUT must be a whole number of seconds from 1 to 300, not ${JSON.stringify(timeout)}\n`);
+    }
+  });
+
+  test('a redirect (301, 302, 303, 307, 308) is refused, never followed: the identity token goes to the configured broker only', async () => {
+    for (const status of [301, 302, 303, 307, 308]) {
+      const res = await plugin(['--task', `redirect-${status}`], env());
+      assert.equal(res.code, 1, `${status}: ${res.stderr}`);
+      assert.equal(res.stdout, '');
+      assert.equal(
+        res.stderr,
+        `broker credential: the broker at ${url} answered ${status}, a redirect: redirects are refused, the identity token goes only to the configured broker URL (check BROKER_URL)\n`,
+      );
+      // Neither the Location (it may carry a token) nor the identity token is printed.
+      assert.ok(!res.stderr.includes('location-secret') && !res.stderr.includes(elsewhereUrl) && !res.stderr.includes('id-token'), res.stderr);
+      assert.deepEqual(seen.at(-1), { method: 'POST', url: `/v1/tasks/redirect-${status}/credential`, authorization: 'Bearer id-token' });
+    }
+    const flag = await plugin(['--task', 'redirect-307', '--broker', url], env({ BROKER_URL: 'https://unused.invalid' }));
+    assert.match(flag.stderr, /answered 307, a redirect: redirects are refused.*\(check --broker\)$/m);
+
+    // The case of the review: an HTTPS broker that redirects to plain HTTP on loopback.
+    const dir = mkdtempSync(join(tmpdir(), 'tb-redirect-'));
+    const tls = createHttpsServer({}, (_req, res) => {
+      res.writeHead(307, { location: `${elsewhereUrl}/v1/tasks/ok/credential` }).end();
+    });
+    try {
+      const [cert, key] = [join(dir, 'broker.crt'), join(dir, 'broker.key')];
+      const made = await run('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '1',
+        '-subj', '/CN=task-broker', '-addext', 'subjectAltName=IP:127.0.0.1', '-keyout', key, '-out', cert]);
+      assert.equal(made.code, 0, made.stderr);
+      tls.setSecureContext({ cert: readFileSync(cert), key: readFileSync(key) });
+      await new Promise<void>((done) => tls.listen(0, '127.0.0.1', done));
+      const secureUrl = `https://127.0.0.1:${(tls.address() as { port: number }).port}`;
+      const res = await plugin(['--task', 'ok'], env({ BROKER_URL: secureUrl, BROKER_CA: cert }));
+      assert.equal(res.code, 1, res.stderr);
+      assert.equal(res.stdout, '');
+      assert.match(res.stderr, new RegExp(`^broker credential: the broker at ${secureUrl} answered 307, a redirect: redirects are refused`));
+    } finally {
+      await new Promise<void>((done) => tls.close(() => done()));
+      rmSync(dir, { recursive: true, force: true });
+    }
+    assert.deepEqual(elsewhereSeen, { connections: 0, requests: 0 }, 'the redirect target must not even see a connection');
+  });
+
+  test('plain http:// to a host that is not loopback is refused before any connection, naming where the URL came from', async () => {
+    // The host as printed: the Node build's URL normalises an IPv6 address, Go keeps it as written.
+    for (const [broker, host] of [
+      ['http://10.255.255.1:1', '10.255.255.1:1'],
+      ['http://example.invalid', 'example.invalid'],
+      ['http://0.0.0.0:8080/', '0.0.0.0:8080'],
+      ['http://[::2]:1', '[::2]:1'],
+      ['http://[::ffff:127.0.0.1]:1', build === 'node' ? '[::ffff:7f00:1]:1' : '[::ffff:127.0.0.1]:1'],
+      ['HTTP://LOCALHOST.Example.invalid', 'localhost.example.invalid'],
+    ] as const) {
+      for (const [argv, extra, from] of [
+        [[], { BROKER_URL: broker }, 'BROKER_URL'],
+        [['--broker', broker], { BROKER_URL: url }, '--broker'],
+      ] as const) {
+        const t0 = performance.now();
+        const res = await plugin(['--task', 'ok', ...argv], env(extra));
+        const elapsed = performance.now() - t0;
+        assert.equal(res.code, 2, `${broker} ${from}: ${res.stderr}`);
+        assert.equal(res.stdout, '');
+        assert.equal(
+          res.stderr,
+          `broker credential: the broker URL from ${from} is plain http:// to ${host}, which is not loopback: use https:// (http:// is allowed only to 127.0.0.0/8, ::1 and localhost, so that the identity token never crosses a network in clear)\n`,
+        );
+        assert.ok(elapsed < 1500, `${broker}: ${elapsed} ms (a connection was attempted?)`);
+      }
+    }
+    // Loopback is allowed: these get as far as connecting (nothing listens on port 1).
+    for (const broker of ['http://127.0.0.2:1', 'http://localhost:1', 'http://[::1]:1']) {
+      const res = await plugin(['--task', 'ok'], env({ BROKER_URL: broker, BROKER_CREDENTIAL_TIMEOUT: '2' }));
+      assert.equal(res.code, 5, `${broker}: ${res.stderr}`);
+      assert.doesNotMatch(res.stderr, /not loopback/);
+    }
+  });
+
+  test('one deadline covers the whole request: a server that drips headers or the body, or stalls TLS, is cut at BROKER_CREDENTIAL_TIMEOUT', async () => {
+    // Lines come every 300 ms, well inside the deadline: a socket idle timeout would never fire.
+    const sent = { head: 0, body: 0, tls: 0 };
+    const sockets = new Set<Socket>();
+    const drip = createTcpServer((socket) => {
+      sockets.add(socket);
+      let timer: NodeJS.Timeout | undefined;
+      socket.on('error', () => {});
+      socket.on('close', () => (clearInterval(timer), sockets.delete(socket)));
+      socket.once('data', (first: Buffer) => {
+        if (first[0] === 0x16) return void sent.tls++; // a TLS ClientHello: never answered
+        const mode = first.toString('latin1').includes('/drip-body/') ? 'body' : 'head';
+        socket.write(mode === 'body' ? 'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{' : 'HTTP/1.1 200 OK\r\n');
+        timer = setInterval(() => {
+          sent[mode]++;
+          socket.write(mode === 'body' ? ' ' : `X-Drip-${sent[mode]}: 1\r\n`);
+        }, 300);
+      });
+    });
+    await new Promise<void>((done) => drip.listen(0, '127.0.0.1', done));
+    const port = (drip.address() as { port: number }).port;
+    try {
+      const timed = async (task: string, broker: string) => {
+        const t0 = performance.now();
+        const res = await plugin(['--task', task], env({ BROKER_URL: broker, BROKER_CREDENTIAL_TIMEOUT: '2' }));
+        return { ...res, elapsed: performance.now() - t0, broker };
+      };
+      const results = await Promise.all([
+        timed('drip-head', `http://127.0.0.1:${port}`),
+        timed('drip-body', `http://127.0.0.1:${port}`),
+        timed('ok', `https://127.0.0.1:${port}`),
+      ]);
+      for (const res of results) {
+        assert.equal(res.code, 5, `${res.broker}: ${res.stderr}`);
+        assert.equal(res.stdout, '');
+        assert.equal(res.stderr, `broker credential: the broker at ${res.broker} gave no complete answer: timed out after 2 s\n`);
+        assert.ok(res.elapsed >= 1900 && res.elapsed < 3500, `${res.broker}: cut after ${Math.round(res.elapsed)} ms, not at the 2 s deadline`);
+      }
+      assert.ok(sent.head >= 4 && sent.body >= 4 && sent.tls === 1, JSON.stringify(sent));
+    } finally {
+      for (const socket of sockets) socket.destroy();
+      await new Promise<void>((done) => drip.close(() => done()));
+    }
   });
 
   test('a token with control characters is refused before anything is sent (no header injection)', async () => {
