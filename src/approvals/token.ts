@@ -49,10 +49,14 @@ export class ApprovalKeys {
   async #read(): Promise<KeySet | undefined> {
     try {
       const secret = await this.#kube.core.readNamespacedSecret({ name: KEY_SECRET, namespace: this.#namespace });
+      if (secret.type !== 'Opaque') {
+        throw new BrokerError('internal', `Secret ${this.#namespace}/${KEY_SECRET} is not the broker's signing key (type ${secret.type ?? 'none'}): an administrator must remove it`);
+      }
       const raw = secret.data?.['keys.json'];
       return raw ? (JSON.parse(Buffer.from(raw, 'base64').toString('utf8')) as KeySet) : undefined;
     } catch (err) {
       if (isNotFound(err)) return undefined;
+      if (err instanceof BrokerError) throw err;
       throw clusterError('reading the approval signing key', err);
     }
   }

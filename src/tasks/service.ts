@@ -68,6 +68,8 @@ export interface TaskServiceOptions {
   approvals?: ApprovalService;
   /** Signs each task record (the store verifies them); without it records are unsigned (unit tests only). */
   signer?: StateSigner;
+  /** Told of each token minted, once its record is durable (the audit webhook maps JTIs to tasks: src/tasks/recent.ts). */
+  onMinted?: ((task: Task, jti: string, expiresAt: Date) => void) | undefined;
 }
 
 /** TokenRequest's floor for `expirationSeconds`. */
@@ -97,6 +99,7 @@ export class TaskService {
   /** Per template with `rules`, the gated pairs they hit: non-empty ones start only with an approval token. */
   readonly #gated: Map<string, GatedPair[]>;
   readonly #signer: StateSigner | undefined;
+  readonly #onMinted: TaskServiceOptions['onMinted'];
 
   constructor(kube: KubeApis, policy: Policy, audit: AuditLog, store: TaskStore, options: TaskServiceOptions = {}) {
     this.#kube = kube;
@@ -108,6 +111,7 @@ export class TaskService {
     this.#approvals = options.approvals;
     this.#gated = new Map(policy.templates.map((t) => [t.name, gatedPairsHitBy(t.rules ?? [], policy.gated)]));
     this.#signer = options.signer;
+    this.#onMinted = options.onMinted;
     store.onRemoved((id) => this.#tokens.delete(id));
     store.onForged((task) => void this.#revokeForged(task));
   }
@@ -150,6 +154,8 @@ export class TaskService {
       ...(r.nonResourceURLs ? { nonResourceURLs: r.nonResourceURLs } : {}),
       verbs: r.verbs,
     }));
+    // An aggregated role whose rules the controller has not filled in yet could become anything: gated.
+    if (role.aggregationRule && rules.length === 0) return { hits: [{ verb: '*', resource: '*', apiGroup: '*' }], rules };
     return { hits: gatedPairsHitBy(rules, this.#policy.gated), rules };
   }
 
@@ -506,6 +512,7 @@ export class TaskService {
       expiresAt: expiresAt.toISOString(),
       requestId,
     });
+    this.#onMinted?.(task, jti, expiresAt);
     // The task may have ended while the token was being minted: do not keep or serve it then.
     if (!this.#store.get(task.id)) throw new BrokerError('no_active_task', `task "${task.name}" has ended`);
     this.#tokens.set(task.id, minted);
