@@ -3,6 +3,7 @@ import { BrokerError } from '../errors.ts';
 import { describeBreak, verifyAuditFile } from '../audit/verify.ts';
 import type { AuditRecord, VerifyResult } from '../audit/types.ts';
 import { outputOption, printJson, style, type OutputFormat } from './output.ts';
+import { webhookConfigCommand } from './audit-webhook.ts';
 
 interface VerifyCommandOptions {
   expectLast?: string;
@@ -35,6 +36,7 @@ export function auditCommand(): Command {
     )
     .action((file: string, opts: VerifyCommandOptions) => verify(file, opts));
   cmd.addCommand(showCommand());
+  cmd.addCommand(webhookConfigCommand());
   return cmd;
 }
 

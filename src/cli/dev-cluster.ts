@@ -1,9 +1,14 @@
-import { Command } from 'commander';
+import { randomBytes } from 'node:crypto';
+import { resolve } from 'node:path';
+import { Command, InvalidArgumentError } from 'commander';
 import { LocalCluster, kubectlPath, KUBERNETES_VERSION } from '../cluster/local-cluster.ts';
+import { KUBE_AUDIT_PATH } from '../server/kube-audit.ts';
 import { outputOption, printJson, style, type OutputFormat } from './output.ts';
 
 interface UpOptions {
   dir?: string;
+  auditWebhook?: string;
+  auditWebhookCa?: string;
   output: OutputFormat;
 }
 
@@ -20,8 +25,21 @@ export function devClusterCommand(): Command {
     .command('up')
     .description('start a local control plane in the background and print how to reach it')
     .option('--dir <dir>', 'directory for its state (must be missing or empty); default: a new temporary directory')
+    .option(
+      '--audit-webhook <url>',
+      "post the API server's audit events to URL (https; a broker's /v1/audit/kubernetes, added when URL has no path) with a fresh bearer token, kept in the state directory (broker serve --audit-webhook-token-file)",
+      webhookUrl,
+    )
+    .option('--audit-webhook-ca <file>', "CA (PEM) of the broker's serving certificate; default: the local API server's own certificate, which a broker on this machine can serve with (printed)")
     .addOption(outputOption())
-    .addHelpText('after', '\nExample:\n  eval "$(broker dev-cluster up)"\n  kubectl get namespaces\n  broker dev-cluster down --dir "$TASK_BROKER_CLUSTER_DIR"')
+    .addHelpText(
+      'after',
+      '\nExample:\n  eval "$(broker dev-cluster up)"\n  kubectl get namespaces\n  broker dev-cluster down --dir "$TASK_BROKER_CLUSTER_DIR"\n\n' +
+        '  # the API server records every request through a broker on port 8443:\n' +
+        '  eval "$(broker dev-cluster up --audit-webhook https://127.0.0.1:8443/v1/audit/kubernetes)"\n' +
+        '  broker serve --listen 127.0.0.1:8443 --tls-cert "$BROKER_WEBHOOK_TLS_CERT" --tls-key "$BROKER_WEBHOOK_TLS_KEY" \\\n' +
+        '    --audit-webhook-token-file "$BROKER_AUDIT_WEBHOOK_TOKEN_FILE" ...',
+    )
     .action((opts: UpOptions) => up(opts));
   cmd
     .command('down')
@@ -34,8 +52,19 @@ export function devClusterCommand(): Command {
 }
 
 async function up(opts: UpOptions): Promise<void> {
-  const cluster = await LocalCluster.start({ ...(opts.dir === undefined ? {} : { dir: opts.dir }), detached: true });
-  const info = { dir: cluster.dir, ...cluster.state, kubectl: kubectlPath() };
+  // A fresh token per cluster: the broker takes the webhook only from posts bearing it.
+  const auditWebhook =
+    opts.auditWebhook === undefined
+      ? undefined
+      : {
+          url: opts.auditWebhook,
+          token: randomBytes(32).toString('base64url'),
+          ...(opts.auditWebhookCa === undefined ? {} : { caFile: resolve(opts.auditWebhookCa) }),
+        };
+  const cluster = await LocalCluster.start({ ...(opts.dir === undefined ? {} : { dir: opts.dir }), ...(auditWebhook ? { auditWebhook } : {}), detached: true });
+  // Without --audit-webhook-ca the webhook trusts the API server's own loopback certificate: the broker serves with it.
+  const tls = auditWebhook && opts.auditWebhookCa === undefined ? { auditWebhookTlsCert: cluster.servingCert.cert, auditWebhookTlsKey: cluster.servingCert.key } : {};
+  const info = { dir: cluster.dir, ...cluster.state, ...tls, kubectl: kubectlPath() };
   if (opts.output === 'json') {
     printJson(info);
     return;
@@ -44,6 +73,16 @@ async function up(opts: UpOptions): Promise<void> {
     [
       `export KUBECONFIG=${shellQuote(info.kubeconfig)}`,
       `export TASK_BROKER_CLUSTER_DIR=${shellQuote(info.dir)}`,
+      ...(auditWebhook === undefined || info.auditWebhookTokenFile === undefined
+        ? []
+        : [
+            `export BROKER_AUDIT_WEBHOOK_TOKEN_FILE=${shellQuote(info.auditWebhookTokenFile)}`,
+            ...(tls.auditWebhookTlsCert === undefined
+              ? []
+              : [`export BROKER_WEBHOOK_TLS_CERT=${shellQuote(tls.auditWebhookTlsCert)}`, `export BROKER_WEBHOOK_TLS_KEY=${shellQuote(tls.auditWebhookTlsKey)}`]),
+            `# audit webhook: ${auditWebhook.url}; serve it with broker serve --audit-webhook-token-file "$BROKER_AUDIT_WEBHOOK_TOKEN_FILE"` +
+              (tls.auditWebhookTlsCert === undefined ? '' : ' --tls-cert "$BROKER_WEBHOOK_TLS_CERT" --tls-key "$BROKER_WEBHOOK_TLS_KEY"'),
+          ]),
       `# ${style.ok('ready')}: kube-apiserver ${info.version} at ${info.server} (pid ${info.pid})`,
       `# kubectl: ${info.kubectl}`,
       `# stop it with: broker dev-cluster down --dir ${shellQuote(info.dir)}`,
@@ -56,6 +95,19 @@ async function down(opts: DownOptions): Promise<void> {
   const state = await LocalCluster.stopDir(opts.dir);
   if (opts.output === 'json') printJson({ stopped: true, dir: opts.dir, pid: state.pid });
   else process.stdout.write(`stopped kube-apiserver (pid ${state.pid}) and removed ${opts.dir}\n`);
+}
+
+function webhookUrl(value: string): string {
+  let url: URL;
+  try {
+    url = new URL(value);
+  } catch {
+    throw new InvalidArgumentError(`${JSON.stringify(value)} is not a URL`);
+  }
+  // client-go sends the bearer token to https servers only: over plain http every post would be refused.
+  if (url.protocol !== 'https:') throw new InvalidArgumentError('the audit webhook URL must be https:// (the API server sends no credentials over plain http)');
+  if (url.pathname === '/') url.pathname = KUBE_AUDIT_PATH;
+  return url.toString();
 }
 
 function shellQuote(s: string): string {

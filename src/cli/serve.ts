@@ -16,6 +16,7 @@ interface ServeFlags {
   publicServer?: string;
   publicCa?: string;
   acceptAuditReset?: boolean;
+  auditWebhookTokenFile?: string;
   rateLimitSource?: Rate | 'off';
   rateLimitIdentity?: Rate | 'off';
   authFailureLimit?: Rate | 'off';
@@ -50,6 +51,7 @@ export function serveCommand(): Command {
     .option('--public-server <url>', "API server URL that clients' kubeconfigs should use (default: the broker's own)")
     .option('--public-ca <file>', 'CA of --public-server (PEM)')
     .option('--accept-audit-reset', 'start even if the audit log does not match its checkpoint in the cluster (removed, replaced or cut); recorded as audit.reset')
+    .option('--audit-webhook-token-file <file>', "take the API server's audit webhook (POST /v1/audit/kubernetes) from posts bearing the token in this file (mode 0600; docs/recording.md)")
     .addOption(limit('--rate-limit-source <n/duration>', 'requests from one source address, every route ("off": none)', rate, D.perSource))
     .addOption(limit('--auth-failure-limit <n/duration>', 'failed authentications from one source address; beyond, 429 without checking', rate, D.authFailures))
     .addOption(limit('--rate-limit-identity <n/duration>', 'requests of one authenticated caller', rate, D.perIdentity))
@@ -84,6 +86,7 @@ export function serveCommand(): Command {
         ...(flags.publicServer ? { publicServer: flags.publicServer } : {}),
         ...(flags.publicCa ? { publicCa: flags.publicCa } : {}),
         ...(flags.acceptAuditReset ? { acceptAuditReset: true } : {}),
+        ...(flags.auditWebhookTokenFile ? { auditWebhookTokenFile: flags.auditWebhookTokenFile } : {}),
         limits: limitsFrom(flags),
       });
       process.stdout.write(`listening on ${broker.url}\n`);

@@ -28,8 +28,19 @@ const ADMIN_USER = 'local-admin';
 export interface AuditWebhook {
   /** Where the API server POSTs audit event batches (EventList JSON). */
   url: string;
-  /** CA bundle (PEM file) that signs the webhook's serving certificate, for https URLs. */
+  /**
+   * CA bundle (PEM file) that signs the webhook's serving certificate, for https URLs. Default: the
+   * local API server's own serving certificate (pki/apiserver.crt, for 127.0.0.1 and localhost), so a
+   * broker on this machine can serve the webhook with it (LocalCluster.servingCert).
+   */
   caFile?: string;
+  /**
+   * Bearer token the API server sends (kept in DIR/audit-webhook.token, mode 0600, and in the webhook
+   * kubeconfig). Needs an https URL: client-go sends no credentials to a plain-http server.
+   */
+  token?: string;
+  /** The API server's --audit-webhook-initial-backoff (default 1s; it retries 4 times, each wait 1.5x the last). */
+  initialBackoff?: string;
 }
 
 export interface LocalClusterOptions {
@@ -52,6 +63,8 @@ export interface LocalClusterState {
   kubeconfig: string;
   auditLog: string;
   version: string;
+  /** The audit webhook's bearer token file, when the webhook was given a token. */
+  auditWebhookTokenFile?: string;
 }
 
 /** Where install.sh puts the test/cluster binaries, unless TASK_BROKER_CLUSTER_BIN says otherwise. */
@@ -92,6 +105,7 @@ export class LocalCluster {
   readonly auditLog: string;
   readonly adminToken: string;
   readonly pid: number;
+  readonly auditWebhookTokenFile: string | undefined;
   readonly #child: ChildProcess | undefined;
   #stopped = false;
 
@@ -105,6 +119,7 @@ export class LocalCluster {
     adminToken: string;
     pid: number;
     child: ChildProcess | undefined;
+    auditWebhookTokenFile?: string | undefined;
   }) {
     this.dir = fields.dir;
     this.server = fields.server;
@@ -113,7 +128,16 @@ export class LocalCluster {
     this.auditLog = fields.auditLog;
     this.adminToken = fields.adminToken;
     this.pid = fields.pid;
+    this.auditWebhookTokenFile = fields.auditWebhookTokenFile;
     this.#child = fields.child;
+  }
+
+  /**
+   * The API server's own serving certificate and key (self-signed by it at start, for 127.0.0.1 and
+   * localhost): what a broker on this machine can serve the audit webhook with (the webhook trusts it).
+   */
+  get servingCert(): { cert: string; key: string } {
+    return { cert: this.caFile, key: join(this.dir, 'pki', 'apiserver.key') };
   }
 
   /** The API server's serving CA, PEM. */
@@ -129,6 +153,7 @@ export class LocalCluster {
       kubeconfig: this.kubeconfig,
       auditLog: this.auditLog,
       version: KUBERNETES_VERSION,
+      ...(this.auditWebhookTokenFile === undefined ? {} : { auditWebhookTokenFile: this.auditWebhookTokenFile }),
     };
   }
 
@@ -238,14 +263,27 @@ async function startIn(dir: string, apiserver: string, options: LocalClusterOpti
     '--enable-priority-and-fairness=false',
     '--profiling=false',
   ];
+  let auditWebhookTokenFile: string | undefined;
   if (options.auditWebhook) {
+    const https = options.auditWebhook.url.startsWith('https://');
+    if (options.auditWebhook.token !== undefined && !https) {
+      throw new BrokerError('invalid_argument', 'an audit webhook with a token needs an https:// URL: the API server sends no credentials to a plain-http server', {
+        field: '--audit-webhook',
+      });
+    }
+    // The API server writes its own serving certificate before it loads the webhook's kubeconfig.
+    const webhook = https && options.auditWebhook.caFile === undefined ? { ...options.auditWebhook, caFile: join(pki, 'apiserver.crt') } : options.auditWebhook;
+    if (webhook.token !== undefined) {
+      auditWebhookTokenFile = join(dir, 'audit-webhook.token');
+      writeFileSync(auditWebhookTokenFile, `${webhook.token}\n`, { mode: 0o600 });
+    }
     const webhookConfig = join(dir, 'audit-webhook.kubeconfig');
-    writeFileSync(webhookConfig, auditWebhookKubeconfig(options.auditWebhook), { mode: 0o600 });
+    writeFileSync(webhookConfig, auditWebhookKubeconfig(webhook), { mode: 0o600 });
     flags.push(
       `--audit-webhook-config-file=${webhookConfig}`,
       '--audit-webhook-mode=batch',
       '--audit-webhook-batch-max-wait=1s',
-      '--audit-webhook-initial-backoff=1s',
+      `--audit-webhook-initial-backoff=${webhook.initialBackoff ?? '1s'}`,
     );
   }
 
@@ -279,6 +317,7 @@ async function startIn(dir: string, apiserver: string, options: LocalClusterOpti
       adminToken,
       pid,
       child: options.detached ? undefined : child,
+      auditWebhookTokenFile,
     });
     if (!options.detached) attached.add(partial);
     const outcome = await Promise.race([waitReady(server, caFile, adminToken, readyTimeoutMs), exited]);
@@ -406,7 +445,7 @@ function auditWebhookKubeconfig(webhook: AuditWebhook): string {
     apiVersion: 'v1',
     kind: 'Config',
     clusters: [{ name: 'audit', cluster }],
-    users: [{ name: 'apiserver', user: {} }],
+    users: [{ name: 'apiserver', user: webhook.token === undefined ? {} : { token: webhook.token } }],
     contexts: [{ name: 'audit', context: { cluster: 'audit', user: 'apiserver' } }],
     'current-context': 'audit',
   });

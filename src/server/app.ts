@@ -17,6 +17,7 @@ import type { TaskStore } from '../tasks/store.ts';
 import { AuthFailureLog } from './auth-failures.ts';
 import { DEFAULT_LIMITS, guardConnections, httpServerOptions, RateLimitedError, RequestGuard, type Limits } from './limits.ts';
 import { Metrics } from './metrics.ts';
+import { KUBE_AUDIT_PATH, registerKubeAuditRoute, type KubeAuditConfig } from './kube-audit.ts';
 
 /** HTTP status of each error code the API can return. */
 const STATUS: Partial<Record<ErrorCode, number>> = {
@@ -60,6 +61,8 @@ export interface AppDeps {
   log?: (line: string) => void;
   /** Rate limits, connection caps and timeouts (src/server/limits.ts); each one not given takes its default. */
   limits?: Partial<Limits>;
+  /** The API server's audit webhook (src/server/kube-audit.ts); without it POST /v1/audit/kubernetes answers 404. */
+  kubeAudit?: KubeAuditConfig | undefined;
 }
 
 declare module 'fastify' {
@@ -129,6 +132,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
   app.addHook('onRequest', async (req, reply) => {
     reply.header('x-request-id', req.id);
     if (!req.url.startsWith('/v1/')) return;
+    if (req.url.split('?', 1)[0] === KUBE_AUDIT_PATH) return; // the API server's webhook checks its own token (kube-audit.ts)
     req.caller = await guard.authenticate(req, () => authenticate(deps.authenticators, req));
   });
   app.addHook('onRequest', guard.onIdentity);
@@ -186,6 +190,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
   });
 
   if (deps.approvals) registerApprovalRoutes(app, deps.approvals);
+  registerKubeAuditRoute(app, { audit: deps.audit, metrics, guard, config: deps.kubeAudit });
 
   app.get('/v1/cluster', async (_req, reply) => {
     if (!deps.cluster) return reply.code(404).send({ error: { code: 'not_found', message: 'this broker does not publish its cluster' } });

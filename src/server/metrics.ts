@@ -46,6 +46,12 @@ export class Metrics {
   readonly tokenReviews = new Counter({ name: 'broker_token_reviews_total', help: 'TokenReviews sent to the API server', registers: [this.registry] });
   readonly tokenReviewsInFlight = new Gauge({ name: 'broker_token_reviews_in_flight', help: 'TokenReviews awaiting the API server now', registers: [this.registry] });
   readonly auditLogBytes = new Gauge({ name: 'broker_audit_log_bytes', help: 'Size of the audit log file in bytes', registers: [this.registry] });
+  readonly kubeAuditEvents = new Counter({
+    name: 'broker_kube_audit_events_total',
+    help: 'API server audit events received by the webhook (src/server/kube-audit.ts), by outcome: recorded, duplicate (auditID already recorded), other_user (not a task), stage (not ResponseComplete or Panic)',
+    labelNames: ['outcome'] as const,
+    registers: [this.registry],
+  });
 
   constructor() {
     collectDefaultMetrics({ register: this.registry });

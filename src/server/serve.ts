@@ -18,6 +18,7 @@ import { Sweeper } from '../tasks/sweeper.ts';
 import { buildApp } from './app.ts';
 import { capTokenReviews, DEFAULT_LIMITS, type Limits } from './limits.ts';
 import { Metrics } from './metrics.ts';
+import { prepareKubeAudit, readWebhookToken } from './kube-audit.ts';
 
 export interface ServeOptions {
   config: string;
@@ -41,6 +42,8 @@ export interface ServeOptions {
   acceptAuditReset?: boolean;
   /** Rate limits, connection caps and timeouts; each one not given takes its default (src/server/limits.ts). */
   limits?: Partial<Limits>;
+  /** Take the API server's audit webhook, from posts bearing the token in this file (src/server/kube-audit.ts). */
+  auditWebhookTokenFile?: string;
 }
 
 export interface RunningBroker {
@@ -70,6 +73,7 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
     }
     https = { cert: readFlagFile(opts.tlsCert, '--tls-cert'), key: readFlagFile(opts.tlsKey, '--tls-key') };
   }
+  const webhookToken = opts.auditWebhookTokenFile === undefined ? undefined : readWebhookToken(opts.auditWebhookTokenFile);
 
   const { policy, text: policyText } = await loadPolicyFile(opts.config);
   const kube = kubeApis(loadKubeConfig(opts.kubeconfig));
@@ -90,7 +94,9 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
     throw clusterError(`watching tasks in namespace ${policy.broker.taskNamespace} (was \`broker policy apply\` run?)`, err);
   }
   const approvals = new ApprovalService(kube, policy, audit);
-  const tasks = new TaskService(kube, policy, audit, store, { approvals });
+  // The webhook's view of tasks and of what the log already holds (auditIDs, JTIs), from the log's tail.
+  const kubeAudit = webhookToken === undefined ? undefined : await prepareKubeAudit({ token: webhookToken, auditLogPath: opts.auditLog, taskNamespace: policy.broker.taskNamespace, store });
+  const tasks = new TaskService(kube, policy, audit, store, { approvals, onMinted: kubeAudit?.recent.minted });
   const sweeper = new Sweeper(kube, tasks, {
     ...(opts.sweepIntervalMs === undefined ? {} : { intervalMs: opts.sweepIntervalMs }),
     ...(opts.leaseMs === undefined ? {} : { leaseMs: opts.leaseMs }),
@@ -112,6 +118,7 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
     cluster,
     metrics,
     limits,
+    kubeAudit,
     ...(https ? { https } : {}),
   });
 
