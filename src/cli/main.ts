@@ -11,6 +11,7 @@ import { EXIT, exitCodeFor } from './exit-codes.ts';
 import { approvalCommands } from './approvals.ts';
 import { auditCommand } from './audit.ts';
 import { devClusterCommand } from './dev-cluster.ts';
+import { demoCommand } from './demo.ts';
 import { addBrokerOptions } from './broker-options.ts';
 import { kubeconfigCommand } from './kubeconfig.ts';
 import { policyCommand } from './policy.ts';
@@ -31,6 +32,7 @@ export function buildProgram(): Command {
   program.addCommand(runCommand());
   for (const cmd of approvalCommands()) program.addCommand(cmd);
   program.addCommand(kubeconfigCommand());
+  program.addCommand(demoCommand());
   program.addCommand(devClusterCommand());
   program.addCommand(credentialCommand());
   program.addCommand(policyCommand());
