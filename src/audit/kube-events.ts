@@ -11,6 +11,7 @@
  * `Panic`, the two that carry the answer (`RequestReceived` and `ResponseStarted` describe the same
  * request earlier).
  */
+import { createHash } from 'node:crypto';
 import { BrokerError } from '../errors.ts';
 import type { AuditEventInput, AuditOutcome } from './types.ts';
 
@@ -25,8 +26,6 @@ export const KEPT_STAGES: ReadonlySet<string> = new Set(['ResponseComplete', 'Pa
 /** The actor of a record whose agent the broker does not know (any more). */
 export const APISERVER_ACTOR = 'system:apiserver';
 
-/** Longest auditID accepted (the API server's are UUIDs; a client may set its own `Audit-ID`). */
-const MAX_AUDIT_ID = 128;
 /** String values are cut to these lengths in a record, so one record stays far below the log's 8 KiB `details` bound. */
 const MAX = { uri: 2048, userAgent: 256, name: 253, short: 128, reason: 512, sourceIPs: 8 } as const;
 
@@ -81,7 +80,8 @@ export function parseEventList(body: unknown): KubeAuditEvent[] {
 function eventProblem(item: unknown): string | undefined {
   if (!isObject(item)) return 'not an object';
   const id = item['auditID'];
-  if (typeof id !== 'string' || id === '' || id.length > MAX_AUDIT_ID) return `"auditID" must be a string of 1 to ${MAX_AUDIT_ID} characters`;
+  // No upper bound: a client may choose its request's Audit-ID, and no agent may get a batch refused.
+  if (typeof id !== 'string' || id === '') return '"auditID" must be a non-empty string';
   for (const key of ['stage', 'verb', 'requestURI'] as const) if (typeof item[key] !== 'string') return `"${key}" must be a string`;
   const user = item['user'];
   if (!isObject(user) || typeof user['username'] !== 'string') return '"user.username" must be a string';
@@ -166,7 +166,7 @@ export function toRecord(c: Classified, task: TaskInfo | undefined): AuditEventI
   const outcome = outcomeOf(e);
   const decision = e.annotations?.[DECISION_ANNOTATION];
   const reason = outcome === 'denied' ? e.annotations?.[REASON_ANNOTATION] || e.responseStatus?.message || undefined : undefined;
-  const details: Record<string, string | number | string[]> = { auditID: e.auditID, verb: cut(e.verb, MAX.short), requestURI: cut(e.requestURI, MAX.uri) };
+  const details: Record<string, string | number | string[]> = { auditID: cut(e.auditID, MAX.short), verb: cut(e.verb, MAX.short), requestURI: cut(e.requestURI, MAX.uri) };
   const put = (key: string, value: unknown, max: number) => {
     if (typeof value === 'string' && value !== '') details[key] = cut(value, max);
   };
@@ -202,6 +202,29 @@ export function toRecord(c: Classified, task: TaskInfo | undefined): AuditEventI
 }
 
 /**
+ * What makes an event the same event again (a batch posted twice): its auditID, stage and the API
+ * server's two timestamps (microseconds), as they are recorded (cut as in the record), hashed (128
+ * bits). Not the auditID alone: a client chooses its request's `Audit-ID` header, and the API server
+ * takes it as is, so an agent could otherwise give a new request the auditID of a recorded one and
+ * have it dropped as a duplicate; the timestamps are the API server's own.
+ */
+export function eventKey(e: Pick<KubeAuditEvent, 'auditID' | 'stage' | 'requestReceivedTimestamp' | 'stageTimestamp'>): string {
+  return recordedKey(cut(e.auditID, MAX.short), cut(e.stage, MAX.short), cutMaybe(e.requestReceivedTimestamp), cutMaybe(e.stageTimestamp));
+}
+
+/** eventKey of a k8s.request record, from its details (the values as recorded). */
+export function recordedKey(auditID: string, stage: string, requestReceivedTimestamp: string | undefined, stageTimestamp: string | undefined): string {
+  return createHash('sha256')
+    .update(JSON.stringify([auditID, stage, requestReceivedTimestamp ?? '', stageTimestamp ?? '']))
+    .digest('base64url')
+    .slice(0, 22);
+}
+
+function cutMaybe(value: unknown): string | undefined {
+  return typeof value === 'string' && value !== '' ? cut(value, MAX.short) : undefined;
+}
+
+/**
  * The kept events in request order: by requestReceivedTimestamp (RFC 3339 with microseconds, so the
  * text sorts as the time does), the batch's order among equals. The API server queues events as
  * requests complete, so a long request can otherwise come after a later, shorter one.
@@ -213,8 +236,18 @@ export function inRequestOrder<T extends { event: KubeAuditEvent }>(kept: readon
     .map((x) => x.c);
 }
 
+/**
+ * `value` cut so that its JSON text in UTF-8 (escapes included: a `"` or a control character takes 2
+ * to 6 bytes there, a non-ASCII character 2 to 4) is at most `max` bytes, so no value an agent chose (a
+ * request URI) can push a record past the log's 8 KiB `details` bound, and so out of the log.
+ */
 function cut(value: string, max: number): string {
-  return value.length <= max ? value : `${value.slice(0, max - 1)}…`;
+  const size = (v: string) => Buffer.byteLength(JSON.stringify(v)) - 2;
+  if (value.length <= max && size(value) <= max) return value;
+  // The mark `…` takes 3 bytes.
+  let n = Math.min(value.length, max - 3);
+  while (n > 0 && size(value.slice(0, n)) > max - 3) n = Math.max(0, Math.min(n - 1, Math.floor(n * 0.9)));
+  return `${value.slice(0, n)}…`;
 }
 
 function short(value: unknown): string {

@@ -39,7 +39,7 @@ export function webhookConfigCommand(): Command {
         '  broker audit webhook-config --broker-url https://broker.example:8443 --ca broker-ca.crt \\',
         '    --config policy.yaml -o audit-webhook.kubeconfig --audit-policy audit-policy.yaml',
         '  # on the API server: --audit-webhook-config-file=audit-webhook.kubeconfig --audit-policy-file=audit-policy.yaml',
-        '  #                    --audit-webhook-mode=batch',
+        '  #                    --audit-webhook-mode=batch --audit-webhook-truncate-enabled=true',
         '  # on the broker:     broker serve ... --audit-webhook-token-file audit-webhook.kubeconfig.token',
       ].join('\n'),
     )
@@ -77,7 +77,7 @@ async function webhookConfig(opts: WebhookConfigOptions): Promise<void> {
     'API server flags:',
     `  --audit-webhook-config-file=${output}`,
     `  --audit-policy-file=${opts.auditPolicy === undefined ? 'AUDIT-POLICY.yaml' : resolve(opts.auditPolicy)}`,
-    '  --audit-webhook-mode=batch --audit-webhook-batch-max-wait=5s',
+    '  --audit-webhook-mode=batch --audit-webhook-batch-max-wait=5s --audit-webhook-truncate-enabled=true',
   ];
   if (opts.auditPolicy === undefined) {
     // The policy alone on stdout (redirect it to a file); what was done on stderr.

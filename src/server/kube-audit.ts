@@ -12,9 +12,10 @@
  * - Durable before the 200: every record of the batch is fdatasync'd before the answer, so a batch the
  *   broker could not record is retried by the API server (it retries on any error). An unwritable log
  *   answers 503.
- * - Recorded once: by auditID, over a bounded set of recent ones, seeded at start from the tail of the
- *   log, so a batch posted again (a retry after a lost answer, a broker killed before it answered) adds
- *   nothing. Per log file: replicas each keep their own log, and a batch retried to another replica is
+ * - Recorded once: by event (auditID, stage and the API server's timestamps: kube-events.ts eventKey;
+ *   not the auditID alone, which a client may choose), over a bounded set of recent ones, seeded at
+ *   start from the tail of the log, so a batch posted again (a retry after a lost answer, a broker
+ *   killed before it answered) adds nothing. Per log file: replicas each keep their own log, and a batch retried to another replica is
  *   recorded in that replica's log too.
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
@@ -22,7 +23,7 @@ import { readFileSync, statSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { AuditLog } from '../audit/log.ts';
-import { classify, inRequestOrder, K8S_REQUEST, parseEventList, toRecord, type Disposition, type TaskInfo } from '../audit/kube-events.ts';
+import { classify, eventKey, inRequestOrder, K8S_REQUEST, parseEventList, recordedKey, toRecord, type Disposition, type TaskInfo } from '../audit/kube-events.ts';
 import { BrokerError, isBrokerError } from '../errors.ts';
 import { failpoint } from '../failpoint.ts';
 import { bearerToken, type Caller } from '../identity/types.ts';
@@ -34,7 +35,7 @@ import type { Metrics } from './metrics.ts';
 export const KUBE_AUDIT_PATH = '/v1/audit/kubernetes';
 /** The largest batch accepted. The API server's default batch is 400 events (a few hundred KiB at Metadata level). */
 export const KUBE_AUDIT_BODY_LIMIT = 32 * 1024 * 1024;
-/** auditIDs remembered for deduplication, and records of the log's tail read at start. */
+/** Events remembered for deduplication, and records of the log's tail read at start. */
 export const DEDUP_IDS = 200_000;
 /** Shortest token accepted in the token file. */
 const MIN_TOKEN_CHARS = 16;
@@ -45,7 +46,7 @@ export interface KubeAuditConfig {
   tokenDigest: Buffer;
   taskNamespace: string;
   recent: RecentTasks;
-  seen: AuditIdSet;
+  seen: SeenEvents;
 }
 
 export interface KubeAuditDeps {
@@ -81,7 +82,7 @@ export function readWebhookToken(path: string, flag = '--audit-webhook-token-fil
 
 /**
  * Everything the route needs, built at start: the token's digest, the recent tasks (started: they
- * follow the store), and what the tail of the audit log says (the auditIDs already recorded, the tasks
+ * follow the store), and what the tail of the audit log says (the events already recorded, the tasks
  * and the JTIs minted), read once more from `auditLogPath`, its last `maxRecords` records at most.
  */
 export async function prepareKubeAudit(options: {
@@ -93,7 +94,7 @@ export async function prepareKubeAudit(options: {
   recent?: RecentTasks;
 }): Promise<KubeAuditConfig> {
   const recent = options.recent ?? new RecentTasks(options.store);
-  const seen = new AuditIdSet(DEDUP_IDS);
+  const seen = new SeenEvents(DEDUP_IDS);
   const lines = await readTailLines(options.auditLogPath, options.maxRecords ?? DEDUP_IDS);
   for (const line of lines) seedFrom(line, seen, recent);
   recent.start();
@@ -125,19 +126,19 @@ export function registerKubeAuditRoute(app: FastifyInstance, deps: KubeAuditDeps
       counted('other_user', ignored.other_user);
       counted('stage', ignored.stage);
 
-      const fresh: typeof kept = [];
+      const fresh: Array<(typeof kept)[number] & { key: string }> = [];
       const waits: Promise<void>[] = [];
       const inBatch = new Set<string>();
       let duplicates = 0;
       for (const c of inRequestOrder(kept)) {
-        const id = c.event.auditID;
+        const id = eventKey(c.event);
         const state = inBatch.has(id) ? 'done' : cfg.seen.state(id);
         if (state === 'done') duplicates++;
         else if (state instanceof Promise) {
           // Another post of the same events is being recorded right now: answer when it is durable.
           duplicates++;
           waits.push(state);
-        } else fresh.push(c);
+        } else fresh.push({ ...c, key: id });
         inBatch.add(id);
       }
       counted('duplicate', duplicates);
@@ -147,7 +148,7 @@ export function registerKubeAuditRoute(app: FastifyInstance, deps: KubeAuditDeps
         const task: TaskInfo | undefined = cfg.recent.get(c.taskId);
         return deps.audit.append(toRecord(c, task)).then(() => undefined);
       });
-      fresh.forEach((c, i) => cfg.seen.pending(c.event.auditID, appends[i]!));
+      fresh.forEach((c, i) => cfg.seen.pending(c.key, appends[i]!));
       const results = await Promise.allSettled([...appends, ...waits]);
       const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
       const recorded = results.slice(0, appends.length).filter((r) => r.status === 'fulfilled').length;
@@ -162,8 +163,8 @@ export function registerKubeAuditRoute(app: FastifyInstance, deps: KubeAuditDeps
   );
 }
 
-/** The auditIDs recorded (bounded, oldest forgotten first) and those being recorded now. */
-export class AuditIdSet {
+/** The events recorded (their eventKey; bounded, oldest forgotten first) and those being recorded now. */
+export class SeenEvents {
   readonly #max: number;
   readonly #done = new Set<string>();
   readonly #pending = new Map<string, Promise<void>>();
@@ -214,12 +215,17 @@ async function checkToken(req: FastifyRequest, expected: Buffer): Promise<Caller
 }
 
 /** One line of the log's tail (oldest first) into the dedup set and the recent tasks. */
-function seedFrom(line: string, seen: AuditIdSet, recent: RecentTasks): void {
+function seedFrom(line: string, seen: SeenEvents, recent: RecentTasks): void {
   // Lines are in canonical form (docs/audit.md): `"type":"…"` appears once, unescaped, as the type.
   if (line.includes(`"type":"${K8S_REQUEST}"`)) {
-    // `details` keys are sorted and unescaped quotes occur only around keys and values.
-    const m = /"auditID":"((?:[^"\\]|\\.)*)"/.exec(line);
-    if (m) seen.add(JSON.parse(`"${m[1]!}"`) as string);
+    // Unescaped quotes occur only around keys and values, and these keys only in `details`.
+    const value = (key: string) => {
+      const m = new RegExp(`"${key}":"((?:[^"\\\\]|\\\\.)*)"`).exec(line);
+      return m ? (JSON.parse(`"${m[1]!}"`) as string) : undefined;
+    };
+    const auditID = value('auditID');
+    const stage = value('stage');
+    if (auditID !== undefined && stage !== undefined) seen.add(recordedKey(auditID, stage, value('requestReceivedTimestamp'), value('stageTimestamp')));
     return;
   }
   const started = line.includes('"type":"task.started"');

@@ -29,7 +29,7 @@ import { applyPolicy } from '../../src/policy/apply.ts';
 import { parsePolicy } from '../../src/policy/parse.ts';
 import type { Policy } from '../../src/policy/types.ts';
 import { outcomeOf, type KubeAuditEvent } from '../../src/audit/kube-events.ts';
-import { AuditIdSet, readTailLines } from '../../src/server/kube-audit.ts';
+import { readTailLines, SeenEvents } from '../../src/server/kube-audit.ts';
 import type { Task } from '../../src/tasks/model.ts';
 import { RecentTasks } from '../../src/tasks/recent.ts';
 import type { TaskStore } from '../../src/tasks/store.ts';
@@ -122,7 +122,7 @@ describe('audit webhook: the API server records task requests through the broker
   let broker: BrokerProcess | undefined;
   const auditLog = () => join(dir, 'audit.jsonl');
   /** The running task of the tests: started once, on the first broker. */
-  let task: { id: string; jti: string; kubeconfig: string };
+  let task: { id: string; jti: string; token: string; kubeconfig: string };
 
   /** A request to a broker over TLS (its certificate is the API server's: trusted through cluster.caPem). */
   const call = (b: BrokerProcess, method: string, path: string, token?: string, body?: unknown, raw?: string) =>
@@ -210,7 +210,7 @@ describe('audit webhook: the API server records task requests through the broker
       assert.equal(start.status, 201, JSON.stringify(start.body));
       const cred = await call(broker, 'POST', '/v1/tasks/inspect/credential', alpha);
       assert.equal(cred.status, 200, JSON.stringify(cred.body));
-      task = { id: start.body.id, jti: cred.body.jti, kubeconfig: writeTokenKubeconfig(join(dir, 'task.kubeconfig'), cluster, cred.body.token) };
+      task = { id: start.body.id, jti: cred.body.jti, token: cred.body.token, kubeconfig: writeTokenKubeconfig(join(dir, 'task.kubeconfig'), cluster, cred.body.token) };
     } catch (err) {
       broker?.kill('SIGKILL');
       await cluster.stop();
@@ -382,6 +382,38 @@ describe('audit webhook: the API server records task requests through the broker
     const r = k8sRequests(auditLog()).find((x) => x.details.auditID === byJti.auditID)!;
     assert.equal(r.task, task.id);
     assert.equal(r.agent, 'alpha');
+  });
+
+  test('a request given the Audit-ID of a recorded one, or a huge one, is recorded all the same (a client chooses its Audit-ID)', async () => {
+    // Straight to the API server with the task's token: kubectl sets no Audit-ID, any client may.
+    const get = (auditId: string, marker: string) =>
+      new Promise<number>((done, fail) => {
+        const req = httpsRequest(`${cluster.server}/api/v1/namespaces/team-a/pods?labelSelector=m%3D${marker}`, {
+          ca: cluster.caPem,
+          headers: { authorization: `Bearer ${task.token}`, 'audit-id': auditId },
+          maxHeaderSize: 1 << 20, // the API server echoes the Audit-ID
+        }, (res) => {
+          res.resume();
+          res.on('end', () => done(res.statusCode ?? 0));
+        });
+        req.on('error', fail);
+        req.end();
+      });
+    const recorded = k8sRequests(auditLog()).find((r) => r.task === task.id)!;
+    const reused = `reuse-${randomBytes(4).toString('hex')}`;
+    const huge = `huge-${randomBytes(4).toString('hex')}`;
+    assert.equal(await get(recorded.details.auditID, reused), 200);
+    assert.equal(await get('x'.repeat(20_000), huge), 200);
+    const got = await until('both requests to be recorded', 30_000, () => {
+      const all = k8sRequests(auditLog());
+      const a = all.filter((r) => r.details.requestURI.includes(reused));
+      const b = all.filter((r) => r.details.requestURI.includes(huge));
+      return a.length && b.length ? { a, b } : undefined;
+    });
+    assert.equal(got.a.length, 1);
+    assert.equal(got.a[0]!.details.auditID, recorded.details.auditID, 'the same auditID, recorded again: another request');
+    assert.equal(got.b.length, 1);
+    assert.ok(Buffer.byteLength(got.b[0]!.details.auditID) <= 128, 'cut in the record');
   });
 
   test('a 1,000-event batch is accepted and recorded whole, in one answer', async () => {
@@ -571,8 +603,8 @@ describe('webhook pieces without a cluster: outcomes, the log tail, the dedup bo
     }
   });
 
-  test('the auditID set is bounded (oldest forgotten) and a failed append is forgotten at once', async () => {
-    const set = new AuditIdSet(3);
+  test('the set of recorded events is bounded (oldest forgotten) and a failed append is forgotten at once', async () => {
+    const set = new SeenEvents(3);
     for (const id of ['a', 'b', 'c', 'd']) set.add(id);
     assert.equal(set.state('a'), undefined);
     assert.equal(set.state('d'), 'done');
