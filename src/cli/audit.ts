@@ -99,6 +99,11 @@ async function show(file: string, opts: ShowCommandOptions): Promise<void> {
   const { AuditReader, FollowSelector, NO_PAINT, formatHeader, formatRecord, formatSelection, safeJson, select, selectionJson, storyOfRecord, summarize, summaryLine } =
     await import('../audit/show.ts');
   const filter = { task: opts.task, agent: opts.agent, since: opts.since === undefined ? undefined : await sinceTime(opts.since) };
+  // `audit show FILE | head`: a reader that went away is not an error worth a stack trace.
+  process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code === 'EPIPE') process.exit(0);
+    throw err;
+  });
   // chalk alone does not look at NO_COLOR; stdout must be a terminal too.
   const colour = process.stdout.isTTY === true && !process.env['NO_COLOR'];
   const paint = colour ? { denied: style.error, dim: style.dim, ok: style.ok } : NO_PAINT;
