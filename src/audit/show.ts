@@ -12,8 +12,8 @@ import { open, stat } from 'node:fs/promises';
 import { ChainVerifier } from './verify.ts';
 import type { AuditRecord, JsonValue, VerifyResult } from './types.ts';
 
-/** Record types that describe one API request, as the API server reported it. `kube.request` is the name docs/audit.md listed first. */
-export const REQUEST_TYPES: ReadonlySet<string> = new Set(['k8s.request', 'kube.request']);
+/** Record types that describe one API request, as the API server (or the proxy) reported it. */
+export const REQUEST_TYPES: ReadonlySet<string> = new Set(['k8s.request']);
 
 export interface ShowFilter {
   /** A task id, or a task name (every task of that name). */

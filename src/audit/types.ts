@@ -20,7 +20,7 @@ export type AuditEventType =
   | 'auth.failed'
   | 'policy.applied'
   | `approval.${string}`
-  | 'kube.request'
+  | 'k8s.request'
   | (string & {});
 
 export type AuditOutcome = 'allowed' | 'denied' | 'error' | 'ok';

@@ -76,6 +76,13 @@ function packageVersion(): string {
 }
 
 export async function main(argv: string[]): Promise<number> {
+  // Output piped into `head` (or any reader that stops early) ends the command quietly, not with a trace.
+  for (const stream of [process.stdout, process.stderr]) {
+    stream.on('error', (err: NodeJS.ErrnoException) => {
+      if (err.code === 'EPIPE') process.exit(typeof process.exitCode === 'number' ? process.exitCode : EXIT.ok);
+      throw err;
+    });
+  }
   const program = buildProgram();
   try {
     await program.parseAsync(argv, { from: 'user' });

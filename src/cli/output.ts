@@ -13,7 +13,10 @@ export function printJson(value: unknown): void {
   process.stdout.write(JSON.stringify(value, null, 2) + '\n');
 }
 
-/** Colour only on a TTY and never with NO_COLOR set: chalk's own detection handles both. */
+// chalk detects a TTY (and FORCE_COLOR) but not NO_COLOR (https://no-color.org): no colour when it is set.
+if (process.env['NO_COLOR'] !== undefined && process.env['NO_COLOR'] !== '') chalk.level = 0;
+
+/** Colour only on a TTY and never with NO_COLOR set. */
 export const style = {
   error: (s: string) => chalk.red(s),
   dim: (s: string) => chalk.dim(s),
