@@ -15,8 +15,8 @@
  * - Recorded once: by event (auditID, stage and the API server's timestamps: kube-events.ts eventKey;
  *   not the auditID alone, which a client may choose), over a bounded set of recent ones, seeded at
  *   start from the tail of the log, so a batch posted again (a retry after a lost answer, a broker
- *   killed before it answered) adds nothing. Per log file: replicas each keep their own log, and a batch retried to another replica is
- *   recorded in that replica's log too.
+ *   killed before it answered) adds nothing. Per log file: replicas each keep their own log, and a
+ *   batch retried to another replica is recorded in that replica's log too.
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
 import { readFileSync, statSync } from 'node:fs';
