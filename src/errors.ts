@@ -25,6 +25,7 @@ export const ERROR_CODES = {
   namespace_not_allowed: 'The template does not allow tasks in that namespace.',
   ttl_out_of_range: 'The requested TTL is below the minimum or above the template\'s maximum.',
   task_exists: 'The agent already has an active task of that name.',
+  quota_exceeded: 'The agent already holds as many active tasks, or open approval requests, as the policy allows (broker.limits).',
   no_active_task: 'The agent has no active task of that name: start one first.',
   rate_limited: 'Too many requests from this source address or identity, or too many failed authentications from this address: retry after the `Retry-After` seconds.',
   approval_required: 'The template is gated: the task needs an approval token; the error carries the approval request id.',

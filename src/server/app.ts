@@ -33,6 +33,7 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   no_active_task: 404,
   task_exists: 409,
   rate_limited: 429,
+  quota_exceeded: 403,
   approval_required: 403,
   approval_invalid: 403,
   approval_closed: 409,
@@ -253,7 +254,7 @@ function registerApprovalRoutes(app: FastifyInstance, approvals: ApprovalService
     const request = await approvals.view(req.caller!, req.params.id);
     const view = approvalView(request, now());
     // The requester collects its approval token here once the request is approved.
-    if (view.state === 'approved' && request.requester.subject === req.caller!.subject) {
+    if (view.state === 'approved' && request.requester.principal === req.caller!.principal) {
       return { ...view, approvalToken: await approvals.tokenFor(request, req.id) };
     }
     return view;

@@ -12,6 +12,8 @@ import { ServiceAccountAuthenticator } from '../identity/service-account.ts';
 import { clusterError, kubeApis, loadKubeConfig, type KubeApis } from '../kube/config.ts';
 import { loadPolicyFile } from '../policy/parse.ts';
 import { ApprovalService } from '../approvals/service.ts';
+import { ApprovalKeys } from '../approvals/token.ts';
+import { StateSigner } from '../state-signature.ts';
 import { TaskService } from '../tasks/service.ts';
 import { TaskStore } from '../tasks/store.ts';
 import { Sweeper } from '../tasks/sweeper.ts';
@@ -85,18 +87,26 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
     acceptReset: opts.acceptAuditReset === true,
   });
   const cluster = clusterInfo(kube, opts);
-  const store = new TaskStore();
+  // One key signs approval tokens and the state the broker trusts when it reads it back (task and
+  // approval records), in the broker's own namespace.
+  const keys = new ApprovalKeys(kube, policy.broker.namespace);
+  const signer = new StateSigner(keys);
+  const store = new TaskStore({ signer });
   try {
+    // The signing key exists before anything is served: nobody can take its name first (for
+    // instance as a service-account-token Secret whose token the broker could then read).
+    await keys.signingKey();
     await store.watch(kube.config, policy.broker.taskNamespace);
   } catch (err) {
     await audit.close();
     await checkpoint.close();
-    throw clusterError(`watching tasks in namespace ${policy.broker.taskNamespace} (was \`broker policy apply\` run?)`, err);
+    if (err instanceof BrokerError) throw err;
+    throw clusterError(`reading the signing key in ${policy.broker.namespace} and watching tasks in ${policy.broker.taskNamespace} (was \`broker policy apply\` run?)`, err);
   }
-  const approvals = new ApprovalService(kube, policy, audit);
+  const approvals = new ApprovalService(kube, policy, audit, { keys, signer });
   // The webhook's view of tasks and of what the log already holds (auditIDs, JTIs), from the log's tail.
   const kubeAudit = webhookToken === undefined ? undefined : await prepareKubeAudit({ token: webhookToken, auditLogPath: opts.auditLog, taskNamespace: policy.broker.taskNamespace, store });
-  const tasks = new TaskService(kube, policy, audit, store, { approvals, onMinted: kubeAudit?.recent.minted });
+  const tasks = new TaskService(kube, policy, audit, store, { approvals, signer, onMinted: kubeAudit?.recent.minted });
   const sweeper = new Sweeper(kube, tasks, {
     ...(opts.sweepIntervalMs === undefined ? {} : { intervalMs: opts.sweepIntervalMs }),
     ...(opts.leaseMs === undefined ? {} : { leaseMs: opts.leaseMs }),
