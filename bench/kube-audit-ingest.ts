@@ -31,7 +31,7 @@ const CONCURRENT = 4;
 const GOAL = 5000;
 
 /** One Metadata-level event of a `kubectl get pod` by the task, shaped as the API server sends it. */
-function event(user: string, jti: string, i: number): KubeAuditEvent & Record<string, unknown> {
+function event(user: string, jti: string, i: number): Record<string, unknown> {
   const t = new Date().toISOString().replace('Z', '000Z');
   return {
     kind: 'Event',
@@ -108,7 +108,7 @@ await withEnv(async (env) => {
     const path = join(env.dir, 'baseline.jsonl');
     const log = await AuditLog.open(path);
     const batches = Array.from({ length: BATCHES }, () => {
-      const { kept } = classify(batchOf(user, cred.body.jti, SIZE).items, env.policy.broker.taskNamespace, () => undefined);
+      const { kept } = classify(batchOf(user, cred.body.jti, SIZE).items as unknown as KubeAuditEvent[], env.policy.broker.taskNamespace, () => undefined);
       return inRequestOrder(kept).map((c) => toRecord(c, task));
     });
     const latencies: number[] = [];

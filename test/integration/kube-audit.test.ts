@@ -317,7 +317,7 @@ describe('audit webhook: the API server records task requests through the broker
 
   test('unauthenticated posts are refused 401 and summarised as failed authentications; nothing is appended', async () => {
     const batch = eventList([event({ username: `system:serviceaccount:${policy.broker.taskNamespace}:task-${task.id}` })]);
-    const id = batch.items[0].auditID;
+    const id = batch.items[0]!.auditID;
     const none = await post(batch, ''); // no Authorization header
     assert.equal(none.status, 401);
     assert.equal(none.body.error.code, 'unauthenticated');
