@@ -233,7 +233,7 @@ function registerLimits(app: FastifyInstance, deps: AppDeps, limits: Limits, met
     intervalMs: limits.failureLogIntervalMs,
     maxSources: limits.failureLogMaxSources,
   });
-  const guard = new RequestGuard(app, limits, metrics, failureLog);
+  const guard = new RequestGuard(limits, metrics, failureLog);
   app.addHook('onRequest', guard.onSource);
   app.addHook('onReady', async () => failureLog.start());
   app.addHook('onClose', async () => failureLog.close());
