@@ -5,7 +5,8 @@
  * - Per source address, before anything else: a request budget (every route, /healthz included), and
  *   a budget of failed authentications checked before any authentication work, so a source that has
  *   spent it is refused 429 without a TokenReview.
- * - Per identity, after authentication: a request budget keyed on the caller's subject.
+ * - Per identity, after authentication: a request budget keyed on the caller's principal (the agent
+ *   or person behind it), so a second identity does not double a budget.
  * - For the whole broker: TokenReviews in flight at once, connections open at once (globally and per
  *   source), and timeouts on every connection (docs/operations.md).
  *
@@ -35,7 +36,7 @@ export interface Limits {
   perSource: Rate | undefined;
   /** Failed authentications from one source address. undefined: no limit. */
   authFailures: Rate | undefined;
-  /** Requests of one authenticated subject. undefined: no limit. */
+  /** Requests of one authenticated principal (agent or person). undefined: no limit. */
   perIdentity: Rate | undefined;
   /** TokenReviews in flight at once (0: no cap). */
   maxTokenReviews: number;
@@ -255,7 +256,7 @@ export class RequestGuard {
   /** onRequest, after authentication: the per-identity budget (requests with no caller are not counted). */
   readonly onIdentity = (req: FastifyRequest, _reply: FastifyReply, done: (err?: Error) => void): void => {
     if (!this.#identity || !req.caller) return done();
-    const r = this.#identity.spend(req.caller.subject);
+    const r = this.#identity.spend(req.caller.principal);
     if (!r.over) return done();
     this.#metrics.rateLimited.inc({ limit: 'identity' });
     this.#failureLog.note({ source: sourceOf(req.ip), category: 'rate_limited', actor: actorOf(req.caller), agent: req.caller.agent || undefined });

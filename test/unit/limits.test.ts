@@ -27,7 +27,7 @@ class FakeAuthenticator implements Authenticator {
     this.reviews++;
     const m = /^Bearer good-(\w+)$/.exec(h);
     if (!m) throw new BrokerError('unauthenticated', 'the ServiceAccount token was not accepted');
-    return { agent: m[1]!, subject: `system:serviceaccount:agents:${m[1]}`, method: 'serviceAccount' } as Caller;
+    return { agent: m[1]!, subject: `system:serviceaccount:agents:${m[1]}`, method: 'serviceAccount', principal: `agent:${m[1]}` } as Caller;
   }
 }
 
