@@ -28,6 +28,7 @@ export function exitCodeFor(code: ErrorCode | 'approval_required'): number {
     case 'broker_unreachable':
     case 'audit_unavailable':
     case 'cluster_unavailable':
+    case 'rate_limited':
       return EXIT.unavailable;
     default:
       return EXIT.error;
