@@ -61,6 +61,21 @@ export class Metrics {
     for (const reason of CONNECTION_REFUSALS) this.connectionsRefused.inc({ reason }, 0);
   }
 
+  /**
+   * `broker_sweeper_lease_age_seconds`: how long ago any replica last renewed the sweeper Lease, as
+   * this replica saw it. Above the lease duration nobody ends expired tasks (docs/operations.md).
+   */
+  watchSweeperLease(ageSeconds: () => number): void {
+    new Gauge({
+      name: 'broker_sweeper_lease_age_seconds',
+      help: 'Seconds since any replica last renewed the sweeper Lease (+Inf before it was first seen)',
+      registers: [this.registry],
+      collect() {
+        this.set(ageSeconds());
+      },
+    });
+  }
+
   observeRequest(route: string, method: string, status: number, seconds: number): void {
     this.requests.observe({ route, method, status: String(status) }, seconds);
   }

@@ -117,6 +117,7 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
     housekeeping: () => approvals.sweep(24 * 3600 * 1000),
   });
   const metrics = new Metrics();
+  metrics.watchSweeperLease(() => sweeper.leaseAgeSeconds());
   const limits: Limits = { ...DEFAULT_LIMITS, ...opts.limits };
   const app = buildApp({
     tasks,
