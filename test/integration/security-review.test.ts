@@ -193,6 +193,11 @@ describe('security review: approvals by principal, signed state, token lifetime,
     assert.equal((c2.exp ?? 0) - (c2.iat ?? 0), 600, 'raised to the API server floor of 600 s');
     assert.equal(tiny.status, 201);
     assert.equal((await req('DELETE', '/v1/tasks/tiny', 'alice')).status, 200);
+
+    // Such a task ends only when a replica deletes its RoleBinding: the Lease's freshness is a metric.
+    const metrics = await broker.request('GET', '/metrics', undefined);
+    const age = Number(/^broker_sweeper_lease_age_seconds (\S+)$/m.exec(String(metrics.body))?.[1]);
+    assert.ok(age >= 0 && age < 5, `sweeper lease age ${age} s`);
   });
 
   test('finding 9: a clusterRole template whose ClusterRole grants pods/exec is gated', async () => {
