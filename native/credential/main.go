@@ -3,6 +3,11 @@
 // cannot start in less than ~25 ms; this one starts in a few. It behaves exactly as the Node plugin
 // (src/credential/main.cts): same flags, environment, messages and exit codes, checked by the same
 // tests. Standard library only.
+//
+// A failed run is run again: client-go keeps only a credential, never a failure, and kubectl's
+// discovery asks for one before each of its steps (five runs for one refused `kubectl get` without a
+// discovery cache). So a run that finds its parent has already waited for a child prints only the
+// first line of its message (see ranBefore).
 package main
 
 import (
@@ -18,6 +23,7 @@ import (
 	"net/netip"
 	"net/url"
 	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -228,6 +234,41 @@ type brokerError struct {
 	RequestID string `json:"requestId"`
 }
 
+// namesCommand: whether a broker's message already tells the user which `broker` command to run.
+func namesCommand(message string) bool {
+	// Go's regexp has no lookaround: the boundaries are matched as characters, or the ends.
+	return regexp.MustCompile(`(^|[^\w-])broker (task|run|templates|approve|approvals|whoami|kubeconfig|login)([^\w-]|$)`).MatchString(message)
+}
+
+// ranBefore: whether the process that runs this one has already waited for a child. kubectl runs no
+// other child, so then this is not its first run of the plugin. A failed run is not cached by
+// client-go (plugin/pkg/client/auth/exec/exec.go keeps only a credential), and kubectl's discovery
+// (discovery/cached/memory/memcache.go) keeps no failure either, so each discovery step of one kubectl
+// command runs the plugin again. Read from the parent's cminflt in /proc/PPID/stat (the minor faults
+// of the children it has waited for: 0 until it has waited for one, never 0 after), in memory, with
+// nothing written anywhere. Linux only: elsewhere, or when it cannot be read, false.
+func ranBefore(ppid int) bool {
+	if ppid <= 1 {
+		return false
+	}
+	stat, err := os.ReadFile("/proc/" + strconv.Itoa(ppid) + "/stat")
+	if err != nil {
+		return false
+	}
+	// pid (comm) state ppid pgrp session tty_nr tpgid flags minflt cminflt ...; comm may hold spaces.
+	text := string(stat)
+	end := strings.LastIndexByte(text, ')')
+	if end < 0 || end+2 > len(text) {
+		return false
+	}
+	fields := strings.Split(text[end+2:], " ")
+	if len(fields) < 9 {
+		return false
+	}
+	n, convErr := strconv.ParseUint(fields[8], 10, 64)
+	return convErr == nil && n > 0
+}
+
 func explain(status int, body []byte, o options, source string) *pluginError {
 	var parsed struct {
 		Error *brokerError `json:"error"`
@@ -242,9 +283,14 @@ func explain(status int, body []byte, o options, source string) *pluginError {
 	}
 	switch e.Code {
 	case "no_active_task":
+		// The broker's message names the command that starts the task when it knows the template and
+		// namespace (from the task's history); the placeholders are only for a broker that does not.
 		msg := e.Message
 		if msg == "" {
 			msg = fmt.Sprintf("no active task %q", o.task)
+		}
+		if namesCommand(msg) {
+			return fail(exitError, "broker credential: %s", msg)
 		}
 		return fail(exitError, "broker credential: %s\nstart one with: broker task start TEMPLATE --namespace NAMESPACE --name %s", msg, o.task)
 	case "unauthenticated":
@@ -256,8 +302,11 @@ func explain(status int, body []byte, o options, source string) *pluginError {
 		if e.RequestID != "" {
 			request, id = fmt.Sprintf(" (request %s)", e.RequestID), e.RequestID
 		}
+		if namesCommand(e.Message) {
+			return fail(exitApproval, "broker credential: task %q needs approval%s%s", o.task, request, said)
+		}
 		return fail(exitApproval, "broker credential: task %q needs approval%s%s\nask an approver to run: broker approve %s", o.task, request, said, id)
-	case "audit_unavailable", "cluster_unavailable":
+	case "audit_unavailable", "cluster_unavailable", "rate_limited":
 		return fail(exitUnavailable, "broker credential: the broker at %s cannot serve credentials now%s [%s]", o.broker, said, e.Code)
 	}
 	code := ""
@@ -272,7 +321,8 @@ func redirected(status int, o options) *pluginError {
 	return fail(exitError, "broker credential: the broker at %s answered %d, a redirect: redirects are refused, the identity token goes only to the configured broker URL (check %s)", o.broker, status, o.brokerFrom)
 }
 
-func run(argv []string, stdout, stderr io.Writer) int {
+// run is the plugin; ppid is the process that runs it (kubectl), see ranBefore.
+func run(argv []string, stdout, stderr io.Writer, ppid int) int {
 	err := func() error {
 		o, err := parseArgs(argv)
 		if err != nil {
@@ -369,6 +419,10 @@ func run(argv []string, stdout, stderr io.Writer) int {
 	var pe *pluginError
 	if errors.As(err, &pe) {
 		msg := pe.message
+		// Run again by the same kubectl: one line (the first) is enough, the rest was printed the first time.
+		if ranBefore(ppid) {
+			msg, _, _ = strings.Cut(msg, "\n")
+		}
 		if !strings.HasSuffix(msg, "\n") {
 			msg += "\n"
 		}
@@ -393,5 +447,5 @@ func networkError(err error) string {
 }
 
 func main() {
-	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr, os.Getppid()))
 }

@@ -13,6 +13,11 @@
  *
  * Exit codes as the CLI's (docs/cli.md): 0 ok, 1 error, 2 usage, 3 approval required,
  * 4 not authenticated, 5 unavailable.
+ *
+ * A failed run is run again: client-go keeps only a credential, never a failure, and kubectl's
+ * discovery asks for one before each of its steps (five runs for one refused `kubectl get` without a
+ * discovery cache). So a run that finds its parent has already waited for a child prints only the
+ * first line of its message (see ranBefore).
  */
 import type * as FsModule from 'node:fs';
 import type * as NetModule from 'node:net';
@@ -53,6 +58,8 @@ interface PluginIo {
   env: NodeJS.ProcessEnv;
   stdout: (s: string) => void;
   stderr: (s: string) => void;
+  /** The process that runs the plugin (kubectl), when the plugin is its own process: see ranBefore. */
+  ppid?: number;
 }
 
 const USAGE = `usage: broker credential --task NAME [--broker URL] [--broker-ca FILE]
@@ -248,6 +255,33 @@ function parseResponse(raw: Buffer): Reply {
   return { status: Number(status[1]), body: body.toString('utf8') };
 }
 
+/** Whether a broker's message already tells the user which `broker` command to run. */
+function namesCommand(message: string): boolean {
+  return /(?<![\w-])broker (?:task|run|templates|approve|approvals|whoami|kubeconfig|login)(?![\w-])/.test(message);
+}
+
+/**
+ * Whether the process that runs this one has already waited for a child: kubectl runs no other
+ * child, so then this is not its first run of the plugin. A failed run is not cached by client-go
+ * (plugin/pkg/client/auth/exec/exec.go keeps only a credential), and kubectl's discovery
+ * (discovery/cached/memory/memcache.go) keeps no failure either, so each discovery step of one kubectl
+ * command runs the plugin again. Read from the parent's cminflt in /proc/PPID/stat (the minor faults
+ * of the children it has waited for: 0 until it has waited for one, never 0 after), in memory, with
+ * nothing written anywhere. Linux only: elsewhere, or when it cannot be read, false.
+ */
+function ranBefore(ppid: number | undefined): boolean {
+  if (ppid === undefined || ppid <= 1) return false;
+  let stat: string;
+  try {
+    stat = fs.readFileSync(`/proc/${ppid}/stat`, 'latin1');
+  } catch {
+    return false;
+  }
+  // pid (comm) state ppid pgrp session tty_nr tpgid flags minflt cminflt ...; comm may hold spaces.
+  const cminflt = stat.slice(stat.lastIndexOf(')') + 2).split(' ')[8];
+  return cminflt !== undefined && /^[1-9][0-9]*$/.test(cminflt);
+}
+
 function explain(reply: Reply, opts: Options, source: string): PluginError {
   let error: { code?: string; message?: string; field?: string; requestId?: string } = {};
   try {
@@ -257,11 +291,13 @@ function explain(reply: Reply, opts: Options, source: string): PluginError {
   }
   const said = error.message ? `: ${error.message}` : '';
   switch (error.code) {
-    case 'no_active_task':
-      return new PluginError(
-        `broker credential: ${error.message ?? `no active task "${opts.task}"`}\nstart one with: broker task start TEMPLATE --namespace NAMESPACE --name ${opts.task}`,
-        EXIT.error,
-      );
+    case 'no_active_task': {
+      // The broker's message names the command that starts the task when it knows the template and
+      // namespace (from the task's history); the placeholders are only for a broker that does not.
+      const message = error.message ?? `no active task "${opts.task}"`;
+      const hint = namesCommand(message) ? '' : `\nstart one with: broker task start TEMPLATE --namespace NAMESPACE --name ${opts.task}`;
+      return new PluginError(`broker credential: ${message}${hint}`, EXIT.error);
+    }
     case 'unauthenticated':
       return new PluginError(
         `broker credential: the broker did not accept the identity from ${source} (missing, expired, or not an agent in the policy)`,
@@ -271,11 +307,13 @@ function explain(reply: Reply, opts: Options, source: string): PluginError {
       return new PluginError(`broker credential: refused${said}`, EXIT.error);
     case 'approval_required':
       return new PluginError(
-        `broker credential: task "${opts.task}" needs approval${error.requestId ? ` (request ${error.requestId})` : ''}${said}\nask an approver to run: broker approve ${error.requestId ?? 'REQUEST_ID'}`,
+        `broker credential: task "${opts.task}" needs approval${error.requestId ? ` (request ${error.requestId})` : ''}${said}` +
+          (namesCommand(error.message ?? '') ? '' : `\nask an approver to run: broker approve ${error.requestId ?? 'REQUEST_ID'}`),
         EXIT.approval,
       );
     case 'audit_unavailable':
     case 'cluster_unavailable':
+    case 'rate_limited':
       return new PluginError(`broker credential: the broker at ${opts.broker} cannot serve credentials now${said} [${error.code}]`, EXIT.unavailable);
     default:
       return new PluginError(`broker credential: the broker at ${opts.broker} answered ${reply.status}${said}${error.code ? ` [${error.code}]` : ''}`, EXIT.error);
@@ -351,7 +389,9 @@ async function run(io: PluginIo): Promise<number> {
     return EXIT.ok;
   } catch (err) {
     if (err instanceof PluginError) {
-      io.stderr(err.message.endsWith('\n') ? err.message : err.message + '\n');
+      // Run again by the same kubectl: one line (the first) is enough, the rest was printed the first time.
+      const message = ranBefore(io.ppid) ? err.message.split('\n', 1)[0]! : err.message;
+      io.stderr(message.endsWith('\n') ? message : message + '\n');
       return err.exitCode;
     }
     io.stderr(`broker credential: unexpected failure: ${(err as Error).message}\n`);
@@ -384,6 +424,7 @@ if (require.main === module) {
     env: process.env,
     stdout: (s) => writeAll(1, s),
     stderr: (s) => writeAll(2, s),
+    ppid: process.ppid,
   }).then((code) => {
     // Exit now: a DNS lookup cut by the deadline would otherwise keep the process alive until it ends
     // (everything was written with writeSync).

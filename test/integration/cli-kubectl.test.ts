@@ -81,7 +81,52 @@ describe('CLI and exec plugin with real kubectl', () => {
     const res = await kubectl(kc, 'get', 'pods', '-n', 'team-a');
     assert.notEqual(res.code, 0);
     assert.match(res.stderr, /no active task "read-pods"/);
-    assert.match(res.stderr, /start one with: broker task start TEMPLATE --namespace NAMESPACE --name read-pods/);
+    // The command that starts it: the broker's own (with the template and namespace it knows from the
+    // task's history) or, from a broker that names none, the plugin's.
+    assert.match(res.stderr, /broker task start \S+ --namespace \S+/);
+  });
+
+  test('a refused kubectl prints the plugin\'s whole message once; each run kubectl adds while it retries discovery is one line', async () => {
+    // Without a discovery cache (a HOME kubectl has not used with this API server), one `kubectl get`
+    // runs the plugin once per discovery step, because client-go caches no failed run (exec.go) and
+    // kubectl's in-memory discovery cache keeps no failure (memcache.go): 5 runs, each followed by
+    // kubectl's own memcache.go line. With the cache an earlier successful call left, one run.
+    const memcache = /^E\d{4} [\d:.]+ +\d+ memcache\.go:\d+\] "Unhandled Error" err="couldn't get current server API group list: .*getting credentials: exec: executable \S+ failed with exit code 1"$/;
+    const final = /^Unable to connect to the server: getting credentials: exec: executable \S+ failed with exit code 1$/;
+    const split = (stderr: string) => {
+      const lines = stderr.trimEnd().split('\n');
+      return { memcache: lines.filter((l) => memcache.test(l)).length, final: lines.filter((l) => final.test(l)).length, plugin: lines.filter((l) => !memcache.test(l) && !final.test(l)) };
+    };
+    for (const build of ['native', 'node']) {
+      const home = mkdtempSync(join(env.dir, `home-${build}-`));
+      const asAgent = { ...agent.env, HOME: home };
+      const kc = await kubeconfigFile('idle', ['--plugin', build]);
+      const get = () => run(kubectlPath(), ['--kubeconfig', kc, 'get', 'pods', '-n', 'team-a'], asAgent);
+
+      const cold = await get();
+      assert.equal(cold.code, 1, cold.stderr);
+      assert.equal(cold.stdout, '');
+      // The first run's whole message (up to kubectl's first line), then the first line of it once per repeat.
+      const whole = cold.stderr.slice(0, cold.stderr.search(/^E\d{4} /m)).trimEnd().split('\n');
+      assert.match(whole[0]!, /^broker credential: .*no active task "idle"/, `${build}: ${cold.stderr}`);
+      const got = split(cold.stderr);
+      assert.deepEqual(got.plugin, [...whole, whole[0], whole[0], whole[0], whole[0]], `${build}: ${cold.stderr}`);
+      assert.equal(got.memcache, 5, `${build}: ${cold.stderr}`);
+      assert.equal(got.final, 1, `${build}: ${cold.stderr}`);
+
+      // A successful call in a task leaves kubectl's discovery cache (6 h): refused again, one run, no memcache.go line.
+      assert.equal((await cli(['task', 'start', 'read-pods', '-n', 'team-a', '--name', 'idle'], asAgent)).code, 0);
+      const ok = await get();
+      assert.equal(ok.code, 0, ok.stderr);
+      assert.equal((await cli(['task', 'end', 'idle'], asAgent)).code, 0);
+      const warm = await get();
+      assert.equal(warm.code, 1, warm.stderr);
+      const again = split(warm.stderr);
+      assert.match(again.plugin[0]!, /^broker credential: .*"idle"/, `${build}: ${warm.stderr}`);
+      assert.equal(again.plugin.filter((l) => l.startsWith('broker credential: ')).length, 1, `${build}: ${warm.stderr}`);
+      assert.equal(again.memcache, 0, `${build}: ${warm.stderr}`);
+      assert.equal(again.final, 1, `${build}: ${warm.stderr}`);
+    }
   });
 
   test('allowed path: task start, kubectl through the exec entry, audit has task.started and credential.minted with the JTI', async () => {

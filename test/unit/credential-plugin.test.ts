@@ -20,6 +20,8 @@ import { run } from '../helpers/kube.ts';
 
 const NATIVE = new URL('../../.cache/bin/broker-credential', import.meta.url).pathname;
 const NODE_ENTRY = new URL('../../dist/credential/main.cjs', import.meta.url).pathname;
+/** The Node build's source, run as its own process (Node strips the types). */
+const PLUGIN_SOURCE = new URL('../../src/credential/main.cts', import.meta.url).pathname;
 const EXEC_V1 = JSON.stringify({ apiVersion: 'client.authentication.k8s.io/v1', kind: 'ExecCredential', spec: { interactive: false } });
 
 for (const build of ['node', 'native'] as const)
@@ -39,6 +41,9 @@ describe(`broker credential (${build})`, () => {
     ['/v1/tasks/audit/credential', { status: 503, body: JSON.stringify({ error: { code: 'audit_unavailable', message: 'the audit log cannot be written' } }) }],
     ['/v1/tasks/proxy/credential', { status: 502, body: '<html>bad gateway</html>' }],
     ['/v1/tasks/empty/credential', { status: 200, body: '{}' }],
+    // A broker that knows the task's template and namespace (from its history) names the command.
+    ['/v1/tasks/known/credential', { status: 404, body: JSON.stringify({ error: { code: 'no_active_task', message: 'agent "alpha" has no active task "known"; start it with: broker task start read-pods --namespace team-a --name known' } }) }],
+    ['/v1/tasks/gated-told/credential', { status: 403, body: JSON.stringify({ error: { code: 'approval_required', message: 'needs 1 approval: ask an approver to run: broker approve req-43', requestId: 'req-43' } }) }],
   ]);
 
   before(async () => {
@@ -68,7 +73,9 @@ describe(`broker credential (${build})`, () => {
   });
 
   async function plugin(argv: string[], env: NodeJS.ProcessEnv) {
-    if (build === 'native') return run(NATIVE, argv, env);
+    // Through a parent that runs it once, as kubectl does for a command that succeeds: run straight
+    // from this test process, which has waited for other children, it would take itself for a repeat.
+    if (build === 'native') return run('/bin/sh', ['-c', '"$@"; exit $?', 'sh', NATIVE, ...argv], env);
     let stdout = '';
     let stderr = '';
     const code = await runPlugin({ argv, env, stdout: (s) => (stdout += s), stderr: (s) => (stderr += s) });
@@ -105,6 +112,41 @@ describe(`broker credential (${build})`, () => {
       assert.equal(res.stdout, '', task);
       assert.match(res.stderr, message, task);
     }
+  });
+
+  test('a broker message that names the command is printed as it is, without the placeholder hint', async () => {
+    const known = await plugin(['--task', 'known'], env());
+    assert.equal(known.code, 1);
+    assert.equal(known.stdout, '');
+    assert.equal(known.stderr, 'broker credential: agent "alpha" has no active task "known"; start it with: broker task start read-pods --namespace team-a --name known\n');
+    const told = await plugin(['--task', 'gated-told'], env());
+    assert.equal(told.code, 3);
+    assert.equal(told.stderr, 'broker credential: task "gated-told" needs approval (request req-43): needs 1 approval: ask an approver to run: broker approve req-43\n');
+  });
+
+  test('run again by the same parent (kubectl retrying discovery), a refusal is one line: the whole message only the first time', async () => {
+    // kubectl runs the plugin once per discovery step, one after the other, and client-go caches no
+    // failure: a parent running it three times in a row stands in for it.
+    const cmd = build === 'native' ? [NATIVE] : [process.execPath, PLUGIN_SOURCE];
+    const thrice = (argv: string[], extra: NodeJS.ProcessEnv = {}) =>
+      run('/bin/sh', ['-c', '"$@"; "$@"; "$@"; exit $?', 'sh', ...cmd, ...argv], { ...env(extra), PATH: process.env['PATH'] });
+    const gone = await thrice(['--task', 'gone']);
+    assert.equal(gone.code, 1);
+    assert.equal(gone.stdout, '');
+    const refusal = 'broker credential: agent "alpha" has no active task "gone"';
+    assert.equal(gone.stderr, `${refusal}\nstart one with: broker task start TEMPLATE --namespace NAMESPACE --name gone\n${refusal}\n${refusal}\n`);
+    // Any message: a usage error prints its usage text once.
+    const usage = await thrice(['--task', 'ok', '--frob']);
+    assert.equal(usage.code, 2);
+    const lines = usage.stderr.split('\n');
+    assert.equal(lines[0], 'unknown argument "--frob"');
+    assert.equal(lines.filter((l) => l === 'unknown argument "--frob"').length, 3, usage.stderr);
+    assert.equal(lines.filter((l) => l.startsWith('usage: broker credential')).length, 1, usage.stderr);
+    // A success prints its credential every time (stdout is kubectl's, per run).
+    const ok = await thrice(['--task', 'ok']);
+    assert.equal(ok.code, 0, ok.stderr);
+    assert.equal(ok.stderr, '');
+    assert.equal(ok.stdout.trim().split('\n').length, 3);
   });
 
   test('usage and input problems name what is wrong', async () => {
