@@ -1,6 +1,6 @@
 /**
  * Appends/s of the audit log, one caller at a time vs 64 concurrent callers (group commit). Every
- * append waits for its own fdatasync in both cases. Run: node bench/audit-append.ts [records] [dir]
+ * append waits for its own fdatasync in both cases. Run: bin/bench audit-append [records] [dir]
  */
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';

@@ -3,7 +3,7 @@
  * `POST /v1/tasks/:ref/credential` with a JSON body of the given size (the size of the broker's real
  * answer). No authentication, no audit, no metrics: what fastify alone costs on this machine.
  *
- *   node bench/bare-server.ts [TOKEN_CHARS=1000]
+ *   bin/bench bare-server [TOKEN_CHARS=1000]
  */
 import Fastify from 'fastify';
 

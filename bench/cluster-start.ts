@@ -3,7 +3,7 @@
  * until /readyz answers 200) against a baseline measured in the same run: starting the kubectl binary
  * of the same build (`kubectl version --client`), i.e. what loading a Go binary of this size costs.
  *
- *   node bench/cluster-start.ts [RUNS=5]
+ *   bin/bench cluster-start [RUNS=5]
  */
 import { spawnSync } from 'node:child_process';
 import { LocalCluster, kubectlPath } from '../src/cluster/local-cluster.ts';

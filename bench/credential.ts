@@ -13,7 +13,7 @@
  * the run each log holds at least as many credential.served records as there were 2xx answers, and
  * its chain verifies.
  *
- *   node bench/credential.ts [--connections 50] [--duration 10] [--warmup 2] [--rounds 4] [--profile DIR]
+ *   bin/bench credential [--connections 50] [--duration 10] [--warmup 2] [--rounds 4] [--profile DIR]
  *
  * BENCH_AA=1 runs both brokers with their limits off: the ratio then shows the noise of the comparison.
  *

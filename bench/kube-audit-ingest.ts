@@ -12,7 +12,7 @@
  *
  * Goal: >= 5,000 events/s; the p99 of a batch's answer is reported.
  *
- *   node bench/kube-audit-ingest.ts [--batches 100] [--size 400]
+ *   bin/bench kube-audit-ingest [--batches 100] [--size 400]
  */
 import { randomBytes, randomUUID } from 'node:crypto';
 import { rmSync, writeFileSync } from 'node:fs';

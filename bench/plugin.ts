@@ -8,7 +8,7 @@
  *     `get namespaces` would be refused either way, so pods are the read that both can do.)
  * Runs alternate between the two sides so that machine noise falls on both.
  *
- *   node bench/plugin.ts [RUNS=30]
+ *   bin/bench plugin [RUNS=30]
  */
 import { spawnSync } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';

@@ -1,7 +1,7 @@
 /**
  * Summarises a V8 .cpuprofile (from `node --cpu-prof`): self time by function and by package/file.
  *
- *   node bench/profile-summary.ts FILE.cpuprofile [TOP=25]
+ *   bin/bench profile-summary FILE.cpuprofile [TOP=25]
  */
 import { readFileSync } from 'node:fs';
 
@@ -11,7 +11,7 @@ interface Node {
   children?: number[];
 }
 const file = process.argv[2];
-if (!file) throw new Error('usage: node bench/profile-summary.ts FILE.cpuprofile [TOP]');
+if (!file) throw new Error('usage: bin/bench profile-summary FILE.cpuprofile [TOP]');
 const top = Number(process.argv[3] ?? 25);
 const prof = JSON.parse(readFileSync(file, 'utf8')) as { nodes: Node[]; samples: number[]; timeDeltas: number[] };
 const byId = new Map(prof.nodes.map((n) => [n.id, n]));

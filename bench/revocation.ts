@@ -8,7 +8,7 @@
  *
  * Goal: <= 1 s in every trial.
  *
- *   node bench/revocation.ts [--trials 20] [--outright 3]
+ *   bin/bench revocation [--trials 20] [--outright 3]
  */
 import { readFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';

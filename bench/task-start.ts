@@ -11,7 +11,7 @@
  *
  * Goal: broker p50 <= 1.3x floor p50.
  *
- *   node bench/task-start.ts [N=30] [--profile DIR]
+ *   bin/bench task-start [N=30] [--profile DIR]
  *
  * --profile DIR runs the broker with `--cpu-prof --cpu-prof-dir=DIR`.
  */

@@ -8,7 +8,7 @@
  *
  * Goal: p50 with the webhook <= 1.05x the p50 without.
  *
- *   node bench/webhook-overhead.ts [--runs 40]
+ *   bin/bench webhook-overhead [--runs 40]
  */
 import { randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
