@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
-import { resolve } from 'node:path';
+import { writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
 import { Command, InvalidArgumentError } from 'commander';
 import { LocalCluster, kubectlPath, KUBERNETES_VERSION } from '../cluster/local-cluster.ts';
 import { KUBE_AUDIT_PATH } from '../server/kube-audit.ts';
@@ -64,7 +65,11 @@ async function up(opts: UpOptions): Promise<void> {
   const cluster = await LocalCluster.start({ ...(opts.dir === undefined ? {} : { dir: opts.dir }), ...(auditWebhook ? { auditWebhook } : {}), detached: true });
   // Without --audit-webhook-ca the webhook trusts the API server's own loopback certificate: the broker serves with it.
   const tls = auditWebhook && opts.auditWebhookCa === undefined ? { auditWebhookTlsCert: cluster.servingCert.cert, auditWebhookTlsKey: cluster.servingCert.key } : {};
-  const info = { dir: cluster.dir, ...cluster.state, ...tls, kubectl: kubectlPath() };
+  // The broker's own kubeconfig, but for its credential: a token of its ServiceAccount, which exists
+  // only once `policy apply` has made it (`kubectl config set-credentials broker --token ...`).
+  const brokerKubeconfig = join(cluster.dir, 'broker.kubeconfig');
+  writeFileSync(brokerKubeconfig, credentiallessKubeconfig(cluster.server, cluster.caFile), { mode: 0o600 });
+  const info = { dir: cluster.dir, ...cluster.state, brokerKubeconfig, ...tls, kubectl: kubectlPath() };
   if (opts.output === 'json') {
     printJson(info);
     return;
@@ -73,6 +78,7 @@ async function up(opts: UpOptions): Promise<void> {
     [
       `export KUBECONFIG=${shellQuote(info.kubeconfig)}`,
       `export TASK_BROKER_CLUSTER_DIR=${shellQuote(info.dir)}`,
+      `export BROKER_KUBECONFIG=${shellQuote(info.brokerKubeconfig)}`,
       ...(auditWebhook === undefined || info.auditWebhookTokenFile === undefined
         ? []
         : [
@@ -85,6 +91,8 @@ async function up(opts: UpOptions): Promise<void> {
           ]),
       `# ${style.ok('ready')}: kube-apiserver ${info.version} at ${info.server} (pid ${info.pid})`,
       `# kubectl: ${info.kubectl}`,
+      '# the broker\'s kubeconfig, $BROKER_KUBECONFIG, has no credential yet: once policy apply has made its ServiceAccount,',
+      '#   kubectl config set-credentials broker --kubeconfig "$BROKER_KUBECONFIG" --token "$(kubectl create token task-broker -n task-broker-system)"',
       `# stop it with: broker dev-cluster down --dir ${shellQuote(info.dir)}`,
       '',
     ].join('\n'),
@@ -95,6 +103,22 @@ async function down(opts: DownOptions): Promise<void> {
   const state = await LocalCluster.stopDir(opts.dir);
   if (opts.output === 'json') printJson({ stopped: true, dir: opts.dir, pid: state.pid });
   else process.stdout.write(`stopped kube-apiserver (pid ${state.pid}) and removed ${opts.dir}\n`);
+}
+
+/** A kubeconfig for the local API server whose user, `broker`, has no credential yet. */
+function credentiallessKubeconfig(server: string, caFile: string): string {
+  return JSON.stringify(
+    {
+      apiVersion: 'v1',
+      kind: 'Config',
+      clusters: [{ name: 'local', cluster: { server, 'certificate-authority': caFile } }],
+      users: [{ name: 'broker', user: {} }],
+      contexts: [{ name: 'broker', context: { cluster: 'local', user: 'broker' } }],
+      'current-context': 'broker',
+    },
+    null,
+    2,
+  ) + '\n';
 }
 
 function webhookUrl(value: string): string {
