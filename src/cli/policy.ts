@@ -92,7 +92,7 @@ export function policyCommand(): Command {
 }
 
 export async function policySummary(policy: Policy): Promise<PolicySummary> {
-  const { gatedPairsHitBy } = await import('../policy/parse.ts');
+  const { gatedPairsHitBy } = await import('../policy/grants.ts');
   const gatedTemplates = policy.templates.flatMap((t) => {
     const hits = gatedPairsHitBy(t.rules ?? [], policy.gated);
     if (hits.length === 0) return [];

@@ -26,7 +26,8 @@ import { KEY_SECRET } from '../approvals/token.ts';
 import { BrokerError } from '../errors.ts';
 import { clusterError, isNotFound, type KubeApis } from '../kube/config.ts';
 import { LABEL, MANAGED_BY, templateClusterRole } from '../tasks/model.ts';
-import { describePair, gatedPairsHitBy, reservedNamespaceProblem, SAME_NAMESPACES_REASON } from './parse.ts';
+import { describePair, gatedPairsHitBy } from './grants.ts';
+import { reservedNamespaceProblem, SAME_NAMESPACES_REASON } from './parse.ts';
 import type { GatedPair, Policy, PolicyRule, Template } from './types.ts';
 
 /** The label that marks the objects of `policy apply` (next to `app.kubernetes.io/managed-by`). */

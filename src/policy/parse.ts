@@ -8,13 +8,13 @@ import type { ErrorObject } from 'ajv';
 import { LineCounter, isAlias, isMap, isNode, isScalar, isSeq, parseDocument, type Document } from 'yaml';
 import { BrokerError } from '../errors.ts';
 import { durationProblem, parseDuration } from './duration.ts';
+import { DEFAULT_GATED, describePair, expandGated, gatedPairsHitBy } from './grants.ts';
 import { DNS_LABEL_PATTERN, schemaErrors } from './schema.ts';
 import type {
   Agent,
   ApprovalRequirement,
   ApproverGroup,
   BrokerSettings,
-  GatedPair,
   Identity,
   Person,
   Policy,
@@ -37,23 +37,6 @@ export const BROKER_DEFAULTS = {
   approvalRequestTtl: 3600,
   limits: { activeTasksPerAgent: 10, openApprovalsPerAgent: 5 },
 } as const;
-
-/**
- * The gated set used when the policy has no `gated` key. `resource: '*'` with `apiGroup: '*'`
- * means the verb on any resource of any API group.
- */
-export const DEFAULT_GATED: GatedPair[] = [
-  { verb: 'delete', resource: 'namespaces', apiGroup: '' },
-  { verb: 'create', resource: 'pods/exec', apiGroup: '' },
-  { verb: 'create', resource: 'pods/attach', apiGroup: '' },
-  { verb: 'create', resource: 'pods/portforward', apiGroup: '' },
-  { verb: 'get', resource: 'secrets', apiGroup: '' },
-  { verb: 'list', resource: 'secrets', apiGroup: '' },
-  { verb: 'watch', resource: 'secrets', apiGroup: '' },
-  { verb: 'escalate', resource: '*', apiGroup: '*' },
-  { verb: 'bind', resource: '*', apiGroup: '*' },
-  { verb: 'impersonate', resource: '*', apiGroup: '*' },
-];
 
 /** A policy that failed validation; `issues` holds every problem found, sorted by line. */
 export class PolicyError extends BrokerError {
@@ -639,52 +622,6 @@ function semanticChecks(issues: IssueList, data: Obj): void {
       }
     }
   });
-}
-
-/** `create pods/exec`, `delete deployments.apps`. */
-export function describePair(p: GatedPair): string {
-  return `${p.verb} ${p.resource}${p.apiGroup && p.apiGroup !== '*' ? `.${p.apiGroup}` : ''}`;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Gated-set matching
-
-/** Whether an RBAC `resources` entry covers `resource` ("*", exact, "pods/*", "*\/scale"). */
-function resourceCovers(entry: string, resource: string): boolean {
-  if (entry === '*' || resource === '*' || entry === resource) return true;
-  if (entry.endsWith('/*')) return resource.startsWith(entry.slice(0, -1));
-  if (entry.startsWith('*/')) return resource.includes('/') && resource.endsWith(entry.slice(1));
-  return false;
-}
-
-/** The gated pairs that the rules grant (wholly or partly), in the order of `gated`. */
-export function gatedPairsHitBy(rules: readonly PolicyRule[], gated: readonly GatedPair[]): GatedPair[] {
-  return gated.filter((pair) =>
-    rules.some(
-      (rule) =>
-        rule.verbs.some((v) => v === '*' || pair.verb === '*' || v === pair.verb) &&
-        (rule.apiGroups ?? ['']).some((g) => g === '*' || pair.apiGroup === '*' || g === pair.apiGroup) &&
-        (rule.resources ?? []).some((r) => resourceCovers(r, pair.resource)),
-    ),
-  );
-}
-
-function expandGated(entries: Obj[]): GatedPair[] {
-  const out: GatedPair[] = [];
-  const seen = new Set<string>();
-  for (const e of entries) {
-    const verbs = typeof e['verb'] === 'string' ? [e['verb']] : strings(e['verbs']);
-    const resources = typeof e['resource'] === 'string' ? [e['resource']] : strings(e['resources']);
-    const apiGroup = typeof e['apiGroup'] === 'string' ? e['apiGroup'] : '';
-    for (const verb of verbs) {
-      for (const resource of resources) {
-        const key = `${verb} ${resource} ${apiGroup}`;
-        if (!seen.has(key)) out.push({ verb, resource, apiGroup });
-        seen.add(key);
-      }
-    }
-  }
-  return out;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import { clusterError, isConflict, isNotFound, type KubeApis } from '../kube/con
 import { ApprovalRequiredError, type ApprovalService } from '../approvals/service.ts';
 import { approvalCount } from '../approvals/model.ts';
 import { parseDuration } from '../policy/duration.ts';
-import { gatedPairsHitBy } from '../policy/parse.ts';
+import { gatedPairsHitBy } from '../policy/grants.ts';
 import type { GatedPair, Policy, PolicyRule, Template } from '../policy/types.ts';
 import type { StateSigner } from '../state-signature.ts';
 import {

@@ -4,16 +4,8 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { execFile } from 'node:child_process';
 import { BrokerError } from '../../src/errors.ts';
-import {
-  DEFAULT_GATED,
-  PolicyError,
-  formatIssues,
-  formatDuration,
-  gatedPairsHitBy,
-  loadPolicy,
-  parseDuration,
-  parsePolicy,
-} from '../../src/policy/parse.ts';
+import { DEFAULT_GATED, gatedPairsHitBy } from '../../src/policy/grants.ts';
+import { PolicyError, formatIssues, formatDuration, loadPolicy, parseDuration, parsePolicy } from '../../src/policy/parse.ts';
 import type { PolicyIssue } from '../../src/policy/types.ts';
 
 const example = new URL('../../docs/examples/policy.yaml', import.meta.url).pathname;
