@@ -12,14 +12,17 @@
  *   writer while open fails the same way. The file at the path is compared with the open handle
  *   (device and inode, link count, size) every second and after every write+fdatasync, before the
  *   batch is acknowledged; otherwise records would go on "succeeding" into a deleted inode.
+ * - One writer: while open, the log holds its lock file `PATH.lock` (src/audit/lock.ts); a second
+ *   writer is refused, naming the holder's pid, and a stale lock is taken over and recorded.
  * - Never a secret, never a lost decision: a JWT- or bearer-looking run inside any string value is
  *   replaced by `[redacted]` and the record is written; only what is a programming mistake (a
  *   secret-named details key, a malformed event) is refused (BrokerError 'internal').
  */
 import { dirname, resolve } from 'node:path';
 import { open as fsOpen, stat as fsStat, type FileHandle } from 'node:fs/promises';
-import { fstatSync, statSync, type Stats } from 'node:fs';
+import { fstatSync, statSync, unlinkSync, type Stats } from 'node:fs';
 import { BrokerError } from '../errors.ts';
+import { acquireAuditLock, type AuditLock } from './lock.ts';
 import { AUDIT_OUTCOMES, GENESIS_HASH, OPTIONAL_STRING_FIELDS, type AuditEventInput, type AuditRecord, type JsonValue } from './types.ts';
 import { canonicalRecordJson, describeBreak, recordLine, sha256Hex, verifyHandle } from './verify.ts';
 
@@ -45,6 +48,13 @@ export interface AuditLogOptions {
    * the start-up check against the cluster checkpoint (head.ts) reads the file only once.
    */
   checkpointSeq?: number;
+  /**
+   * Hold the log's lock file (`PATH.lock`, src/audit/lock.ts) while it is open: one writer per log.
+   * Default true; false only for tests that build two logs on one file on purpose.
+   */
+  lock?: boolean;
+  /** What the lock names as its holder (`broker serve`, `broker policy apply`). */
+  lockCommand?: string;
 }
 
 export interface AuditLogStats {
@@ -110,16 +120,28 @@ export class AuditLog {
   #durable: { seq: number; hash: string } | undefined;
   readonly #created: boolean;
   readonly #hashAtCheckpoint: string | undefined;
+  /** The log's lock file, released on close. */
+  readonly #lock: AuditLock | undefined;
+  /** A stale lock this writer took over: recorded in the details of the first record it appends. */
+  #lockNote: { [key: string]: JsonValue } | undefined;
+  /** close() removes the file: it was created by this open and nothing was appended. */
+  #discard = false;
 
   private constructor(
     path: string,
     fh: FileHandle,
     st: Stats,
-    opened: { records: number; lastHash: string; created: boolean; hashAtCheckpoint: string | undefined },
+    opened: { records: number; lastHash: string; created: boolean; hashAtCheckpoint: string | undefined; lock: AuditLock | undefined },
     options: AuditLogOptions,
   ) {
     this.path = path;
     this.#fh = fh;
+    this.#lock = opened.lock;
+    const stale = opened.lock?.takenOver;
+    if (opened.lock && stale) {
+      const h = stale.holder;
+      this.#lockNote = { lockFile: opened.lock.path, reason: stale.reason, ...(h ? { pid: h.pid, host: h.host, startedAt: h.startedAt, command: h.command } : {}) };
+    }
     this.#nextSeq = opened.records;
     this.#lastHash = opened.lastHash;
     this.#durable = opened.records > 0 ? { seq: opened.records - 1, hash: opened.lastHash } : undefined;
@@ -147,6 +169,13 @@ export class AuditLog {
     const openFile = options.openFile ?? fsOpen;
     const unavailable = (err: unknown) =>
       new BrokerError('audit_unavailable', `the audit log ${path} cannot be opened for appending: ${errText(err)}`, { cause: err });
+    let lock: AuditLock | undefined;
+    if (options.lock !== false) {
+      // Not a regular file (a directory, /dev/null): refused before a lock file is made beside it.
+      const st = await fsStat(path).catch(() => undefined);
+      if (st && !st.isFile()) throw unavailable(new Error('not a regular file'));
+      lock = await acquireAuditLock(path, options.lockCommand === undefined ? {} : { command: options.lockCommand });
+    }
     let fh: FileHandle;
     let created = true;
     try {
@@ -158,6 +187,7 @@ export class AuditLog {
         fh = await openFile(path, 'a+', 0o600);
       }
     } catch (err) {
+      lock?.release();
       throw unavailable(err);
     }
     try {
@@ -176,9 +206,10 @@ export class AuditLog {
       if (!result.ok) throw new BrokerError('audit_chain_broken', `the audit log ${path} is ${describeBreak(result)}`);
       // The size the chain was read at; nothing else may write the file from now on.
       const st = await fh.stat();
-      return new AuditLog(path, fh, st, { records: result.records, lastHash: result.lastHash, created, hashAtCheckpoint }, options);
+      return new AuditLog(path, fh, st, { records: result.records, lastHash: result.lastHash, created, hashAtCheckpoint, lock }, options);
     } catch (err) {
       await fh.close().catch(() => {});
+      lock?.release();
       throw err instanceof BrokerError ? err : unavailable(err);
     }
   }
@@ -214,6 +245,11 @@ export class AuditLog {
     return this.#created;
   }
 
+  /** The log's lock file (undefined when opened with `lock: false`), and the stale lock it took over, if any. */
+  get lock(): Pick<AuditLock, 'path' | 'takenOver'> | undefined {
+    return this.#lock;
+  }
+
   /** The hash of record `options.checkpointSeq` as `open` found it, or undefined if the file has no such record. */
   get hashAtCheckpoint(): string | undefined {
     return this.#hashAtCheckpoint;
@@ -245,6 +281,11 @@ export class AuditLog {
     const clean = checkEvent(event);
     const record: Record<string, unknown> = { seq: this.#nextSeq, time: this.#now().toISOString(), type: clean.type, actor: clean.actor };
     for (const k of OPTIONAL_STRING_FIELDS) if (clean[k] !== undefined) record[k] = clean[k];
+    if (this.#lockNote) {
+      // The first record of a writer that took over a stale lock says so (src/audit/lock.ts).
+      clean.details = { ...clean.details, staleLockTakenOver: this.#lockNote };
+      this.#lockNote = undefined;
+    }
     if (clean.details !== undefined) record['details'] = clean.details;
     record['prev'] = this.#lastHash;
     const canonical = canonicalRecordJson(record);
@@ -259,10 +300,19 @@ export class AuditLog {
     });
   }
 
-  /** Waits for pending appends to be durable (or fail), then closes the file. Idempotent. */
+  /** Waits for pending appends to be durable (or fail), then closes the file and releases its lock. Idempotent. */
   close(): Promise<void> {
     this.#closing ??= this.#close();
     return this.#closing;
+  }
+
+  /**
+   * Closes the log, and removes the file when this open created it and nothing was appended (a
+   * start that failed leaves no empty log behind); a file that existed, or holds a record, is kept.
+   */
+  discard(): Promise<void> {
+    if (this.#created && this.#nextSeq === 0) this.#discard = true;
+    return this.close();
   }
 
   async #close(): Promise<void> {
@@ -278,7 +328,14 @@ export class AuditLog {
         await new Promise<void>((resolve) => this.#idle.push(resolve));
       }
     }
-    await this.#fh.close();
+    try {
+      // Only the very file this open created (same inode, still empty), removed while still locked.
+      const remove = this.#discard && this.#nextSeq === 0 && this.#fileProblem(true) === undefined;
+      await this.#fh.close();
+      if (remove) unlinkSync(this.#absPath);
+    } finally {
+      this.#lock?.release();
+    }
   }
 
   #schedule(): void {
