@@ -18,16 +18,22 @@ import { policyCommand } from './policy.ts';
 import { runCommand } from './run.ts';
 import { taskCommand } from './task.ts';
 import { serveCommand } from './serve.ts';
-import { style } from './output.ts';
+import { completionCommand } from './completion.ts';
+import { templatesCommand } from './templates.ts';
+import { whoamiCommand } from './whoami.ts';
+import { safe, style } from './output.ts';
 
 export function buildProgram(): Command {
   const program = new Command('broker')
     .description('task-broker: short-lived, per-task Kubernetes access for agents, people and CI')
     .version(packageVersion(), '-V, --version')
     .showHelpAfterError('(run with --help for usage)')
+    .showSuggestionAfterError(true)
     .exitOverride()
     .addHelpText('after', '\nExample:\n  eval "$(broker dev-cluster up)"   # a local kube-apiserver to try task-broker against\n\nExit codes (docs/cli.md): 0 ok, 1 error, 2 usage, 3 approval required, 4 not authenticated, 5 unavailable.');
   addBrokerOptions(program);
+  program.addCommand(whoamiCommand());
+  program.addCommand(templatesCommand());
   program.addCommand(taskCommand());
   program.addCommand(runCommand());
   for (const cmd of approvalCommands()) program.addCommand(cmd);
@@ -38,13 +44,34 @@ export function buildProgram(): Command {
   program.addCommand(policyCommand());
   program.addCommand(auditCommand());
   program.addCommand(serveCommand());
+  program.addCommand(completionCommand(() => program));
   // Subcommands inherit exit handling and error display.
   const inherit = (cmd: Command) => {
-    cmd.exitOverride().showHelpAfterError('(run with --help for usage)');
+    cmd.exitOverride().showHelpAfterError('(run with --help for usage)').showSuggestionAfterError(true);
+    unknownBeforeMissing(cmd);
     cmd.commands.forEach(inherit);
   };
   program.commands.forEach(inherit);
   return program;
+}
+
+/**
+ * Commander checks required options before unknown ones, so a mistyped required flag
+ * (`--namespase x`) would be reported as the required one missing. For a command with required
+ * options, an unknown flag is reported first, as unknown, with commander's "did you mean".
+ */
+function unknownBeforeMissing(cmd: Command): void {
+  if (cmd.commands.length > 0 || !cmd.options.some((o) => o.mandatory)) return;
+  const parseOptions = cmd.parseOptions.bind(cmd);
+  cmd.parseOptions = (argv) => {
+    const parsed = parseOptions(argv);
+    const flag = parsed.unknown[0];
+    if (flag?.startsWith('-') && !parsed.unknown.some((a) => a === '-h' || a === '--help')) {
+      // commander's own report (message, suggestion, exit code); not in its typings
+      (cmd as unknown as { unknownOption(flag: string): never }).unknownOption(flag);
+    }
+    return parsed;
+  };
 }
 
 /**
@@ -101,8 +128,10 @@ function report(err: unknown): number {
     return err.exitCode === 0 ? EXIT.ok : EXIT.usage;
   }
   if (isBrokerError(err)) {
-    const field = err.field ? ` (${err.field})` : '';
-    process.stderr.write(`${style.error('error')}: ${err.message}${field} [${err.code}]\n`);
+    // The broker's messages may quote what an agent chose (a task name): escaped before the terminal sees them.
+    const remote = (text: string) => ('fromBroker' in err ? safe(text) : text);
+    const field = err.field ? ` (${remote(err.field)})` : '';
+    process.stderr.write(`${style.error('error')}: ${remote(err.message)}${field} [${err.code}]\n`);
     return exitCodeFor(err.code);
   }
   const internal = new BrokerError('internal', 'unexpected failure', { cause: err });

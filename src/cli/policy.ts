@@ -1,3 +1,4 @@
+import { delimiter } from 'node:path';
 import { Command } from 'commander';
 import { BrokerError } from '../errors.ts';
 // The policy parser (yaml, ajv) and the Kubernetes client load only when a command needs them.
@@ -10,7 +11,7 @@ interface CheckOptions {
 }
 
 interface ApplyOptions {
-  kubeconfig: string;
+  kubeconfig?: string;
   dryRun: boolean;
   auditLog?: string;
   output: OutputFormat;
@@ -78,7 +79,7 @@ export function policyCommand(): Command {
     .command('apply')
     .description("create or update the cluster's RBAC for the policy: template ClusterRoles and the broker's own, bounded, roles")
     .argument('<file>', 'the policy YAML file')
-    .requiredOption('--kubeconfig <path>', "an administrator's kubeconfig (policy apply creates RBAC objects)")
+    .option('--kubeconfig <path>', "an administrator's kubeconfig (policy apply creates RBAC objects; default: $KUBECONFIG)")
     .option('--dry-run', 'show what would change without changing anything', false)
     .option('--audit-log <file>', "record a policy.applied event in this audit log (e.g. the broker's)")
     .addOption(outputOption())
@@ -151,8 +152,18 @@ async function apply(file: string, opts: ApplyOptions): Promise<void> {
     import('../kube/config.ts'),
     import('../policy/apply.ts'),
   ]);
+  // An administrator's kubeconfig, never an implicit one (~/.kube/config or in-cluster): --kubeconfig, else $KUBECONFIG, said which.
+  const fromEnv = opts.kubeconfig === undefined ? process.env['KUBECONFIG'] || undefined : undefined;
+  const kubeconfig = opts.kubeconfig ?? fromEnv;
+  if (kubeconfig === undefined) {
+    throw new BrokerError('usage', "policy apply needs an administrator's kubeconfig: pass --kubeconfig PATH or set KUBECONFIG", { field: '--kubeconfig' });
+  }
+  if (fromEnv?.includes(delimiter)) {
+    throw new BrokerError('usage', `KUBECONFIG lists several files (${fromEnv}): pass the administrator's one with --kubeconfig PATH`, { field: '--kubeconfig' });
+  }
   const { policy, text } = await loadPolicyFile(file);
-  const kube = kubeApis(loadKubeConfig(opts.kubeconfig));
+  process.stderr.write(style.dim(`policy apply: kubeconfig ${fromEnv === undefined ? `from --kubeconfig: ${kubeconfig}` : `from $KUBECONFIG: ${kubeconfig}`}\n`));
+  const kube = kubeApis(loadKubeConfig(kubeconfig));
   // Opened first: an unwritable log stops the apply before anything changes.
   const audit = opts.auditLog && !opts.dryRun ? await (await import('../audit/log.ts')).AuditLog.open(opts.auditLog) : undefined;
   let changes: Change[];

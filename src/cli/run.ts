@@ -12,16 +12,19 @@ import { Command } from 'commander';
 import { clientFor, type BrokerFlags } from './broker-options.ts';
 import { EXIT } from './exit-codes.ts';
 import { readCa } from './kubeconfig.ts';
-import { style } from './output.ts';
+import { safe, style } from './output.ts';
+import { requireNamespace, startWaiting } from './task.ts';
 
 interface RunFlags {
-  namespace: string;
+  namespace?: string;
   name?: string;
   ttl?: string;
   reason?: string;
   server?: string;
   certificateAuthority?: string;
   approval?: string;
+  wait?: boolean;
+  timeout: string;
 }
 
 const FORWARDED = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
@@ -31,18 +34,22 @@ export function runCommand(): Command {
     .description('run one command with a one-off task: started before it, ended after it, whatever happens')
     .argument('<template>', 'the template to start')
     .argument('<command...>', 'the command and its arguments, after --')
-    .requiredOption('-n, --namespace <ns>', 'the namespace the task grants access in')
+    .option('-n, --namespace <ns>', 'the namespace the task grants access in (required)')
     .option('--name <name>', 'task name (default: run-<random>)')
     .option('--ttl <duration>', "upper bound on the command's access, e.g. 10m (default: the template's)")
     .option('--reason <text>', 'why: recorded in the audit log')
     .option('--approval <token>', 'approval token for a gated template (default: $BROKER_APPROVAL_TOKEN)')
+    .option('--wait', 'for a gated template: wait until the request is approved, then start (as task start --wait)')
+    .option('--timeout <duration>', 'with --wait: give up after this long', '10m')
     .option('--server <url>', 'API server URL (default: what the broker publishes)')
     .option('--certificate-authority <file>', 'CA of the API server, PEM (default: the broker\'s)')
     .addHelpText(
       'after',
-      '\nExample:\n  broker run deployer --namespace shop-staging --ttl 10m --reason "release 1.4.2" -- kubectl rollout restart deploy/web\n\nExit code: the command\'s own once it ran (128+N if killed by signal N); if its task could not be ended, 1 when the command had succeeded.',
+      '\nExamples:\n  broker run deployer --namespace shop-staging --ttl 10m --reason "release 1.4.2" -- kubectl rollout restart deploy/web\n' +
+        '  broker run debug-exec --namespace shop-staging --wait -- kubectl exec web-1 -- ps   # gated: waits for an approver\n\nExit code: the command\'s own once it ran (128+N if killed by signal N); if its task could not be ended, 1 when the command had succeeded.',
     )
     .action(async (template: string, command: string[], flags: RunFlags, cmd: Command) => {
+      requireNamespace(flags.namespace, `broker run ${template}`);
       // main() exits with process.exitCode when a command sets it.
       process.exitCode = await runOnce(template, command, flags, cmd);
     });
@@ -87,9 +94,11 @@ async function runOnce(template: string, command: string[], flags: RunFlags, cmd
         caData ??= cluster.certificateAuthorityData;
       }
       const name = flags.name ?? `run-${randomBytes(4).toString('hex')}`;
-      const task = await client.startTask({ template, namespace: flags.namespace, name, ttl: flags.ttl, reason: flags.reason }, flags.approval ?? process.env['BROKER_APPROVAL_TOKEN']);
+      const request = { template, namespace: flags.namespace!, name, ttl: flags.ttl, reason: flags.reason };
+      const token = flags.approval ?? process.env['BROKER_APPROVAL_TOKEN'];
+      const task = flags.wait && !token ? await startWaiting(client, request, flags.timeout, () => received) : await client.startTask(request, token);
       taskId = task.id;
-      process.stderr.write(style.dim(`broker run: task ${task.name} (${task.id}) started: ${task.template} in ${task.namespace}\n`));
+      process.stderr.write(style.dim(`broker run: task ${safe(task.name)} (${safe(task.id)}) started: ${safe(task.template)} in ${safe(task.namespace)}\n`));
       if (received) return signalCode(received);
 
       const { execKubeconfig } = await import('../client/kubeconfig.ts');

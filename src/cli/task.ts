@@ -1,12 +1,13 @@
 import { Command } from 'commander';
 import type { BrokerClient, StartTask } from '../client/broker-client.ts';
 import { BrokerError } from '../errors.ts';
+import type { TaskStateView } from '../tasks/history.ts';
 import type { TaskView } from '../tasks/model.ts';
 import { withClient } from './broker-options.ts';
-import { columns, outputOption, printJson, style, type OutputFormat } from './output.ts';
+import { columns, fields, outputOption, printJson, relativeTime, safe, style, when, type OutputFormat } from './output.ts';
 
 interface StartFlags {
-  namespace: string;
+  namespace?: string;
   name?: string;
   ttl?: string;
   reason?: string;
@@ -22,7 +23,7 @@ export function taskCommand(): Command {
     .command('start')
     .description('start a task from a policy template')
     .argument('<template>', 'the template (see the policy)')
-    .requiredOption('-n, --namespace <ns>', 'the namespace the task grants access in')
+    .option('-n, --namespace <ns>', 'the namespace the task grants access in (required; `broker templates` lists each template\'s)')
     .option('--name <name>', 'task name, unique among your active tasks (default: the template name)')
     .option('--ttl <duration>', "how long it lasts, e.g. 15m (default: the template's)")
     .option('--reason <text>', 'why: recorded in the audit log')
@@ -35,14 +36,17 @@ export function taskCommand(): Command {
       '\nExamples:\n  broker task start read-pods --namespace shop-dev --ttl 15m --reason "debug checkout latency"\n  broker task start debug-exec --namespace shop-staging --reason "incident 4711" --wait',
     )
     .action(async (template: string, flags: StartFlags, cmd: Command) => {
+      const namespace = requireNamespace(flags.namespace, `broker task start ${template}`);
       await withClient(cmd, async (client) => {
-        const request = { template, namespace: flags.namespace, name: flags.name, ttl: flags.ttl, reason: flags.reason };
+        const request = { template, namespace, name: flags.name, ttl: flags.ttl, reason: flags.reason };
         const token = flags.approval ?? process.env['BROKER_APPROVAL_TOKEN'];
         const started = flags.wait && !token ? await startWaiting(client, request, flags.timeout) : await client.startTask(request, token);
         if (flags.output === 'json') printJson(started);
         else {
-          process.stdout.write(`${style.ok('started')} task ${started.name} (${started.id}): ${started.template} in ${started.namespace} until ${started.expiresAt}\n`);
-          process.stderr.write(style.dim(`kubectl through it: broker kubeconfig --task ${started.name} --output task.kubeconfig\n`));
+          process.stdout.write(
+            `${style.ok('started')} task ${safe(started.name)} (${safe(started.id)}): ${safe(started.template)} in ${safe(started.namespace)} until ${started.expiresAt} (${relativeTime(started.expiresAt)})\n`,
+          );
+          process.stderr.write(style.dim(`kubectl through it: broker kubeconfig --task ${safe(started.name)} --output task.kubeconfig\n`));
         }
       });
     });
@@ -56,42 +60,74 @@ export function taskCommand(): Command {
       await withClient(cmd, async (client) => {
         const ended = await client.endTask(ref);
         if (flags.output === 'json') printJson({ ...ended, ended: true });
-        else process.stdout.write(`ended task ${ended.name} (${ended.id})\n`);
+        else process.stdout.write(`ended task ${safe(ended.name)} (${safe(ended.id)})\n`);
       });
     });
   task
     .command('list')
-    .description('list your active tasks')
+    .description('list your active tasks (with --all, also those that ended, expired or were revoked)')
+    .option('--all', 'also the tasks that ended, kept for the policy\'s broker.taskHistory (default 7 days)')
     .addOption(outputOption())
-    .addHelpText('after', '\nExample:\n  broker task list -o json')
-    .action(async (flags: { output: OutputFormat }, cmd: Command) => {
+    .addHelpText('after', '\nExamples:\n  broker task list\n  broker task list --all -o json')
+    .action(async (flags: { all?: boolean; output: OutputFormat }, cmd: Command) => {
       await withClient(cmd, async (client) => {
-        const tasks = await client.listTasks();
+        const tasks = await client.listTasks(flags.all ?? false);
         if (flags.output === 'json') printJson({ tasks });
-        else process.stdout.write(table(tasks));
+        else process.stdout.write(flags.all ? tableAll(tasks) : table(tasks));
       });
     });
   task
     .command('show')
-    .description('show one of your tasks')
-    .argument('<task>', 'task name or id')
+    .description('show one of your tasks, active or ended')
+    .argument('<task>', 'task name or id (a name that has ended shows its latest task)')
     .addOption(outputOption())
     .addHelpText('after', '\nExample:\n  broker task show read-pods')
     .action(async (ref: string, flags: { output: OutputFormat }, cmd: Command) => {
       await withClient(cmd, async (client) => {
         const t = await client.getTask(ref);
         if (flags.output === 'json') printJson(t);
-        else process.stdout.write(Object.entries(t).map(([k, v]) => `${k}: ${String(v)}`).join('\n') + '\n');
+        else process.stdout.write(taskDetail(t));
       });
     });
   return task;
 }
 
 /**
+ * --namespace, which commander leaves optional so that a mistyped flag is reported as unknown
+ * (with its "did you mean") rather than as this one missing; a missing one is a usage error.
+ */
+export function requireNamespace(namespace: string | undefined, command: string): string {
+  if (namespace) return namespace;
+  throw new BrokerError(
+    'usage',
+    `--namespace is required: the namespace the task grants access in, e.g. ${command} --namespace team-a (\`broker templates\` lists the namespaces of each template you may start)`,
+  );
+}
+
+/** One task, active or from the history, with relative times (the absolute time in parentheses). */
+export function taskDetail(t: TaskStateView, now = Date.now()): string {
+  const state = t.state ?? 'active';
+  return fields([
+    ['name', safe(t.name)],
+    ['id', safe(t.id)],
+    ['state', state === 'active' ? style.ok(state) : safe(state)],
+    ['template', safe(t.template)],
+    ['namespace', safe(t.namespace)],
+    ['agent', safe(t.agent)],
+    ['created', when(t.createdAt, now)],
+    [state === 'active' ? 'expires' : 'expiry', when(t.expiresAt, now)],
+    ['ended', t.endedAt ? `${when(t.endedAt, now)}${t.endedBy ? ` by ${safe(t.endedBy)}` : ''}` : undefined],
+    ['cause', t.cause === undefined ? undefined : safe(t.cause)],
+    ['reason', t.reason === undefined ? undefined : safe(t.reason)],
+    ['approval', t.approvalId === undefined ? undefined : safe(t.approvalId)],
+  ]);
+}
+
+/**
  * Starts a gated task: asks, shows that it waits (a spinner on a terminal, a line per change
  * otherwise), collects the approval token once approved, and starts with it.
  */
-async function startWaiting(client: BrokerClient, request: StartTask, timeout: string): Promise<TaskView> {
+export async function startWaiting(client: BrokerClient, request: StartTask, timeout: string, stopped?: () => string | undefined): Promise<TaskView> {
   const { parseDuration } = await import('../policy/duration.ts');
   let deadline: number;
   try {
@@ -104,7 +140,7 @@ async function startWaiting(client: BrokerClient, request: StartTask, timeout: s
   } catch (err) {
     const id = err instanceof BrokerError && err.code === 'approval_required' ? (err as BrokerError & { requestId?: string }).requestId : undefined;
     if (!id) throw err;
-    const progress = new Progress(`waiting for approval of ${id}: ${(err as Error).message}`);
+    const progress = new Progress(`waiting for approval of ${id} (an approver runs: broker approve ${id})`);
     try {
       for (;;) {
         const approval = await client.getApproval(id);
@@ -115,6 +151,8 @@ async function startWaiting(client: BrokerClient, request: StartTask, timeout: s
         }
         if (approval.state !== 'pending') throw new BrokerError('approval_closed', `approval request ${id} was ${approval.state}`);
         if (Date.now() > deadline) throw new BrokerError('approval_required', `approval request ${id} is still pending after ${timeout}; it stays open until ${approval.expiresAt}`);
+        const signal = stopped?.();
+        if (signal) throw new BrokerError('approval_required', `stopped waiting for approval request ${id} (${signal}); it stays open until ${approval.expiresAt}`);
         await new Promise((done) => setTimeout(done, 1000));
       }
     } finally {
@@ -161,5 +199,25 @@ class Progress {
 }
 
 function table(tasks: TaskView[]): string {
-  return columns(['NAME', 'ID', 'TEMPLATE', 'NAMESPACE', 'EXPIRES'], tasks.map((t) => [t.name, t.id, t.template, t.namespace, t.expiresAt]), 'no active tasks');
+  return columns(
+    ['NAME', 'ID', 'TEMPLATE', 'NAMESPACE', 'EXPIRES'],
+    tasks.map((t) => [safe(t.name), safe(t.id), safe(t.template), safe(t.namespace), relativeTime(t.expiresAt)]),
+    'no active tasks (broker task list --all shows those that ended)',
+  );
+}
+
+function tableAll(tasks: TaskStateView[]): string {
+  return columns(
+    ['NAME', 'ID', 'TEMPLATE', 'NAMESPACE', 'STATE', 'EXPIRES', 'ENDED'],
+    tasks.map((t) => [
+      safe(t.name),
+      safe(t.id),
+      safe(t.template),
+      safe(t.namespace),
+      safe(t.state ?? 'active'),
+      t.state === 'active' ? relativeTime(t.expiresAt) : '-',
+      t.endedAt ? relativeTime(t.endedAt) : '-',
+    ]),
+    'no tasks, active or ended',
+  );
 }

@@ -35,6 +35,7 @@ export const BROKER_DEFAULTS = {
   tokenTtl: 600,
   identityAudience: 'task-broker',
   approvalRequestTtl: 3600,
+  taskHistory: 7 * 24 * 3600,
   limits: { activeTasksPerAgent: 10, openApprovalsPerAgent: 5 },
 } as const;
 
@@ -448,6 +449,7 @@ function semanticChecks(issues: IssueList, data: Obj): void {
       issues.add(['broker', 'tokenTTL'], `"broker.tokenTTL" must be at least 10m (600s, TokenRequest's minimum), got ${JSON.stringify(broker['tokenTTL'])}`);
     }
     seconds(issues, ['broker', 'approvalRequestTTL'], broker['approvalRequestTTL']);
+    seconds(issues, ['broker', 'taskHistory'], broker['taskHistory']);
     const hook = broker['notifyWebhook'];
     if (typeof hook === 'string' && hook !== '') {
       let ok = false;
@@ -647,6 +649,7 @@ interface RawPolicy {
     tokenTTL?: string;
     identityAudience?: string;
     approvalRequestTTL?: string;
+    taskHistory?: string;
     notifyWebhook?: string;
     limits?: { activeTasksPerAgent?: number; openApprovalsPerAgent?: number };
   };
@@ -699,6 +702,7 @@ function build(raw: RawPolicy): Policy {
     tokenTtl: b.tokenTTL === undefined ? BROKER_DEFAULTS.tokenTtl : parseDuration(b.tokenTTL),
     identityAudience: b.identityAudience ?? BROKER_DEFAULTS.identityAudience,
     approvalRequestTtl: b.approvalRequestTTL === undefined ? BROKER_DEFAULTS.approvalRequestTtl : parseDuration(b.approvalRequestTTL),
+    taskHistory: b.taskHistory === undefined ? BROKER_DEFAULTS.taskHistory : parseDuration(b.taskHistory),
     ...(b.notifyWebhook === undefined ? {} : { notifyWebhook: b.notifyWebhook }),
     limits: {
       activeTasksPerAgent: b.limits?.activeTasksPerAgent ?? BROKER_DEFAULTS.limits.activeTasksPerAgent,

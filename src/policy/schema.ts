@@ -38,6 +38,7 @@ export const POLICY_SCHEMA = {
           tokenTTL: ref('duration'),
           identityAudience: ref('text'),
           approvalRequestTTL: ref('duration'),
+          taskHistory: ref('duration'),
           notifyWebhook: ref('text'),
           limits: closed({ activeTasksPerAgent: ref('positiveInteger'), openApprovalsPerAgent: ref('positiveInteger') }),
         },

@@ -103,6 +103,8 @@ export interface BrokerSettings {
   identityAudience: string;
   /** How long an approval request stays open, seconds. Default 3600. */
   approvalRequestTtl: number;
+  /** How long ended, expired and revoked tasks stay in the history (`task list --all`), seconds. Default 7 days. */
+  taskHistory: number;
   /** Optional webhook notified of new approval requests. */
   notifyWebhook?: string;
   /** Per-agent caps (YAML `broker.limits`), so one agent cannot flood the cluster with objects. */

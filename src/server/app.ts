@@ -18,6 +18,7 @@ import { AuthFailureLog } from './auth-failures.ts';
 import { DEFAULT_LIMITS, guardConnections, httpServerOptions, RateLimitedError, RequestGuard, type Limits } from './limits.ts';
 import { Metrics } from './metrics.ts';
 import { KUBE_AUDIT_PATH, registerKubeAuditRoute, type KubeAuditConfig } from './kube-audit.ts';
+import { errorHint, registerInfoRoutes } from './routes-info.ts';
 
 /** HTTP status of each error code the API can return. */
 const STATUS: Partial<Record<ErrorCode, number>> = {
@@ -160,7 +161,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     }
     if (status >= 500) log(`broker: ${req.method} ${routePath(req)} ${req.id}: ${err.code}: ${describe(error)}`);
     if (err instanceof RateLimitedError) reply.header('retry-after', String(err.retryAfterSeconds)).header('x-request-id', req.id);
-    return reply.code(status).send({ error: publicError(err, status) });
+    return reply.code(status).send({ error: { ...publicError(err, status), ...errorHint(err, deps) } });
   });
 
   app.setNotFoundHandler(async (_req, reply) => reply.code(404).send({ error: { code: 'not_found', message: 'no such endpoint' } }));
@@ -198,11 +199,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     return deps.cluster;
   });
 
-  app.get('/v1/tasks', async (req) => ({ tasks: deps.tasks.list(req.caller!).map(toView) }));
-
-  app.get<{ Params: { ref: string } }>('/v1/tasks/:ref', { schema: { params: { type: 'object', properties: { ref: taskRef } } } }, async (req) =>
-    toView(await deps.tasks.resolve(req.caller!, req.params.ref, 'read', req.id)),
-  );
+  registerInfoRoutes(app, deps); // GET /v1/whoami, /v1/templates, /v1/tasks[/:ref] (src/server/routes-info.ts)
 
   app.delete<{ Params: { ref: string } }>('/v1/tasks/:ref', { schema: { params: { type: 'object', properties: { ref: taskRef } } } }, async (req) =>
     toView(await deps.tasks.end(req.caller!, req.params.ref, req.id)),

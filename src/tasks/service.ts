@@ -13,7 +13,7 @@ import { actorOf, type Caller } from '../identity/types.ts';
 import { clusterError, isConflict, isNotFound, type KubeApis } from '../kube/config.ts';
 import { ApprovalRequiredError, type ApprovalService } from '../approvals/service.ts';
 import { approvalCount } from '../approvals/model.ts';
-import { parseDuration } from '../policy/duration.ts';
+import { formatDuration, parseDuration } from '../policy/duration.ts';
 import { gatedPairsHitBy } from '../policy/grants.ts';
 import type { GatedPair, Policy, PolicyRule, Template } from '../policy/types.ts';
 import type { StateSigner } from '../state-signature.ts';
@@ -28,9 +28,11 @@ import {
   taskFromSecret,
   taskLabels,
   templateClusterRole,
+  toView,
   type Task,
 } from './model.ts';
 import type { TaskStore } from './store.ts';
+import { historyView, TaskHistory, type EndedState, type TaskStateView } from './history.ts';
 
 /** Below this a task is not worth its objects; the policy's maxTtl bounds it from above. */
 export const MIN_TASK_TTL_SECONDS = 10;
@@ -70,6 +72,10 @@ export interface TaskServiceOptions {
   signer?: StateSigner;
   /** Told of each token minted, once its record is durable (the audit webhook maps JTIs to tasks: src/tasks/recent.ts). */
   onMinted?: ((task: Task, jti: string, expiresAt: Date) => void) | undefined;
+  /** Where ended tasks are kept for `task list --all` (default: ConfigMaps in the broker's namespace, src/tasks/history.ts). */
+  history?: TaskHistory;
+  /** Where best-effort failures (a history entry not written) are logged. Default stderr. */
+  log?: (line: string) => void;
 }
 
 /** TokenRequest's floor for `expirationSeconds`. */
@@ -100,6 +106,9 @@ export class TaskService {
   readonly #gated: Map<string, GatedPair[]>;
   readonly #signer: StateSigner | undefined;
   readonly #onMinted: TaskServiceOptions['onMinted'];
+  readonly #log: (line: string) => void;
+  /** Ended, expired and revoked tasks, kept for `broker.taskHistory`. */
+  readonly history: TaskHistory;
 
   constructor(kube: KubeApis, policy: Policy, audit: AuditLog, store: TaskStore, options: TaskServiceOptions = {}) {
     this.#kube = kube;
@@ -112,6 +121,8 @@ export class TaskService {
     this.#gated = new Map(policy.templates.map((t) => [t.name, gatedPairsHitBy(t.rules ?? [], policy.gated)]));
     this.#signer = options.signer;
     this.#onMinted = options.onMinted;
+    this.#log = options.log ?? ((line) => process.stderr.write(`broker: ${line}\n`));
+    this.history = options.history ?? new TaskHistory(kube, policy.broker.namespace, policy.broker.taskHistory, { signer: options.signer, now: this.#now });
     store.onRemoved((id) => this.#tokens.delete(id));
     store.onForged((task) => void this.#revokeForged(task));
   }
@@ -133,6 +144,21 @@ export class TaskService {
       })
       .catch(() => undefined);
     await this.#deleteObjects(task).catch(() => undefined);
+    await this.#remember(task, 'revoked', 'its record in the cluster was changed outside the broker (forged signature)', 'system:broker');
+  }
+
+  /**
+   * Writes the history entry of a task that has ended, after its audit record. Best effort: a failure
+   * is logged, and a slow API server delays the answer by at most 5 s (the write goes on meanwhile).
+   */
+  async #remember(task: Task, state: EndedState, cause: string, actor: string): Promise<void> {
+    const write = this.history.record(task, state, cause, actor).then(
+      () => undefined,
+      (err: unknown) => this.#log(`the history entry of task ${task.id} was not written: ${(err as Error).message}`),
+    );
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([write, new Promise((done) => (timer = setTimeout(done, 5_000)))]);
+    clearTimeout(timer);
   }
 
   /**
@@ -168,19 +194,44 @@ export class TaskService {
     return this.#policy.broker.namespace;
   }
 
+  /** The audience callers' ServiceAccount tokens must carry (for the hint of a refused identity). */
+  get identityAudience(): string {
+    return this.#policy.broker.identityAudience;
+  }
+
+  /** The templates the caller may start (none for a caller who is not an agent), in policy order. */
+  templatesFor(caller: Caller): Template[] {
+    return caller.agent ? this.#policy.templates.filter((t) => t.agents.includes(caller.agent)) : [];
+  }
+
+  /** Who approves a gated template's tasks, and how many approvals it needs. */
+  approvalOf(template: Template): { approvers: string[]; required: number } {
+    return template.approval ?? this.#policy.defaultApproval;
+  }
+
   /** Checks a start request against the policy; throws the first problem, naming its field. */
   validateStart(caller: Caller, req: StartRequest): { template: Template; name: string; ttl: number } {
     const template = this.#templates.get(req.template);
-    if (!template) throw new BrokerError('unknown_template', `no template "${req.template}" in the policy`, { field: 'template' });
+    const mayStart = this.templatesFor(caller).map((t) => t.name);
+    const startable = mayStart.length ? `; templates agent "${caller.agent}" may start: ${mayStart.join(', ')}` : '';
+    if (!template) {
+      const near = didYouMean(req.template, mayStart);
+      throw new BrokerError('unknown_template', `no template "${req.template}" in the policy${near ? `; did you mean "${near}"?` : ''}${startable}`, { field: 'template' });
+    }
     if (!caller.agent) throw new BrokerError('forbidden', `${caller.subject} is not an agent in the policy`);
     if (!template.agents.includes(caller.agent)) {
-      throw new BrokerError('forbidden', `agent "${caller.agent}" may not start template "${template.name}"`, { field: 'template' });
+      throw new BrokerError('forbidden', `agent "${caller.agent}" may not start template "${template.name}"${startable}`, { field: 'template' });
     }
     if (!DNS_LABEL.test(req.namespace)) {
       throw new BrokerError('invalid_argument', '"namespace" must be a DNS-1123 label', { field: 'namespace' });
     }
     if (!template.namespaces.includes(req.namespace)) {
-      throw new BrokerError('namespace_not_allowed', `template "${template.name}" does not allow namespace "${req.namespace}"`, { field: 'namespace' });
+      const near = didYouMean(req.namespace, template.namespaces);
+      throw new BrokerError(
+        'namespace_not_allowed',
+        `template "${template.name}" does not allow namespace "${req.namespace}"${near ? `; did you mean "${near}"?` : ''}; allowed: ${template.namespaces.join(', ')}`,
+        { field: 'namespace' },
+      );
     }
     const name = req.name ?? template.name;
     if (!DNS_LABEL.test(name)) {
@@ -195,9 +246,13 @@ export class TaskService {
       }
     } else if (req.ttl !== undefined) ttl = req.ttl;
     if (!Number.isInteger(ttl) || ttl < MIN_TASK_TTL_SECONDS || ttl > template.maxTtl) {
-      throw new BrokerError('ttl_out_of_range', `"ttl" must be between ${MIN_TASK_TTL_SECONDS} and ${template.maxTtl} seconds for template "${template.name}"`, {
-        field: 'ttl',
-      });
+      const typed = typeof req.ttl === 'string' ? req.ttl : undefined;
+      throw new BrokerError(
+        'ttl_out_of_range',
+        `"ttl" ${typed?.trim() ?? `${ttl}s`} is ${ttl > template.maxTtl ? 'above' : 'below'} the range of template "${template.name}": ` +
+          `from ${inUnitOf(MIN_TASK_TTL_SECONDS, typed)} to ${inUnitOf(template.maxTtl, typed)} (default ${inUnitOf(template.defaultTtl, typed)})`,
+        { field: 'ttl' },
+      );
     }
     if (req.reason !== undefined && req.reason.length > 1024) {
       throw new BrokerError('invalid_argument', '"reason" must be at most 1024 characters', { field: 'reason' });
@@ -210,9 +265,7 @@ export class TaskService {
     let checked: ReturnType<TaskService['validateStart']>;
     try {
       checked = this.validateStart(caller, req);
-      if (this.#store.findByName(caller.agent, checked.name)) {
-        throw new BrokerError('task_exists', `agent "${caller.agent}" already has an active task "${checked.name}"`, { field: 'name' });
-      }
+      if (this.#store.findByName(caller.agent, checked.name)) throw taskExists(caller.agent, checked.name);
       const limit = this.#policy.broker.limits.activeTasksPerAgent;
       const held = this.#store.list().filter((t) => t.agent === caller.agent).length;
       if (held >= limit) {
@@ -242,6 +295,11 @@ export class TaskService {
         );
       } catch (err) {
         await this.#refuse(base, name, err);
+        if (err instanceof ApprovalRequiredError) {
+          // The next step, for the requester and for an approver (every part is a policy name, a DNS label or a checked duration).
+          const again = `broker task start ${template.name} --namespace ${req.namespace}${name === template.name ? '' : ` --name ${name}`}${req.ttl === undefined ? '' : ` --ttl ${typeof req.ttl === 'number' ? `${req.ttl}s` : req.ttl}`}`;
+          throw new ApprovalRequiredError(err.requestId, `${err.message}; wait for it with: ${again} --wait (an approver runs: broker approve ${err.requestId})`);
+        }
         throw err;
       }
     } else if (req.approvalToken !== undefined) {
@@ -309,9 +367,7 @@ export class TaskService {
           body: { metadata: { name: task.secretName, labels: { ...labels, [LABEL.state]: 'pending' }, annotations }, type: 'Opaque' },
         });
       } catch (err) {
-        if (isConflict(err)) {
-          throw new BrokerError('task_exists', `agent "${task.agent}" already has an active task "${task.name}"`, { field: 'name' });
-        }
+        if (isConflict(err)) throw taskExists(task.agent, task.name);
         throw clusterError('creating the task Secret', err);
       }
       created.push(() => this.#kube.core.deleteNamespacedSecret({ name: task.secretName, namespace: ns }));
@@ -387,7 +443,7 @@ export class TaskService {
       // A gated task waiting for approval: say so, with the request id (the exec plugin shows it).
       const pending = action === 'credential' && caller.agent ? await this.#approvals?.pendingFor(caller, ref) : undefined;
       if (pending) throw new ApprovalRequiredError(pending.id, `task "${ref}" waits for approval: ${approvalCount(pending)} of ${pending.required} so far`);
-      throw new BrokerError('no_active_task', `agent "${caller.agent}" has no active task "${ref}"`);
+      throw new BrokerError('no_active_task', `agent "${caller.agent}" has no active task "${ref}"${await this.#startHint(caller, ref)}`);
     }
     if (task.agent !== caller.agent) {
       await this.#audit.append({
@@ -406,8 +462,46 @@ export class TaskService {
     return task;
   }
 
+  /**
+   * What to do about a task that is not active: from the history, when and how it ended and the
+   * command that starts it again (its real template and namespace); else how to start one.
+   */
+  async #startHint(caller: Caller, ref: string): Promise<string> {
+    const entry = caller.agent ? await this.history.find(caller.agent, ref).catch(() => undefined) : undefined;
+    if (entry) {
+      const t = entry.task;
+      const how = { ended: 'ended', expired: 'expired', revoked: 'was revoked', cleaned: 'was cleaned up' }[entry.state];
+      return `: it ${how} at ${entry.endedAt}; start it again with: broker task start ${t.template} --namespace ${t.namespace} --name ${t.name}`;
+    }
+    const template = this.templatesFor(caller).find((t) => t.name === ref);
+    if (template) {
+      const ns = template.namespaces.length === 1 ? template.namespaces[0]! : `NAMESPACE (one of ${template.namespaces.join(', ')})`;
+      return `; start one with: broker task start ${template.name} --namespace ${ns}`;
+    }
+    return DNS_LABEL.test(ref) ? `; start one with: broker task start TEMPLATE --namespace NAMESPACE --name ${ref} (broker templates lists what you may start)` : '';
+  }
+
   list(caller: Caller): Task[] {
     return this.#store.list().filter((t) => t.agent === caller.agent && t.state === 'active');
+  }
+
+  /** The caller's active tasks, then those in the history (newest first), each with its state. */
+  async listAll(caller: Caller): Promise<TaskStateView[]> {
+    const active = this.list(caller).map((t): TaskStateView => ({ ...toView(t), state: 'active' }));
+    const ended = (await this.history.list(caller.agent)).filter((e) => !active.some((a) => a.id === e.task.id)).map(historyView);
+    return [...active, ...ended];
+  }
+
+  /** The task `ref` if active (as resolve), else the caller's ended task of that id or name from the history. */
+  async show(caller: Caller, ref: string, requestId?: string): Promise<TaskStateView> {
+    try {
+      return { ...toView(await this.resolve(caller, ref, 'read', requestId)), state: 'active' };
+    } catch (err) {
+      if (!(err instanceof BrokerError) || err.code !== 'no_active_task' || !caller.agent) throw err;
+      const entry = await this.history.find(caller.agent, ref);
+      if (!entry) throw err;
+      return historyView(entry);
+    }
   }
 
   async end(caller: Caller, ref: string, requestId?: string): Promise<Task> {
@@ -432,6 +526,9 @@ export class TaskService {
       outcome: 'ok',
       requestId,
     });
+    if (cause === 'ended') await this.#remember(task, 'ended', `ended by ${actor}`, actor);
+    else if (cause === 'expired') await this.#remember(task, 'expired', `its TTL ran out at ${task.expiresAt.toISOString()}`, actor);
+    else await this.#remember(task, 'cleaned', 'its start never completed; what it had created was removed', actor);
   }
 
   /** A token for the caller's task: the one in memory while enough of its life remains, else a new one. */
@@ -601,4 +698,45 @@ export class TaskService {
   }
 }
 
+function taskExists(agent: string, name: string): BrokerError {
+  // `name` is a DNS label (checked in validateStart), so the command is safe to copy.
+  return new BrokerError('task_exists', `agent "${agent}" already has an active task "${name}": end it with: broker task end ${name} (or choose another --name)`, { field: 'name' });
+}
 
+/**
+ * The candidate `typed` most likely meant: one it is a prefix of, or one within Levenshtein distance 2
+ * (the closest; ties go to the first). Undefined when none is near.
+ */
+export function didYouMean(typed: string, candidates: readonly string[]): string | undefined {
+  if (typed === '') return undefined;
+  const prefixed = candidates.find((c) => c !== typed && c.startsWith(typed));
+  if (prefixed) return prefixed;
+  let best: { name: string; d: number } | undefined;
+  for (const c of candidates) {
+    const d = levenshtein(typed, c);
+    if (d > 0 && d <= 2 && (!best || d < best.d)) best = { name: c, d };
+  }
+  return best?.name;
+}
+
+function levenshtein(a: string, b: string): number {
+  if (Math.abs(a.length - b.length) > 2) return 3; // more than 2 apart whatever the letters
+  let prev = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const row = [i];
+    for (let j = 1; j <= b.length; j++) row[j] = Math.min(prev[j]! + 1, row[j - 1]! + 1, prev[j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1));
+    prev = row;
+  }
+  return prev[b.length]!;
+}
+
+/**
+ * `seconds` in the unit of what the user typed ("90m" → minutes, "2h" → hours, "600s" → seconds),
+ * exactly when it divides evenly, else as the shortest duration ("1h30m"); seconds when nothing was typed.
+ */
+export function inUnitOf(seconds: number, typed: string | undefined): string {
+  const unit = typed?.trim().at(-1);
+  const size = unit === 'h' ? 3600 : unit === 'm' ? 60 : unit === 's' || unit === undefined ? 1 : 0;
+  if (size === 0) return formatDuration(seconds);
+  return seconds % size === 0 ? `${seconds / size}${unit ?? 's'}` : formatDuration(seconds);
+}

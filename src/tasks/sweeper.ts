@@ -102,6 +102,8 @@ export class Sweeper {
       this.#lastOrphanSweep = now;
       await this.#tasks.sweepOrphans(this.#graceMs);
       await this.#housekeeping?.();
+      // Ended tasks past the policy's broker.taskHistory leave the history (src/tasks/history.ts).
+      await this.#tasks.history.sweep().catch((err: unknown) => this.#log(`task history sweep failed: ${(err as Error).message}`));
     }
   }
 

@@ -110,7 +110,10 @@ describe('broker API', () => {
     // A token for the API server (not the broker's audience) is refused.
     const wrongAudience = await broker.request('GET', '/v1/tasks', await env.agentToken('alpha').then(() => mintApiserverToken()));
     assert.equal(wrongAudience.status, 401);
-    assert.doesNotMatch(JSON.stringify(wrongAudience.body), /audience|TokenReview/);
+    // The message says nothing of why; only the hint names what the broker takes (the policy's audience).
+    assert.doesNotMatch(wrongAudience.body.error.message, /audience|TokenReview/);
+    assert.match(wrongAudience.body.error.hint, /with the audience "task-broker"/);
+    assert.doesNotMatch(wrongAudience.body.error.hint, /TokenReview|\bexpired|revoked/);
     // A real ServiceAccount with the right audience that is not an agent in the policy.
     await env.admin.core.createNamespacedServiceAccount({ namespace: 'agents', body: { metadata: { name: 'stranger' } } });
     const stranger = await broker.request('GET', '/v1/tasks', await env.agentToken('stranger'));

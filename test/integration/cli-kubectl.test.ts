@@ -345,7 +345,7 @@ describe('CLI and exec plugin with real kubectl', () => {
     assert.match(text.stdout, /^NAME\s+ID\s+TEMPLATE\s+NAMESPACE\s+EXPIRES\ncontract\s+/);
     const dup = await cli(['task', 'start', 'read-pods', '-n', 'team-b', '--name', 'contract']);
     assert.equal(dup.code, EXIT.error);
-    assert.match(dup.stderr, /already has an active task "contract" \(name\) \[task_exists\]/);
+    assert.match(dup.stderr, /already has an active task "contract": end it with: broker task end contract \(or choose another --name\) \(name\) \[task_exists\]/);
     const badNs = await cli(['task', 'start', 'read-pods', '-n', 'kube-system']);
     assert.equal(badNs.code, EXIT.error);
     assert.match(badNs.stderr, /\(namespace\) \[namespace_not_allowed\]/);

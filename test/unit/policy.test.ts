@@ -88,6 +88,7 @@ test('defaults are applied when keys are absent: broker settings, default gated 
     tokenTtl: 600,
     identityAudience: 'task-broker',
     approvalRequestTtl: 3600,
+    taskHistory: 7 * 24 * 3600,
     limits: { activeTasksPerAgent: 10, openApprovalsPerAgent: 5 },
   });
   assert.deepEqual(p.people, []);
