@@ -49,6 +49,8 @@ export interface TaskHistoryOptions {
   now?: () => Date;
   /** How long one agent's list is reused, so a burst of refused credential calls costs one read. Default 3 s. */
   cacheMs?: number;
+  /** Entries kept per agent whatever their age (the newest), so a busy agent cannot fill the namespace. Default 1000. */
+  maxPerAgent?: number;
 }
 
 export class TaskHistory {
@@ -58,6 +60,7 @@ export class TaskHistory {
   readonly #signer: StateSigner | undefined;
   readonly #now: () => Date;
   readonly #cacheMs: number;
+  readonly #maxPerAgent: number;
   readonly #cache = new Map<string, { until: number; entries: Promise<HistoryEntry[]> }>();
 
   constructor(kube: KubeApis, namespace: string, retentionSeconds: number, options: TaskHistoryOptions = {}) {
@@ -67,6 +70,7 @@ export class TaskHistory {
     this.#signer = options.signer;
     this.#now = options.now ?? (() => new Date());
     this.#cacheMs = options.cacheMs ?? 3_000;
+    this.#maxPerAgent = options.maxPerAgent ?? 1000;
   }
 
   /** Writes the entry for a task that has just ended. An entry that already exists is kept (the first end wins). */
@@ -110,7 +114,10 @@ export class TaskHistory {
     return entries.find((e) => e.task.id === ref) ?? entries.find((e) => e.task.name === ref);
   }
 
-  /** Removes entries older than the retention (by when the API server stored them). Run by the sweeper. */
+  /**
+   * Removes entries older than the retention (by when the API server stored them), and an agent's
+   * oldest beyond `maxPerAgent`. Run by the sweeper.
+   */
   async sweep(): Promise<number> {
     let list;
     try {
@@ -119,10 +126,15 @@ export class TaskHistory {
       throw clusterError('listing the task history', err);
     }
     const cutoff = this.#now().getTime() - this.#retentionMs;
+    const created = (cm: V1ConfigMap) => (cm.metadata?.creationTimestamp ? new Date(cm.metadata.creationTimestamp).getTime() : Infinity);
+    const perAgent = new Map<string, number>();
     let removed = 0;
-    for (const cm of list.items) {
-      const created = cm.metadata?.creationTimestamp ? new Date(cm.metadata.creationTimestamp).getTime() : Infinity;
-      if (created >= cutoff || !cm.metadata?.name) continue;
+    // Newest first, so the count per agent keeps the newest.
+    for (const cm of [...list.items].sort((a, b) => created(b) - created(a))) {
+      const agent = cm.metadata?.labels?.[LABEL.agent] ?? '';
+      const rank = (perAgent.get(agent) ?? 0) + 1;
+      perAgent.set(agent, rank);
+      if ((created(cm) >= cutoff && rank <= this.#maxPerAgent) || !cm.metadata?.name) continue;
       await this.#kube.core.deleteNamespacedConfigMap({ name: cm.metadata.name, namespace: this.#namespace }).then(() => removed++, () => undefined);
     }
     if (removed > 0) this.#cache.clear();

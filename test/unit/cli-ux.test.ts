@@ -9,6 +9,12 @@ import { EXIT } from '../../src/cli/exit-codes.ts';
 import { relativeTime, safe, when } from '../../src/cli/output.ts';
 import { didYouMean, inUnitOf } from '../../src/tasks/service.ts';
 import { BrokerClient, isLoopback, readIdentity } from '../../src/client/broker-client.ts';
+import type { V1ConfigMap } from '@kubernetes/client-node';
+import { exportJWK, generateKeyPair } from 'jose';
+import type { KubeApis } from '../../src/kube/config.ts';
+import { StateSigner } from '../../src/state-signature.ts';
+import { TaskHistory } from '../../src/tasks/history.ts';
+import type { Task } from '../../src/tasks/model.ts';
 
 const MAIN = new URL('../../src/cli/main.ts', import.meta.url).pathname;
 const cli = (args: string[], env: NodeJS.ProcessEnv = {}) => run(process.execPath, [MAIN, ...args], { ...process.env, NO_COLOR: '1', ...env });
@@ -204,4 +210,91 @@ test('completion: zsh, through bashcompinit, registers broker and completes subc
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
+});
+
+test('one deadline covers the whole request: a broker that sends its answer slowly is cut at it', async () => {
+  const { createServer } = await import('node:http');
+  const server = createServer((_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json' });
+    res.write('{"subject": "');
+    const drip = setInterval(() => res.write('x'), 100); // never finishes, never idle for long
+    res.on('close', () => clearInterval(drip));
+  });
+  await new Promise<void>((done) => server.listen(0, '127.0.0.1', done));
+  const client = new BrokerClient({ broker: `http://127.0.0.1:${(server.address() as { port: number }).port}`, env: { BROKER_IDENTITY_TOKEN: 'x' }, deadlineMs: 1000 });
+  const started = Date.now();
+  try {
+    await assert.rejects(client.whoami(), (err: Error & { code?: string }) => {
+      assert.equal(err.code, 'broker_unreachable');
+      assert.match(err.message, /gave no complete answer: timed out after 1 s/);
+      return true;
+    });
+    assert.ok(Date.now() - started < 3000, 'cut at the deadline, not when the answer ends');
+  } finally {
+    await client.close();
+    server.closeAllConnections();
+    await new Promise((done) => server.close(done));
+  }
+});
+
+/** A ConfigMap API in memory: enough of the CoreV1Api for the task history. */
+function fakeConfigMaps() {
+  const items = new Map<string, V1ConfigMap>();
+  let clock = Date.parse('2026-05-01T00:00:00Z');
+  const select = (selector: string) => (cm: V1ConfigMap) =>
+    selector.split(',').every((term) => {
+      const [k, v] = term.split('=');
+      return cm.metadata?.labels?.[k!] === v;
+    });
+  const core = {
+    createNamespacedConfigMap: async ({ body }: { body: V1ConfigMap }) => {
+      const name = body.metadata!.name!;
+      if (items.has(name)) throw Object.assign(new Error('exists'), { code: 409 });
+      clock += 1000;
+      items.set(name, { ...body, metadata: { ...body.metadata, creationTimestamp: new Date(clock) } });
+      return body;
+    },
+    listNamespacedConfigMap: async ({ labelSelector }: { labelSelector: string }) => ({ items: [...items.values()].filter(select(labelSelector)) }),
+    deleteNamespacedConfigMap: async ({ name }: { name: string }) => void items.delete(name),
+  };
+  return { kube: { core } as unknown as KubeApis, items };
+}
+
+function task(id: string, name: string, agent = 'alpha'): Task {
+  const at = new Date('2026-05-01T00:00:00Z');
+  return { id, name, agent, template: 'read-pods', namespace: 'team-a', createdAt: at, expiresAt: at, state: 'active', secretName: 's', serviceAccount: 'sa', roleBinding: 'rb' };
+}
+
+test('task history: written signed, read back verified (a changed entry is ignored), by id or the latest of a name, swept by age and per-agent count', async () => {
+  const { privateKey } = await generateKeyPair('EdDSA', { crv: 'Ed25519', extractable: true });
+  const jwk = { ...(await exportJWK(privateKey)), kid: 'k1' };
+  const { d: _d, ...pub } = jwk;
+  const signer = new StateSigner({ signingKey: async () => jwk, verificationKeys: async () => [pub] } as never);
+  const { kube, items } = fakeConfigMaps();
+  let now = new Date('2026-05-01T00:00:10Z');
+  const history = new TaskHistory(kube, 'tb-system', 3600, { signer, now: () => now, cacheMs: 0, maxPerAgent: 2 });
+
+  await history.record(task('aaaaaaaaaaa1', 'debug'), 'ended', 'ended by agent:alpha', 'agent:alpha');
+  now = new Date('2026-05-01T00:00:20Z');
+  await history.record(task('aaaaaaaaaaa2', 'debug'), 'expired', 'its TTL ran out', 'system:sweeper');
+  await history.record(task('bbbbbbbbbbb1', 'other', 'beta'), 'revoked', 'forged', 'system:broker');
+  assert.ok(items.get('task-history-aaaaaaaaaaa1')?.metadata?.annotations?.['task-broker.dev/signature']?.startsWith('k1.'));
+
+  assert.deepEqual((await history.list('alpha')).map((e) => [e.task.id, e.state]), [['aaaaaaaaaaa2', 'expired'], ['aaaaaaaaaaa1', 'ended']]);
+  assert.equal((await history.find('alpha', 'debug'))?.task.id, 'aaaaaaaaaaa2', 'a name finds its latest task');
+  assert.equal((await history.find('alpha', 'aaaaaaaaaaa1'))?.state, 'ended');
+  assert.equal(await history.find('alpha', 'bbbbbbbbbbb1'), undefined, "another agent's entry is not found");
+
+  // Changed outside the broker: ignored on read.
+  const cm = items.get('task-history-aaaaaaaaaaa2')!;
+  items.set(cm.metadata!.name!, { ...cm, data: { entry: cm.data!['entry']!.replace('team-a', 'team-b') } });
+  assert.deepEqual((await history.list('alpha')).map((e) => e.task.id), ['aaaaaaaaaaa1']);
+
+  // Per agent at most 2 (the newest), and nothing older than the retention.
+  await history.record(task('aaaaaaaaaaa3', 'third'), 'ended', 'ended', 'agent:alpha');
+  assert.equal(await history.sweep(), 1);
+  assert.ok(!items.has('task-history-aaaaaaaaaaa1'), 'the oldest of three went');
+  now = new Date(Date.parse('2026-05-01T02:00:00Z'));
+  assert.equal(await history.sweep(), 3);
+  assert.equal(items.size, 0);
 });
