@@ -216,10 +216,35 @@ export async function verifyHandle(
   onRecord?: (seq: number, hash: string) => void,
 ): Promise<VerifyResult> {
   const v = new ChainVerifier(onRecord);
+  const scan = await scanChain(fh, v);
+  return v.finish(!v.broken && scan.tailBytes > 0, options);
+}
+
+/** Where a scan of a chain stopped (scanChain): byte offsets in the file. */
+export interface ChainScan {
+  /** Just past the "\n" of the last line that holds: the end of the last good record (0 for none). */
+  end: number;
+  /**
+   * The line that broke the chain, if any: where it starts (= `end`) and where its "\n" is
+   * (`newline`; undefined when it was cut off as longer than 1 MiB before a newline was seen).
+   */
+  broken?: { start: number; newline: number | undefined };
+  /** Bytes after the last "\n" when the chain held (an incomplete last line), starting at `end`. */
+  tailBytes: number;
+}
+
+/**
+ * @internal Feeds every complete line of the file (up to `limit` bytes, default all of it) to `v`,
+ * stopping at the first line that breaks the chain, and says where it stopped. A line longer than
+ * MAX_LINE_BYTES is a break. verifyHandle, verifyLiveFile and repair-tail (repair.ts) read with it.
+ */
+export async function scanChain(fh: Pick<FileHandle, 'read'>, v: ChainVerifier, limit = Number.POSITIVE_INFINITY): Promise<ChainScan> {
   const decoder = new TextDecoder('utf-8', { fatal: true });
   const buf = Buffer.allocUnsafe(1 << 20);
   let carry: Buffer[] = [];
   let carryBytes = 0;
+  /** Offset of the line being assembled (= end of the last line pushed). */
+  let lineStart = 0;
   let position = 0;
   const pushLine = (bytes: Uint8Array) => {
     let text: string;
@@ -231,32 +256,129 @@ export async function verifyHandle(
     }
     v.push(text);
   };
-  for (;;) {
-    const { bytesRead } = await fh.read(buf, 0, buf.length, position);
+  while (position < limit) {
+    const { bytesRead } = await fh.read(buf, 0, Math.min(buf.length, limit - position), position);
     if (bytesRead === 0) break;
+    const base = position;
     position += bytesRead;
+    const chunk = buf.subarray(0, bytesRead);
     let start = 0;
     for (;;) {
-      const nl = buf.indexOf(0x0a, start);
-      if (nl === -1 || nl >= bytesRead) {
+      const nl = chunk.indexOf(0x0a, start);
+      if (nl === -1) {
         if (start < bytesRead) {
-          carry.push(Buffer.from(buf.subarray(start, bytesRead)));
+          carry.push(Buffer.from(chunk.subarray(start)));
           carryBytes += bytesRead - start;
         }
         break;
       }
-      pushLine(carry.length > 0 ? Buffer.concat([...carry, buf.subarray(start, nl)]) : buf.subarray(start, nl));
+      pushLine(carry.length > 0 ? Buffer.concat([...carry, chunk.subarray(start, nl)]) : chunk.subarray(start, nl));
       carry = [];
       carryBytes = 0;
-      if (v.broken) return v.finish(false, options);
+      if (v.broken) return { end: lineStart, broken: { start: lineStart, newline: base + nl }, tailBytes: 0 };
+      lineStart = base + nl + 1;
       start = nl + 1;
     }
     if (carryBytes > MAX_LINE_BYTES) {
       v.pushUnreadable(`longer than ${MAX_LINE_BYTES} bytes without a newline: not a record`);
-      return v.finish(false, options);
+      return { end: lineStart, broken: { start: lineStart, newline: undefined }, tailBytes: 0 };
     }
   }
-  return v.finish(carryBytes > 0, options);
+  return { end: lineStart, tailBytes: carryBytes };
+}
+
+export interface LiveVerifyOptions extends VerifyOptions {
+  /**
+   * A hash some record must have, anywhere in the chain (kept elsewhere, e.g. from an earlier
+   * verify): shows that nothing up to that record was cut or changed, however far the log has grown.
+   */
+  expect?: string | undefined;
+  /** An incomplete last line is a break at once, without waiting to see whether it is being written. */
+  strict?: boolean | undefined;
+  /** How long an incomplete last line may take to get its newline before it counts as torn (default 1000 ms). */
+  settleMs?: number | undefined;
+}
+
+/** verifyLiveFile's result: VerifyResult, plus what it found of `expect` and at the end of the file. */
+export type LiveVerifyResult = VerifyResult & {
+  /** The record with the `expect` hash, when the chain holds up to it. */
+  expected?: { hash: string; seq: number; line: number };
+  /** An incomplete last line that got its newline while verify watched: a record being appended, not checked. */
+  inProgress?: { line: number; bytes: number };
+  /**
+   * When not ok, a failure of its own kind: `torn-tail` (an incomplete last line that stayed so),
+   * `expect-not-found` (the chain holds but has no record with the `expect` hash), `in-progress-after-last`
+   * (`expectLast` on a log being appended to). Absent for the other breaks of the chain.
+   */
+  problem?: 'torn-tail' | 'expect-not-found' | 'in-progress-after-last';
+};
+
+/**
+ * Verifies a log that may be in use: the file as it was when opened (its size then), up to its last
+ * complete line. A last line without its newline is either a record being appended (a writer's one
+ * write(2) per batch is under way) or a torn write that nothing will finish. It is told apart by
+ * waiting: if the newline arrives within `settleMs`, the line is in progress (reported in
+ * `inProgress`, not checked, not a break; with `expectLast` it is a record after the last one, so it
+ * is); if not, it is torn and breaks the chain as in verifyAuditFile. `strict` does not wait.
+ */
+export async function verifyLiveFile(path: string, options: LiveVerifyOptions = {}): Promise<LiveVerifyResult> {
+  const fh = await open(path, 'r');
+  try {
+    const size = (await fh.stat()).size;
+    let expected: LiveVerifyResult['expected'];
+    const v = new ChainVerifier((seq, hash) => {
+      if (expected === undefined && hash === options.expect) expected = { hash, seq, line: seq + 1 };
+    });
+    const scan = await scanChain(fh, v, size);
+    let inProgress: LiveVerifyResult['inProgress'];
+    let records = 0;
+    if (!v.broken && scan.tailBytes > 0) {
+      records = v.finish(false).records;
+      if (!options.strict && (await newlineArrives(fh, size, options.settleMs ?? 1000))) inProgress = { line: records + 1, bytes: scan.tailBytes };
+    }
+    const torn = !v.broken && scan.tailBytes > 0 && inProgress === undefined;
+    const result = v.finish(torn, { expectLast: options.expectLast });
+    const extra = { ...(expected ? { expected } : {}), ...(inProgress ? { inProgress } : {}) };
+    if (!result.ok) return { ...result, ...extra, ...(torn ? { problem: 'torn-tail' as const } : {}) };
+    if (inProgress && options.expectLast !== undefined) {
+      return {
+        ok: false,
+        records,
+        line: inProgress.line,
+        reason: `a record is being appended after the last one (line ${inProgress.line}): the log is in use, so its last record is not final; compare with --expect (any record) instead`,
+        ...extra,
+        problem: 'in-progress-after-last',
+      };
+    }
+    if (options.expect !== undefined && !expected) {
+      return {
+        ok: false,
+        records: result.records,
+        line: Math.max(result.records, 1),
+        ...(result.records > 0 ? { seq: result.records - 1 } : {}),
+        reason: `no record has hash ${options.expect} (${result.records} records hold, the last with hash ${result.lastHash}): records up to it were cut or changed and the rest rewritten, or it is from another log`,
+        ...extra,
+        problem: 'expect-not-found',
+      };
+    }
+    return { ...result, ...extra };
+  } finally {
+    await fh.close();
+  }
+}
+
+/** Whether a "\n" appears at or after `from` within `ms` (the file growing as a writer finishes its line). */
+async function newlineArrives(fh: Pick<FileHandle, 'read'>, from: number, ms: number): Promise<boolean> {
+  const deadline = Date.now() + ms;
+  const buf = Buffer.allocUnsafe(64 * 1024);
+  let position = from;
+  for (;;) {
+    const { bytesRead } = await fh.read(buf, 0, buf.length, position);
+    if (bytesRead > 0 && buf.subarray(0, bytesRead).includes(0x0a)) return true;
+    position += bytesRead;
+    if (Date.now() >= deadline) return false;
+    if (bytesRead === 0) await new Promise((done) => setTimeout(done, 20));
+  }
 }
 
 /** A broken result as the one-line message `broker audit verify` prints. */

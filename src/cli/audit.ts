@@ -1,12 +1,19 @@
 import { Command } from 'commander';
 import { BrokerError } from '../errors.ts';
-import { describeBreak, verifyAuditFile } from '../audit/verify.ts';
+import { describeBreak, verifyLiveFile, type LiveVerifyResult } from '../audit/verify.ts';
 import type { AuditRecord, VerifyResult } from '../audit/types.ts';
 import { outputOption, printJson, style, type OutputFormat } from './output.ts';
 import { webhookConfigCommand } from './audit-webhook.ts';
 
 interface VerifyCommandOptions {
+  expect?: string;
   expectLast?: string;
+  strict?: boolean;
+  output: OutputFormat;
+}
+
+interface RepairTailCommandOptions {
+  dryRun?: boolean;
   output: OutputFormat;
 }
 
@@ -17,36 +24,66 @@ export function auditCommand(): Command {
     .description('walk the hash chain of an audit log file and name the first record that does not hold')
     .argument('<file>', 'the audit log (JSON Lines)')
     .option(
-      '--expect-last <hash>',
-      'the hash the last record must have (kept elsewhere, e.g. from an earlier verify): detects records cut from the end',
+      '--expect <hash>',
+      'a record with this hash must be in the chain, anywhere (kept elsewhere): nothing up to it was cut or changed; for a live log that has grown since',
     )
+    .option(
+      '--expect-last <hash>',
+      'the hash the last record must have (kept elsewhere, e.g. from an earlier verify): detects records cut from the end; for a closed log',
+    )
+    .option('--strict', 'an incomplete last line is torn at once (without: it is "in progress" if its newline arrives within 1 s)')
     .addOption(outputOption())
     .addHelpText(
       'after',
       [
         '',
-        'Exit status 0 if the chain holds, 1 if it is broken.',
+        'Exit status 0 if the chain holds, 1 if it is broken. Works on a live log: it checks the file as it was when',
+        'opened, up to its last complete line; a last line being written is reported as in progress, not checked.',
         '',
         'Example:',
         '  broker audit verify /var/lib/task-broker/audit.jsonl',
-        '  # keep a checkpoint somewhere else, later check nothing was cut from the end:',
+        '  # keep a checkpoint somewhere else, later check nothing up to it was cut or changed:',
         '  broker audit verify audit.jsonl -o json | jq -r .lastHash > /safe/audit.last',
-        '  broker audit verify audit.jsonl --expect-last "$(cat /safe/audit.last)"',
+        '  broker audit verify audit.jsonl --expect "$(cat /safe/audit.last)"       # the log may have grown',
+        '  broker audit verify audit.jsonl --expect-last "$(cat /safe/audit.last)"  # a closed log: nothing after it',
       ].join('\n'),
     )
     .action((file: string, opts: VerifyCommandOptions) => verify(file, opts));
+  cmd
+    .command('repair-tail')
+    .description('remove a torn last line (a write that never completed) and record the repair; never anything else')
+    .argument('<file>', 'the audit log (JSON Lines)')
+    .option('--dry-run', 'say what would be removed and appended; change nothing')
+    .addOption(outputOption())
+    .addHelpText(
+      'after',
+      [
+        '',
+        'Removes the last line only when it is not a complete record (no trailing newline, not JSON, or a hash that does',
+        'not match its contents) and every line before it holds; then appends an audit.tail_repaired record (the removed',
+        'byte count and their SHA-256, never the bytes). A log broken anywhere else is refused (audit_chain_broken, exit 1)',
+        'and left as it is; a log held by a writer (FILE.lock) is refused naming it (exit 5). Nothing to repair: exit 0.',
+        '',
+        'Example:',
+        '  broker audit repair-tail --dry-run /var/lib/task-broker/audit.jsonl',
+        '  cp audit.jsonl audit.jsonl.before-repair && broker audit repair-tail audit.jsonl',
+      ].join('\n'),
+    )
+    .action((file: string, opts: RepairTailCommandOptions) => repairTailCommand(file, opts));
   cmd.addCommand(showCommand());
   cmd.addCommand(webhookConfigCommand());
   return cmd;
 }
 
 async function verify(file: string, opts: VerifyCommandOptions): Promise<void> {
-  if (opts.expectLast !== undefined && !/^[0-9a-f]{64}$/.test(opts.expectLast)) {
-    throw new BrokerError('invalid_argument', 'expected 64 lowercase hex digits (a SHA-256 hash)', { field: '--expect-last' });
+  for (const [flag, value] of [['--expect', opts.expect], ['--expect-last', opts.expectLast]] as const) {
+    if (value !== undefined && !/^[0-9a-f]{64}$/.test(value)) {
+      throw new BrokerError('invalid_argument', 'expected 64 lowercase hex digits (a SHA-256 hash)', { field: flag });
+    }
   }
-  let result: VerifyResult;
+  let result: LiveVerifyResult;
   try {
-    result = await verifyAuditFile(file, { expectLast: opts.expectLast });
+    result = await verifyLiveFile(file, { expect: opts.expect, expectLast: opts.expectLast, strict: opts.strict });
   } catch (err) {
     throw new BrokerError('invalid_argument', `cannot read ${file}: ${err instanceof Error ? err.message : String(err)}`, {
       field: 'FILE',
@@ -55,11 +92,44 @@ async function verify(file: string, opts: VerifyCommandOptions): Promise<void> {
   }
   if (opts.output === 'json') printJson(result);
   if (result.ok) {
-    if (opts.output !== 'json') process.stdout.write(`${style.ok('ok')}: ${result.records} records, last hash ${result.lastHash}\n`);
+    if (opts.output !== 'json') {
+      let text = `${style.ok('ok')}: ${result.records} records, last hash ${result.lastHash}\n`;
+      if (result.expected) {
+        const after = result.records - result.expected.seq - 1;
+        text += `expected record found: seq ${result.expected.seq} (line ${result.expected.line}), ${after} record${after === 1 ? '' : 's'} after it\n`;
+      }
+      if (result.inProgress) {
+        text += `in progress: line ${result.inProgress.line} (${result.inProgress.bytes} bytes so far) was being written when read; not checked\n`;
+      }
+      process.stdout.write(text);
+    }
     return;
   }
   // Also after -o json: main.ts turns the BrokerError into exit status 1 (stdout holds only the JSON).
-  throw new BrokerError('audit_chain_broken', describeBreak(result));
+  if (result.problem === 'expect-not-found') throw new BrokerError('audit_chain_broken', `${file}: ${result.reason}`, { field: '--expect' });
+  const hint = result.problem === 'torn-tail' ? `; if that is the only problem, \`broker audit repair-tail ${file}\` removes it and records that it did` : '';
+  throw new BrokerError('audit_chain_broken', describeBreak(result) + hint);
+}
+
+async function repairTailCommand(file: string, opts: RepairTailCommandOptions): Promise<void> {
+  const { repairTail } = await import('../audit/repair.ts');
+  const r = await repairTail(file, { dryRun: opts.dryRun === true });
+  if (opts.output === 'json') {
+    printJson({ repaired: r.repaired, dryRun: r.dryRun, file: r.path, kept: r.kept, removed: r.removed ?? null, appended: r.appended ?? null, ...(r.lockTakenOver ? { lockTakenOver: r.lockTakenOver } : {}) });
+    return;
+  }
+  if (!r.removed) {
+    process.stdout.write(`nothing to repair: ${file} ends with a complete record (${r.kept.records} records, last hash ${r.kept.lastHash})\n`);
+    return;
+  }
+  const what = `line ${r.removed.line} (${r.removed.bytes} bytes, sha256 ${r.removed.sha256}): ${r.removed.reason}`;
+  const follows = r.kept.records > 0 ? `following seq ${r.kept.records - 1}` : 'as the first record';
+  if (r.dryRun) {
+    process.stdout.write(`would remove ${what}\nwould keep ${r.kept.records} records (${r.kept.bytes} bytes) and append audit.tail_repaired as seq ${r.appended!.seq}, ${follows}\nnothing was changed (--dry-run)\n`);
+    return;
+  }
+  if (r.lockTakenOver) process.stderr.write(`took over a stale lock${r.lockTakenOver['pid'] === undefined ? '' : ` of pid ${String(r.lockTakenOver['pid'])}`}: ${String(r.lockTakenOver['reason'])}\n`);
+  process.stdout.write(`${style.ok('repaired')}: removed ${what}\nappended audit.tail_repaired as seq ${r.appended!.seq} (${follows}), hash ${r.appended!.hash}\n`);
 }
 
 interface ShowCommandOptions {
