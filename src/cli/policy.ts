@@ -2,7 +2,7 @@ import { delimiter } from 'node:path';
 import { Command } from 'commander';
 import { BrokerError } from '../errors.ts';
 // The policy parser (yaml, ajv) and the Kubernetes client load only when a command needs them.
-import type { Change, ClusterRoleGate } from '../policy/apply.ts';
+import type { AffectedTask, Change, ClusterRoleGate } from '../policy/apply.ts';
 import type { GatedPair, Identity, Policy, PolicyIssue } from '../policy/types.ts';
 import { outputOption, printJson, style, type OutputFormat } from './output.ts';
 
@@ -14,6 +14,7 @@ interface ApplyOptions {
   kubeconfig?: string;
   dryRun: boolean;
   auditLog?: string;
+  endAffectedTasks: boolean;
   output: OutputFormat;
 }
 
@@ -26,6 +27,10 @@ export interface PolicyApplyResult {
    * cluster holds them; `hits` non-empty means its tasks need approval (`approvers`, `required`).
    */
   clusterRoles: Array<{ template: string; clusterRole: string; hits: string[]; aggregated: boolean; approvers: string[]; required: number }>;
+  /** Why each pair in `clusterRoles[].hits` is gated, keyed by the pair as written there. */
+  reasons: Record<string, string>;
+  /** The active tasks ended before the apply (`--end-affected-tasks`; with `--dry-run`, those it would end). */
+  endedTasks: Array<Pick<AffectedTask, 'id' | 'agent' | 'name' | 'template' | 'namespace' | 'cause'>>;
 }
 
 export interface PolicySummary {
@@ -42,6 +47,8 @@ export interface PolicySummary {
    * cannot see them; `policy apply` and the broker, at every task start, check them against the gated set.
    */
   clusterRoleTemplates: Array<{ template: string; clusterRole: string }>;
+  /** Why each pair in `gatedTemplates[].hits` is gated, keyed by the pair as written there ("can mint tokens that outlive the task"). */
+  reasons: Record<string, string>;
 }
 
 /** A gated pair as `policy check` shows it: `create pods/exec`, `delete apps/deployments`. */
@@ -82,6 +89,7 @@ export function policyCommand(): Command {
     .option('--kubeconfig <path>', "an administrator's kubeconfig (policy apply creates RBAC objects; default: $KUBECONFIG)")
     .option('--dry-run', 'show what would change without changing anything', false)
     .option('--audit-log <file>', "record a policy.applied event in this audit log (e.g. the broker's)")
+    .option('--end-affected-tasks', 'end the active tasks whose template, or namespace, the policy removes (each recorded in --audit-log), then apply', false)
     .addOption(outputOption())
     .addHelpText(
       'after',
@@ -93,10 +101,12 @@ export function policyCommand(): Command {
 }
 
 export async function policySummary(policy: Policy): Promise<PolicySummary> {
-  const { gatedPairsHitBy } = await import('../policy/grants.ts');
+  const { gatedPairsHitBy, gatedReason } = await import('../policy/grants.ts');
+  const reasons: Record<string, string> = {};
   const gatedTemplates = policy.templates.flatMap((t) => {
     const hits = gatedPairsHitBy(t.rules ?? [], policy.gated);
     if (hits.length === 0) return [];
+    for (const h of hits) reasons[pairText(h)] = gatedReason(h);
     const approval = t.approval ?? policy.defaultApproval;
     return [{ template: t.name, hits: hits.map(pairText), approvers: approval.approvers, required: approval.required }];
   });
@@ -108,7 +118,18 @@ export async function policySummary(policy: Policy): Promise<PolicySummary> {
     approverGroups: policy.approverGroups.length,
     gatedTemplates,
     clusterRoleTemplates: policy.templates.flatMap((t) => (t.clusterRole === undefined ? [] : [{ template: t.name, clusterRole: t.clusterRole }])),
+    reasons,
   };
+}
+
+/** One line per reason under a gated template: `    create pods, create apps/deployments: can run a pod as any ServiceAccount of the namespace`. */
+function reasonLines(hits: readonly string[], reasons: Readonly<Record<string, string>>, indent: string): string {
+  const groups = new Map<string, string[]>();
+  for (const h of hits) {
+    const why = reasons[h] ?? '';
+    groups.set(why, [...(groups.get(why) ?? []), h]);
+  }
+  return [...groups].map(([why, pairs]) => `${indent}${pairs.join(', ')}: ${why}\n`).join('');
 }
 
 async function check(file: string, opts: CheckOptions): Promise<void> {
@@ -134,6 +155,7 @@ async function check(file: string, opts: CheckOptions): Promise<void> {
   for (const p of summary.people) process.stdout.write(`  person: ${p.name} (${p.identities.join('; ')})\n`);
   for (const g of summary.gatedTemplates) {
     process.stdout.write(`  gated: ${g.template} (${g.hits.join(', ')}): needs ${g.required} approval(s) from ${g.approvers.join(', ')}\n`);
+    process.stdout.write(reasonLines(g.hits, summary.reasons, '    '));
   }
   for (const c of summary.clusterRoleTemplates) {
     process.stdout.write(`  clusterRole: ${c.template} binds ClusterRole ${c.clusterRole}: checked against the gated set by policy apply and at every task start, not here\n`);
@@ -168,8 +190,24 @@ async function apply(file: string, opts: ApplyOptions): Promise<void> {
   const audit = opts.auditLog && !opts.dryRun ? await (await import('../audit/log.ts')).AuditLog.open(opts.auditLog) : undefined;
   let changes: Change[];
   let gates: ClusterRoleGate[];
+  let ended: AffectedTask[];
   try {
-    ({ changes, clusterRoles: gates } = await applyPolicy(kube, policy, { dryRun: opts.dryRun }));
+    // Each task ended for the apply is recorded as the broker records an end, before anything else changes.
+    const onTaskEnded = async (t: AffectedTask): Promise<void> => {
+      if (opts.output !== 'json') process.stdout.write(`ended ${(await import('../policy/apply.ts')).describeAffectedTask(t)}\n`);
+      await audit?.append({
+        type: 'task.ended',
+        actor: 'user:policy-apply',
+        agent: t.agent,
+        task: t.id,
+        taskName: t.name,
+        template: t.template,
+        namespace: t.namespace,
+        outcome: 'ok',
+        reason: t.cause === 'template-removed' ? 'template removed by policy apply' : 'namespace removed from the template by policy apply',
+      });
+    };
+    ({ changes, clusterRoles: gates, endedTasks: ended } = await applyPolicy(kube, policy, { dryRun: opts.dryRun, endAffectedTasks: opts.endAffectedTasks, onTaskEnded }));
     if (audit) {
       const count = (a: Change['action']) => changes.filter((c) => c.action === a).length;
       const { createHash } = await import('node:crypto');
@@ -185,6 +223,7 @@ async function apply(file: string, opts: ApplyOptions): Promise<void> {
           updated: count('update'),
           deleted: count('delete'),
           unchanged: count('unchanged'),
+          endedTasks: ended.length,
         },
       });
     }
@@ -195,9 +234,17 @@ async function apply(file: string, opts: ApplyOptions): Promise<void> {
     const approval = policy.templates.find((t) => t.name === g.template)?.approval ?? policy.defaultApproval;
     return { template: g.template, clusterRole: g.clusterRole, hits: g.hits.map(pairText), aggregated: g.aggregated, approvers: approval.approvers, required: approval.required };
   });
+  const { gatedReason } = await import('../policy/grants.ts');
+  const reasons: Record<string, string> = {};
+  for (const g of gates) for (const h of g.hits) reasons[pairText(h)] = gatedReason(h);
   if (opts.output === 'json') {
-    printJson({ dryRun: opts.dryRun, changes, clusterRoles } satisfies PolicyApplyResult);
+    const endedTasks = ended.map(({ id, agent, name, template, namespace, cause }) => ({ id, agent, name, template, namespace, cause }));
+    printJson({ dryRun: opts.dryRun, changes, clusterRoles, reasons, endedTasks } satisfies PolicyApplyResult);
     return;
+  }
+  if (opts.dryRun) {
+    const { describeAffectedTask } = await import('../policy/apply.ts');
+    for (const t of ended) process.stdout.write(`would end ${describeAffectedTask(t)}\n`);
   }
   for (const c of clusterRoles) {
     const grows = c.aggregated ? ` (it aggregates other ClusterRoles, so it can grow: the broker checks it again at every task start)` : '';
@@ -206,6 +253,7 @@ async function apply(file: string, opts: ApplyOptions): Promise<void> {
         ? `gated: template ${c.template} binds ClusterRole ${c.clusterRole}, which grants gated access (${c.hits.join(', ')}): starts need ${c.required} approval(s) from ${c.approvers.join(', ')}${grows}\n`
         : `checked: template ${c.template} binds ClusterRole ${c.clusterRole}, which grants no gated access${grows}\n`,
     );
+    process.stdout.write(reasonLines(c.hits, reasons, '  '));
   }
   let unchanged = 0;
   for (const c of changes) {

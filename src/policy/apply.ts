@@ -25,7 +25,7 @@ import type * as k8s from '@kubernetes/client-node';
 import { KEY_SECRET } from '../approvals/token.ts';
 import { BrokerError } from '../errors.ts';
 import { clusterError, isNotFound, type KubeApis } from '../kube/config.ts';
-import { LABEL, MANAGED_BY, templateClusterRole } from '../tasks/model.ts';
+import { LABEL, MANAGED_BY, TASK_SELECTOR, taskFromSecret, templateClusterRole } from '../tasks/model.ts';
 import { describePair, gatedPairsHitBy } from './grants.ts';
 import { reservedNamespaceProblem, SAME_NAMESPACES_REASON } from './parse.ts';
 import type { GatedPair, Policy, PolicyRule, Template } from './types.ts';
@@ -416,6 +416,94 @@ function withLabels(meta: k8s.V1ObjectMeta | undefined, want: Record<string, str
 export interface ApplyOptions {
   /** Compute the changes without writing anything. */
   dryRun?: boolean;
+  /**
+   * End the active tasks the policy no longer allows (affectedTasks) before applying, instead of
+   * refusing. In a dry run they are only listed.
+   */
+  endAffectedTasks?: boolean;
+  /** Called after each affected task has been ended (to record it), before the next one and before anything else changes. */
+  onTaskEnded?: (task: AffectedTask) => Promise<void>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tasks under a changing policy. Removing a template, or a namespace from a template, also removes the
+// broker's right to delete the RoleBindings of tasks still running there (its Role in that namespace
+// loses the bind, or goes): such tasks are ended first, with the administrator's rights, or the apply
+// is refused.
+
+/** An active task that the policy being applied no longer allows. */
+export interface AffectedTask {
+  id: string;
+  agent: string;
+  name: string;
+  template: string;
+  namespace: string;
+  /** The template is not in the policy any more, or no longer allows the task's namespace. */
+  cause: 'template-removed' | 'namespace-removed';
+  secretName: string;
+  serviceAccount: string;
+  roleBinding: string;
+}
+
+/** `task ID (agent A, name N, template T, namespace NS: template removed)`. */
+export function describeAffectedTask(t: AffectedTask): string {
+  const why = t.cause === 'template-removed' ? 'template removed' : 'namespace removed from the template';
+  return `task ${t.id} (agent ${t.agent}, name ${t.name}, template ${t.template}, namespace ${t.namespace}: ${why})`;
+}
+
+/**
+ * The active tasks (task Secrets with the task labels in `broker.taskNamespace`, state active) whose
+ * template the policy no longer has, or no longer allows in the task's namespace; sorted by template,
+ * namespace, agent, name. Pending tasks are left to the broker, which rolls them back or sweeps them.
+ */
+export async function affectedTasks(kube: KubeApis, policy: Policy): Promise<AffectedTask[]> {
+  const namespace = policy.broker.taskNamespace;
+  let secrets: k8s.V1Secret[];
+  try {
+    secrets = (await kube.core.listNamespacedSecret({ namespace, labelSelector: TASK_SELECTOR })).items;
+  } catch (err) {
+    if (isNotFound(err)) return []; // no task namespace yet: no tasks
+    throw clusterError(`listing the tasks in namespace ${namespace}`, err);
+  }
+  const templates = new Map(policy.templates.map((t) => [t.name, t]));
+  const out: AffectedTask[] = [];
+  for (const secret of secrets) {
+    const task = taskFromSecret(secret);
+    if (!task || task.state !== 'active') continue;
+    const template = templates.get(task.template);
+    if (template?.namespaces.includes(task.namespace)) continue;
+    const { id, agent, name, namespace: ns, secretName, serviceAccount, roleBinding } = task;
+    out.push({ id, agent, name, template: task.template, namespace: ns, cause: template ? 'namespace-removed' : 'template-removed', secretName, serviceAccount, roleBinding });
+  }
+  return out.sort((a, b) => a.template.localeCompare(b.template) || a.namespace.localeCompare(b.namespace) || a.agent.localeCompare(b.agent) || a.name.localeCompare(b.name));
+}
+
+/**
+ * Ends a task as the broker does (src/tasks/service.ts): its RoleBinding (the access goes at once),
+ * then its Secret (its tokens are bound to it, so they stop working), then its ServiceAccount. The
+ * RoleBinding and ServiceAccount are deleted only when they carry this task's id label, so a task
+ * record edited outside the broker cannot make the administrator delete anything else. Objects
+ * already gone are fine.
+ */
+export async function endAffectedTask(kube: KubeApis, taskNamespace: string, task: AffectedTask): Promise<void> {
+  const ours = (meta: k8s.V1ObjectMeta | undefined) => meta?.labels?.[LABEL.taskId] === task.id;
+  try {
+    const rb = await readOrUndefined(() => kube.rbac.readNamespacedRoleBinding({ name: task.roleBinding, namespace: task.namespace }));
+    if (rb && ours(rb.metadata)) await ignoreNotFound(kube.rbac.deleteNamespacedRoleBinding({ name: task.roleBinding, namespace: task.namespace }));
+    await ignoreNotFound(kube.core.deleteNamespacedSecret({ name: task.secretName, namespace: taskNamespace }));
+    const sa = await readOrUndefined(() => kube.core.readNamespacedServiceAccount({ name: task.serviceAccount, namespace: taskNamespace }));
+    if (sa && ours(sa.metadata)) await ignoreNotFound(kube.core.deleteNamespacedServiceAccount({ name: task.serviceAccount, namespace: taskNamespace }));
+  } catch (err) {
+    throw clusterError(`ending task ${task.id}`, err);
+  }
+}
+
+async function ignoreNotFound(p: Promise<unknown>): Promise<void> {
+  try {
+    await p;
+  } catch (err) {
+    if (!isNotFound(err)) throw err;
+  }
 }
 
 /** Reads one object; undefined when it does not exist. */
@@ -442,6 +530,8 @@ export interface ApplyResult {
   changes: Change[];
   /** Each `clusterRole` template, with what its ClusterRole grants of the gated set. */
   clusterRoles: ClusterRoleGate[];
+  /** The active tasks ended before applying (with `endAffectedTasks`; in a dry run, those it would end). */
+  endedTasks: AffectedTask[];
 }
 
 /**
@@ -450,7 +540,9 @@ export interface ApplyResult {
  * ServiceAccounts the policy no longer asks for (bindings before roles, ServiceAccounts last).
  * Before anything is written it checks that no template allows a broker namespace, that every
  * template namespace exists, and that every `clusterRole` template's ClusterRole exists and, when it
- * grants gated access, that the template has approvers.
+ * grants gated access, that the template has approvers. Active tasks whose template, or whose namespace
+ * in it, the policy removes make it refuse (BrokerError 'invalid_argument' naming them), unless
+ * `endAffectedTasks`: then they are ended first, each reported to `onTaskEnded`.
  */
 export async function applyPolicy(kube: KubeApis, policy: Policy, options: ApplyOptions = {}): Promise<ApplyResult> {
   const dryRun = options.dryRun ?? false;
@@ -485,7 +577,26 @@ export async function applyPolicy(kube: KubeApis, policy: Policy, options: Apply
   const clusterRoles = await clusterRoleGatedHits(kube, policy, { resolveAggregation: true });
   assertGatedClusterRolesApprovable(policy, clusterRoles);
 
-  // 4. Create or update each desired object, in order (roles before the bindings that refer to them).
+  // 4. Active tasks whose template (or its namespace) goes: refused, or ended first (recorded by onTaskEnded),
+  //    since afterwards the broker could no longer delete their RoleBindings.
+  const endedTasks = await affectedTasks(kube, policy);
+  if (endedTasks.length > 0 && !options.endAffectedTasks) {
+    const n = endedTasks.length;
+    throw new BrokerError(
+      'invalid_argument',
+      `the policy removes the template, or the namespace, of ${n} active task${n === 1 ? '' : 's'}: ${endedTasks.map(describeAffectedTask).join('; ')}. ` +
+        `The broker could not delete ${n === 1 ? 'its RoleBinding' : 'their RoleBindings'} afterwards: wait for ${n === 1 ? 'it' : 'them'} to end, ` +
+        `or pass --end-affected-tasks to end ${n === 1 ? 'it' : 'them'} first`,
+    );
+  }
+  if (!dryRun) {
+    for (const t of endedTasks) {
+      await endAffectedTask(kube, policy.broker.taskNamespace, t);
+      await options.onTaskEnded?.(t);
+    }
+  }
+
+  // 5. Create or update each desired object, in order (roles before the bindings that refer to them).
   const desired = desiredObjects(policy);
   const changes: Change[] = [];
   for (const obj of desired) {
@@ -496,7 +607,7 @@ export async function applyPolicy(kube: KubeApis, policy: Policy, options: Apply
     }
   }
 
-  // 5. Delete managed objects that are no longer desired: bindings first, then roles, then ServiceAccounts
+  // 6. Delete managed objects that are no longer desired: bindings first, then roles, then ServiceAccounts
   //    (the broker's ServiceAccount of a previous layout or name: deleting it also voids its tokens).
   const wanted = new Set(desired.map((o) => describe(o)));
   const stale: { kind: ObjectKind; namespace?: string; name: string; remove: () => Promise<unknown> }[] = [];
@@ -549,7 +660,7 @@ export async function applyPolicy(kube: KubeApis, policy: Policy, options: Apply
     }
     changes.push(change('delete', o));
   }
-  return { changes, clusterRoles };
+  return { changes, clusterRoles, endedTasks };
 }
 
 async function upsert(kube: KubeApis, obj: DesiredObject, dryRun: boolean): Promise<Change> {

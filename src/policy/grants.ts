@@ -1,28 +1,81 @@
 /**
  * What a template's rules can do, measured against the gated set: which verb/resource pairs a set of
- * RBAC rules reaches (wildcards included), the default gated set, and how a pair is written in
- * messages. Pure: no I/O, no policy parsing. Used by the policy checks (parse.ts), `policy apply`
+ * RBAC rules reaches (wildcards included), the default gated set and why each of its pairs is gated,
+ * and how a pair is written in messages. Pure: no I/O, no policy parsing. Used by the policy checks (parse.ts), `policy apply`
  * (apply.ts, for `clusterRole` templates), `policy check` (src/cli/policy.ts) and the broker at every
  * task start (src/tasks/service.ts).
  */
 import type { GatedPair, PolicyRule } from './types.ts';
 
+const RBAC = 'rbac.authorization.k8s.io';
+const RUNS_POD = 'can run a pod as any ServiceAccount of the namespace';
+
+function pairs(verbs: readonly string[], resource: string, apiGroup: string, reason: string): GatedReason[] {
+  return verbs.map((verb) => ({ pair: { verb, resource, apiGroup }, reason }));
+}
+
+/** A pair of the default gated set and why it is gated, in words an administrator or approver reads. */
+export interface GatedReason {
+  pair: GatedPair;
+  reason: string;
+}
+
+/**
+ * The default gated set with the reason for each pair (docs/policy.md lists the same table). First
+ * what acts at once (exec, secret reads, escalation); then what lets a holder create access that
+ * outlives the task: tokens, accounts, bindings, roles, certificates, admission webhooks, and pods,
+ * which run with any ServiceAccount of their namespace (so do the workloads that create them).
+ */
+export const DEFAULT_GATED_REASONS: readonly GatedReason[] = [
+  ...pairs(['delete'], 'namespaces', '', 'deletes a namespace and everything in it'),
+  ...pairs(['create'], 'pods/exec', '', 'can run commands inside a running container'),
+  ...pairs(['create'], 'pods/attach', '', "can take over a running container's terminal"),
+  ...pairs(['create'], 'pods/portforward', '', "can connect to a pod's ports from outside the cluster"),
+  ...pairs(['get', 'list', 'watch'], 'secrets', '', 'can read Secrets: passwords, keys and ServiceAccount tokens'),
+  ...pairs(['escalate'], '*', '*', 'can write roles that grant more than it holds'),
+  ...pairs(['bind'], '*', '*', 'can bind roles it does not hold'),
+  ...pairs(['impersonate'], '*', '*', 'can act as another user, group or ServiceAccount'),
+  ...pairs(['create'], 'serviceaccounts/token', '', 'can mint tokens that outlive the task'),
+  ...pairs(['create'], 'serviceaccounts', '', 'can create a ServiceAccount that outlives the task'),
+  ...pairs(['create', 'update', 'patch'], 'secrets', '', 'can write a ServiceAccount token Secret: a standing token that outlives the task'),
+  ...pairs(['create', 'update', 'patch'], 'rolebindings', RBAC, 'can bind roles to any account'),
+  ...pairs(['create', 'update', 'patch'], 'roles', RBAC, 'can give roles, and every account bound to them, access that outlives the task'),
+  ...pairs(['create', 'update', 'patch'], 'clusterrolebindings', RBAC, 'can bind cluster roles to any account, in every namespace'),
+  ...pairs(['create', 'update', 'patch'], 'clusterroles', RBAC, 'can give cluster roles, and every account bound to them, access that outlives the task'),
+  ...pairs(['create'], 'certificatesigningrequests', 'certificates.k8s.io', 'can request a client certificate that outlives the task'),
+  ...pairs(
+    ['create', 'update', 'patch'],
+    'validatingwebhookconfigurations',
+    'admissionregistration.k8s.io',
+    'can send API requests, with the objects in them, to a server of its choosing, after the task ends',
+  ),
+  ...pairs(
+    ['create', 'update', 'patch'],
+    'mutatingwebhookconfigurations',
+    'admissionregistration.k8s.io',
+    "can rewrite objects as they are created (a pod's ServiceAccount, its image), after the task ends",
+  ),
+  ...pairs(['create'], 'pods', '', RUNS_POD),
+  ...['deployments', 'statefulsets', 'daemonsets', 'replicasets'].flatMap((r) => pairs(['create'], r, 'apps', RUNS_POD)),
+  ...['jobs', 'cronjobs'].flatMap((r) => pairs(['create'], r, 'batch', RUNS_POD)),
+];
+
 /**
  * The gated set used when the policy has no `gated` key. `resource: '*'` with `apiGroup: '*'`
  * means the verb on any resource of any API group.
  */
-export const DEFAULT_GATED: GatedPair[] = [
-  { verb: 'delete', resource: 'namespaces', apiGroup: '' },
-  { verb: 'create', resource: 'pods/exec', apiGroup: '' },
-  { verb: 'create', resource: 'pods/attach', apiGroup: '' },
-  { verb: 'create', resource: 'pods/portforward', apiGroup: '' },
-  { verb: 'get', resource: 'secrets', apiGroup: '' },
-  { verb: 'list', resource: 'secrets', apiGroup: '' },
-  { verb: 'watch', resource: 'secrets', apiGroup: '' },
-  { verb: 'escalate', resource: '*', apiGroup: '*' },
-  { verb: 'bind', resource: '*', apiGroup: '*' },
-  { verb: 'impersonate', resource: '*', apiGroup: '*' },
-];
+export const DEFAULT_GATED: GatedPair[] = DEFAULT_GATED_REASONS.map((r) => ({ ...r.pair }));
+
+const pairKey = (p: GatedPair) => `${p.verb} ${p.resource} ${p.apiGroup}`;
+const REASONS = new Map(DEFAULT_GATED_REASONS.map((r) => [pairKey(r.pair), r.reason]));
+
+/** What is said of a pair a policy's own `gated` list adds, which has no reason of ours. */
+export const LISTED_REASON = "listed in the policy's gated set";
+
+/** Why a pair is gated: the words of the default set for one of its pairs (also when a policy lists it), else LISTED_REASON. */
+export function gatedReason(pair: GatedPair): string {
+  return REASONS.get(pairKey(pair)) ?? LISTED_REASON;
+}
 
 /** `create pods/exec`, `delete deployments.apps`. */
 export function describePair(p: GatedPair): string {

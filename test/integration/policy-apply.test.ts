@@ -16,10 +16,11 @@ import * as k8s from '@kubernetes/client-node';
 import { KEY_SECRET } from '../../src/approvals/token.ts';
 import { LocalCluster } from '../../src/cluster/local-cluster.ts';
 import { kubeApis, type KubeApis } from '../../src/kube/config.ts';
-import { applyPolicy, BROKER_ROLE, clusterRoleGatedHits, desiredObjects, POLICY_LABELS, POLICY_SELECTOR, type Change } from '../../src/policy/apply.ts';
+import { affectedTasks, applyPolicy, BROKER_ROLE, clusterRoleGatedHits, desiredObjects, POLICY_LABELS, POLICY_SELECTOR, type Change } from '../../src/policy/apply.ts';
 import { parsePolicy } from '../../src/policy/parse.ts';
 import type { Policy } from '../../src/policy/types.ts';
 import { EXIT } from '../../src/cli/exit-codes.ts';
+import { BrokerProcess, mintToken } from '../helpers/broker.ts';
 import { adminConfig, kubectl, run, writeTokenKubeconfig } from '../helpers/kube.ts';
 
 const BROKER_NS = 'tb-system';
@@ -427,6 +428,31 @@ describe('clusterRole templates are checked against the gated set', () => {
     );
   });
 
+  test('a ClusterRole that grants serviceaccounts/token create is reported at apply, with the reason: it can mint tokens that outlive the task', async () => {
+    await kube.rbac.createClusterRole({
+      body: { metadata: { name: 'token-minter' }, rules: [{ apiGroups: [''], resources: ['serviceaccounts/token'], verbs: ['create'] }] },
+    });
+    const minter: TemplateSpec = { name: 'minter', namespaces: ['app-a'], clusterRole: 'token-minter' };
+    const { clusterRoles } = await applyPolicy(kube, policyOf([...BASE, minter], { approvers: true }), { dryRun: true });
+    assert.deepEqual(clusterRoles.find((g) => g.template === 'minter')?.hits, [{ verb: 'create', resource: 'serviceaccounts/token', apiGroup: '' }]);
+    const file = join(scratch, 'minter.yaml');
+    writeFileSync(file, policyYaml([...BASE, minter], { approvers: true }));
+    const text = await cli('policy', 'apply', file, '--kubeconfig', cluster.kubeconfig, '--dry-run');
+    assert.equal(text.code, EXIT.ok, text.stderr);
+    assert.match(
+      text.stdout,
+      /^gated: template minter binds ClusterRole token-minter, which grants gated access \(create serviceaccounts\/token\): starts need 1 approval\(s\) from sre\n  create serviceaccounts\/token: can mint tokens that outlive the task$/m,
+    );
+    const json = await cli('policy', 'apply', file, '--kubeconfig', cluster.kubeconfig, '--dry-run', '-o', 'json');
+    assert.equal(json.code, EXIT.ok, json.stderr);
+    const out = JSON.parse(json.stdout) as { clusterRoles: Array<{ template: string; hits: string[] }>; reasons: Record<string, string> };
+    assert.deepEqual(out.clusterRoles.find((c) => c.template === 'minter')?.hits, ['create serviceaccounts/token']);
+    assert.equal(out.reasons['create serviceaccounts/token'], 'can mint tokens that outlive the task');
+    // Without approvers it cannot be applied at all.
+    await assert.rejects(applyPolicy(kube, policyOf([...BASE, minter]), { dryRun: true }), /binds ClusterRole "token-minter", which grants gated access \(create serviceaccounts\/token\), but no approver groups/);
+    await kube.rbac.deleteClusterRole({ name: 'token-minter' });
+  });
+
   test('an aggregated ClusterRole (edit) is checked with the rules it aggregates', async () => {
     const { clusterRoles } = await applyPolicy(kube, policyOf([...BASE, { name: 'editor', namespaces: ['app-b'], clusterRole: 'edit' }], { approvers: true }), { dryRun: true });
     const edit = clusterRoles.find((g) => g.template === 'editor')!;
@@ -753,5 +779,148 @@ describe('broker policy apply (the command line)', () => {
     const help = await cli('policy', 'apply', '--help');
     assert.equal(help.code, EXIT.ok);
     assert.match(help.stdout, /Example:\n/);
+  });
+});
+
+describe('issue 11: templates that can leave access behind, and policy changes under running tasks', () => {
+  const TRIAL_NS = 'web';
+  // Namespaces of their own: the ones above hold what earlier tests left there (a signing key Secret they wrote, ...).
+  const TRIAL_BROKER_NS = 'tb-trial';
+  const TRIAL_TASK_NS = 'tb-trial-tasks';
+  const MAIN = join(root, 'src/cli/main.ts');
+  let broker: BrokerProcess;
+  let agent: string;
+  let trialFile: string;
+
+  /** The trial's policy: `web-admin` can create accounts, tokens and bindings in `web`; `read-pods` only reads. */
+  const trialPolicy = (templates: Array<'web-admin' | 'read-pods'>, readPodsNamespaces = [TRIAL_NS]) =>
+    JSON.stringify({
+      apiVersion: 'task-broker/v1alpha1',
+      kind: 'Policy',
+      broker: { namespace: TRIAL_BROKER_NS, taskNamespace: TRIAL_TASK_NS, serviceAccount: SA },
+      agents: [{ name: 'bot', identities: [{ serviceAccount: 'agents/bot' }] }],
+      people: [{ name: 'alice', identities: [{ oidc: { issuer: 'https://idp.example.com', subject: 'alice' } }] }],
+      approvers: [{ name: 'sre', members: [{ person: 'alice' }] }],
+      templates: [
+        ...(templates.includes('web-admin')
+          ? [
+              {
+                name: 'web-admin',
+                namespaces: [TRIAL_NS],
+                rules: [
+                  { apiGroups: [''], resources: ['serviceaccounts', 'serviceaccounts/token'], verbs: ['create'] },
+                  { apiGroups: ['rbac.authorization.k8s.io'], resources: ['rolebindings'], verbs: ['create'] },
+                ],
+                ttl: { default: '10m', max: '1h' },
+                agents: ['bot'],
+              },
+            ]
+          : []),
+        ...(templates.includes('read-pods')
+          ? [{ name: 'read-pods', namespaces: readPodsNamespaces, rules: [{ apiGroups: [''], resources: ['pods'], verbs: ['get', 'list'] }], ttl: { default: '10m', max: '1h' }, agents: ['bot'] }]
+          : []),
+      ],
+    });
+
+  before(async () => {
+    for (const name of [TRIAL_NS, 'agents']) await kube.core.createNamespace({ body: { metadata: { name } } });
+    await kube.core.createNamespacedServiceAccount({ namespace: 'agents', body: { metadata: { name: 'bot' } } });
+    trialFile = join(scratch, 'trial.yaml');
+    writeFileSync(trialFile, trialPolicy(['web-admin', 'read-pods']));
+    await applyPolicy(kube, parsePolicy(readFileSync(trialFile, 'utf8'), trialFile), {});
+    const { kubeconfig } = await actingAs(TRIAL_BROKER_NS, SA, 'trial-broker.kubeconfig');
+    const auditLog = join(scratch, 'trial-broker-audit.jsonl');
+    broker = await BrokerProcess.spawn(
+      [MAIN, 'serve', '--config', trialFile, '--audit-log', auditLog, '--kubeconfig', kubeconfig, '--listen', '127.0.0.1:0', '--insecure-http', '--sweep-interval', '1s'],
+      auditLog,
+    );
+    agent = await mintToken(kube, 'agents', 'bot', ['task-broker'], 3600);
+  });
+  after(async () => {
+    await broker?.stop();
+  });
+
+  test('the trial: a template that can create accounts, tokens and bindings in web is reported by policy check, and a start needs approval', async () => {
+    const check = await cli('policy', 'check', trialFile);
+    assert.equal(check.code, EXIT.ok, check.stderr);
+    assert.match(
+      check.stdout,
+      /^ {2}gated: web-admin \(create serviceaccounts\/token, create serviceaccounts, create rbac\.authorization\.k8s\.io\/rolebindings\): needs 1 approval\(s\) from sre$/m,
+    );
+    assert.match(check.stdout, /^ {4}create serviceaccounts\/token: can mint tokens that outlive the task$/m);
+    assert.match(check.stdout, /^ {4}create serviceaccounts: can create a ServiceAccount that outlives the task$/m);
+    assert.match(check.stdout, /^ {4}create rbac\.authorization\.k8s\.io\/rolebindings: can bind roles to any account$/m);
+    assert.doesNotMatch(check.stdout, /gated: read-pods/);
+
+    const start = await broker.request('POST', '/v1/tasks', agent, { template: 'web-admin', namespace: TRIAL_NS });
+    assert.equal(start.status, 403, JSON.stringify(start.body));
+    assert.equal(start.body.error.code, 'approval_required');
+    assert.match(String(start.body.error.requestId), /^ar-/);
+    const rbs = await kube.rbac.listNamespacedRoleBinding({ namespace: TRIAL_NS, labelSelector: 'task-broker.dev/task-id' });
+    assert.deepEqual(rbs.items, [], 'no RoleBinding without an approval');
+  });
+
+  test('policy apply that removes the template of an active task: refused, naming it, and nothing changes; with --end-affected-tasks the task is ended, recorded, and the apply done', async () => {
+    const started = await broker.request('POST', '/v1/tasks', agent, { template: 'read-pods', namespace: TRIAL_NS, name: 'look' });
+    assert.equal(started.status, 201, JSON.stringify(started.body));
+    const id = started.body.id as string;
+    const objects = async () => ({
+      roleBinding: (await status(kube.rbac.readNamespacedRoleBinding({ name: `task-broker-${id}`, namespace: TRIAL_NS }))).code,
+      serviceAccount: (await status(kube.core.readNamespacedServiceAccount({ name: `task-${id}`, namespace: TRIAL_TASK_NS }))).code,
+      secrets: (await kube.core.listNamespacedSecret({ namespace: TRIAL_TASK_NS, labelSelector: `task-broker.dev/task-id=${id}` })).items.length,
+    });
+    assert.deepEqual(await objects(), { roleBinding: 200, serviceAccount: 200, secrets: 1 });
+
+    // Removing a namespace from the template affects it too.
+    const narrowed = parsePolicy(trialPolicy(['web-admin', 'read-pods'], ['app-a']), 'narrowed.yaml');
+    assert.deepEqual(
+      (await affectedTasks(kube, narrowed)).map((t) => [t.id, t.agent, t.name, t.template, t.namespace, t.cause]),
+      [[id, 'bot', 'look', 'read-pods', TRIAL_NS, 'namespace-removed']],
+    );
+    assert.deepEqual(await affectedTasks(kube, parsePolicy(readFileSync(trialFile, 'utf8'))), [], 'the policy in force affects nothing');
+
+    const removed = join(scratch, 'trial-removed.yaml');
+    writeFileSync(removed, trialPolicy(['web-admin']));
+    const before = await clusterSnapshot(kube);
+    const refused = await cli('policy', 'apply', removed, '--kubeconfig', cluster.kubeconfig);
+    assert.equal(refused.code, EXIT.usage, refused.stderr);
+    assert.match(refused.stderr, new RegExp(`task ${id} \\(agent bot, name look, template read-pods, namespace web: template removed\\)`));
+    assert.match(refused.stderr, /wait for it to end, or pass --end-affected-tasks/);
+    const dryRefused = await cli('policy', 'apply', removed, '--kubeconfig', cluster.kubeconfig, '--dry-run');
+    assert.equal(dryRefused.code, EXIT.usage, 'a dry run refuses as the apply would');
+    const dry = await cli('policy', 'apply', removed, '--kubeconfig', cluster.kubeconfig, '--dry-run', '--end-affected-tasks');
+    assert.equal(dry.code, EXIT.ok, dry.stderr);
+    assert.match(dry.stdout, new RegExp(`^would end task ${id} \\(agent bot, name look, template read-pods, namespace web: template removed\\)$`, 'm'));
+    assert.match(dry.stdout, /^would delete ClusterRole task-broker:template:read-pods$/m);
+    assert.deepEqual(await clusterSnapshot(kube), before, 'nothing changed');
+    assert.deepEqual(await objects(), { roleBinding: 200, serviceAccount: 200, secrets: 1 }, 'the task still stands');
+
+    const auditLog = join(scratch, 'trial-apply-audit.jsonl');
+    const done = await cli('policy', 'apply', removed, '--kubeconfig', cluster.kubeconfig, '--end-affected-tasks', '--audit-log', auditLog);
+    assert.equal(done.code, EXIT.ok, done.stderr);
+    assert.match(done.stdout, new RegExp(`^ended task ${id} \\(agent bot, name look, template read-pods, namespace web: template removed\\)$`, 'm'));
+    assert.match(done.stdout, /^deleted ClusterRole task-broker:template:read-pods$/m);
+    assert.deepEqual(await objects(), { roleBinding: 404, serviceAccount: 404, secrets: 0 }, 'RoleBinding, Secret and ServiceAccount are gone');
+    assert.equal((await status(kube.rbac.readClusterRole({ name: 'task-broker:template:read-pods' }))).code, 404);
+    const records = readFileSync(auditLog, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as Record<string, any>);
+    assert.deepEqual(
+      records.map((r) => r['type']),
+      ['task.ended', 'policy.applied'],
+      'the end is recorded before the apply',
+    );
+    assert.deepEqual(
+      { actor: records[0]!['actor'], agent: records[0]!['agent'], task: records[0]!['task'], taskName: records[0]!['taskName'], template: records[0]!['template'], namespace: records[0]!['namespace'], reason: records[0]!['reason'] },
+      { actor: 'user:policy-apply', agent: 'bot', task: id, taskName: 'look', template: 'read-pods', namespace: TRIAL_NS, reason: 'template removed by policy apply' },
+    );
+    assert.equal(records[1]!['details']['endedTasks'], 1);
+    // The running broker sees the task gone (its Secret went), and nothing of it is left in the cluster.
+    let listed: unknown[] = [{}];
+    for (let i = 0; i < 50 && listed.length > 0; i++) {
+      listed = ((await broker.request('GET', '/v1/tasks', agent)).body as { tasks?: unknown[] }).tasks ?? [];
+      if (listed.length > 0) await sleep(200);
+    }
+    assert.deepEqual(listed, []);
+    const left = await kube.rbac.listRoleBindingForAllNamespaces({ labelSelector: `task-broker.dev/task-id=${id}` });
+    assert.deepEqual(left.items, []);
   });
 });

@@ -1,10 +1,13 @@
 /** The policy file: YAML form, strict validation with paths and line numbers, defaults, durations, `policy check`. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { execFile } from 'node:child_process';
 import { BrokerError } from '../../src/errors.ts';
-import { DEFAULT_GATED, gatedPairsHitBy } from '../../src/policy/grants.ts';
+import { DEFAULT_GATED, DEFAULT_GATED_REASONS, LISTED_REASON, gatedPairsHitBy, gatedReason } from '../../src/policy/grants.ts';
+import { policySummary } from '../../src/cli/policy.ts';
 import { PolicyError, formatIssues, formatDuration, loadPolicy, parseDuration, parsePolicy } from '../../src/policy/parse.ts';
 import type { PolicyIssue } from '../../src/policy/types.ts';
 
@@ -93,7 +96,7 @@ test('defaults are applied when keys are absent: broker settings, default gated 
   });
   assert.deepEqual(p.people, []);
   assert.deepEqual(p.gated, DEFAULT_GATED);
-  assert.equal(p.gated.length, 10);
+  assert.equal(p.gated.length, 41);
   assert.notEqual(p.gated, DEFAULT_GATED, 'the policy gets its own copy');
   assert.deepEqual(p.defaultApproval, { approvers: ['sre', 'sec'], required: 1 });
   assert.equal(p.templates[0]!.clusterRole, 'view');
@@ -115,8 +118,59 @@ test('the default gated set is the documented one', () => {
       'escalate */*',
       'bind */*',
       'impersonate */*',
+      // what lets a holder create access that outlives the task (issue 11)
+      'create core/serviceaccounts/token',
+      'create core/serviceaccounts',
+      'create core/secrets',
+      'update core/secrets',
+      'patch core/secrets',
+      ...['rolebindings', 'roles', 'clusterrolebindings', 'clusterroles'].flatMap((r) => ['create', 'update', 'patch'].map((v) => `${v} rbac.authorization.k8s.io/${r}`)),
+      'create certificates.k8s.io/certificatesigningrequests',
+      ...['validatingwebhookconfigurations', 'mutatingwebhookconfigurations'].flatMap((r) => ['create', 'update', 'patch'].map((v) => `${v} admissionregistration.k8s.io/${r}`)),
+      'create core/pods',
+      'create apps/deployments',
+      'create apps/statefulsets',
+      'create apps/daemonsets',
+      'create apps/replicasets',
+      'create batch/jobs',
+      'create batch/cronjobs',
     ],
   );
+  // `patch deployments` (kubectl rollout restart, the README's CI example) stays ungated.
+  assert.ok(!DEFAULT_GATED.some((g) => g.resource === 'deployments' && g.verb !== 'create'));
+});
+
+test('docs/policy.md lists the default gated set with the same reasons, pair for pair', () => {
+  const doc = readFileSync(new URL('../../docs/policy.md', import.meta.url), 'utf8');
+  // The table after "the **default gated set** applies", from its header to the first line that is not a row.
+  const lines = doc.slice(doc.indexOf('the **default gated set** applies')).split('\n');
+  const start = lines.findIndex((l) => l.startsWith('| verb'));
+  const end = lines.findIndex((l, i) => i > start && !l.startsWith('|'));
+  const rows = lines.slice(start + 2, end);
+  assert.ok(rows.length > 10, 'the table is there');
+  const documented = new Set<string>();
+  for (const row of rows) {
+    const [verbs, resources, group, why] = row.slice(2, -2).split(' | ');
+    const ticked = (cell: string) => [...cell!.matchAll(/`([^`]+)`/g)].map((m) => m[1]!);
+    const apiGroup = group === 'core' ? '' : ticked(group!)[0]!;
+    for (const verb of ticked(verbs!)) for (const resource of ticked(resources!)) documented.add(`${verb} ${resource} ${apiGroup}: ${why}`);
+  }
+  const coded = new Set(DEFAULT_GATED_REASONS.map((r) => `${r.pair.verb} ${r.pair.resource} ${r.pair.apiGroup}: ${r.reason}`));
+  assert.deepEqual([...documented].filter((d) => !coded.has(d)), [], 'documented but not in DEFAULT_GATED_REASONS');
+  assert.deepEqual([...coded].filter((c) => !documented.has(c)), [], 'in DEFAULT_GATED_REASONS but not documented');
+});
+
+test('a pair of a policy\'s own gated list keeps the default reason when it is one of the defaults; others say it is listed', async () => {
+  assert.equal(gatedReason({ verb: 'create', resource: 'serviceaccounts/token', apiGroup: '' }), 'can mint tokens that outlive the task');
+  assert.equal(gatedReason({ verb: 'delete', resource: 'deployments', apiGroup: 'apps' }), LISTED_REASON);
+  const p = parsePolicy(
+    MINIMAL.replace('    clusterRole: view\n', '    rules:\n      - { apiGroups: [apps], resources: [deployments], verbs: [delete] }\n      - { resources: [serviceaccounts/token], verbs: [create] }\n') +
+      'approvers:\n  - name: sre\n    members: [{ oidc: { issuer: "https://idp", subject: a } }]\n' +
+      'gated:\n  - { verb: delete, resource: deployments, apiGroup: apps }\n  - { verb: create, resource: serviceaccounts/token }\n',
+  );
+  const summary = await policySummary(p);
+  assert.deepEqual(summary.gatedTemplates, [{ template: 'read', hits: ['delete apps/deployments', 'create serviceaccounts/token'], approvers: ['sre'], required: 1 }]);
+  assert.deepEqual(summary.reasons, { 'delete apps/deployments': LISTED_REASON, 'create serviceaccounts/token': 'can mint tokens that outlive the task' });
 });
 
 test('a template approval without required takes required from approvals; without approvers, from approvals too', () => {
@@ -595,10 +649,11 @@ test('policy check prints a summary of a valid file', async () => {
   assert.equal(res.code, 0, res.stderr);
   assert.equal(
     res.stdout,
-    `${example}: valid: 2 agents, 2 people, 4 templates, 10 gated pairs, 2 approver groups\n` +
+    `${example}: valid: 2 agents, 2 people, 4 templates, 41 gated pairs, 2 approver groups\n` +
       '  person: alice (oidc https://login.example.com alice; oidc https://sso.example.org alice@example.com)\n' +
       '  person: bob (oidc https://login.example.com bob)\n' +
       '  gated: debug-exec (create pods/exec): needs 2 approval(s) from sre, security\n' +
+      '    create pods/exec: can run commands inside a running container\n' +
       '  clusterRole: view binds ClusterRole view: checked against the gated set by policy apply and at every task start, not here\n',
   );
   const json = await runCheck([example, '-o', 'json']);
@@ -610,12 +665,51 @@ test('policy check prints a summary of a valid file', async () => {
         { name: 'bob', identities: ['oidc https://login.example.com bob'] },
       ],
       templates: 4,
-      gated: 10,
+      gated: 41,
       approverGroups: 2,
       gatedTemplates: [{ template: 'debug-exec', hits: ['create pods/exec'], approvers: ['sre', 'security'], required: 2 }],
       clusterRoleTemplates: [{ template: 'view', clusterRole: 'view' }],
+      reasons: { 'create pods/exec': 'can run commands inside a running container' },
     },
   });
+});
+
+test('policy check names every template that holds a default gated pair, with the reason (persistence-capable pairs and the old defaults)', async (t) => {
+  // One template per pair, whose one rule grants exactly that pair ("*" in a pair: a resource of a group it covers).
+  const templates = DEFAULT_GATED_REASONS.map(({ pair }, i) => ({
+    name: `t${i}`,
+    namespaces: ['dev'],
+    rules: [{ apiGroups: [pair.apiGroup === '*' ? 'rbac.authorization.k8s.io' : pair.apiGroup], resources: [pair.resource === '*' ? 'roles' : pair.resource], verbs: [pair.verb] }],
+    ttl: { default: '10m', max: '1h' },
+    agents: ['bot'],
+  }));
+  const policy = {
+    apiVersion: 'task-broker/v1alpha1',
+    kind: 'Policy',
+    broker: { taskNamespace: 'task-broker' },
+    agents: [{ name: 'bot', identities: [{ serviceAccount: 'agents/bot' }] }],
+    approvers: [{ name: 'sre', members: [{ oidc: { issuer: 'https://idp.example.com', subject: 'alice' } }] }],
+    templates,
+  };
+  const dir = mkdtempSync(join(tmpdir(), 'tb-gated-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const file = join(dir, 'every-pair.yaml');
+  writeFileSync(file, JSON.stringify(policy));
+  const [text, json] = await Promise.all([runCheck([file]), runCheck([file, '-o', 'json'])]);
+  assert.equal(text.code, 0, text.stderr);
+  assert.equal(json.code, 0, json.stderr);
+  const summary = (JSON.parse(json.stdout) as { summary: { gatedTemplates: Array<{ template: string; hits: string[] }>; reasons: Record<string, string> } }).summary;
+  const persistent = DEFAULT_GATED_REASONS.slice(10);
+  assert.ok(persistent.every((r) => /outlive|any account|any ServiceAccount|after the task ends/.test(r.reason)), 'the pairs after the first ten are the persistence-capable ones');
+  for (const [i, { pair, reason }] of DEFAULT_GATED_REASONS.entries()) {
+    const shown = `${pair.verb} ${pair.apiGroup ? `${pair.apiGroup}/` : ''}${pair.resource}`;
+    await t.test(`${i < 10 ? 'old default' : 'persistence-capable'}: ${shown}`, () => {
+      assert.deepEqual(summary.gatedTemplates.find((g) => g.template === `t${i}`)?.hits, [shown]);
+      assert.equal(summary.reasons[shown], reason);
+      const line = `  gated: t${i} (${shown}): needs 1 approval(s) from sre\n    ${shown}: ${reason}\n`;
+      assert.ok(text.stdout.includes(line), `policy check prints\n${line}`);
+    });
+  }
 });
 
 test('policy check of an invalid file fails with every issue as FILE:LINE: PATH: MESSAGE; -o json also prints them', async () => {
