@@ -297,7 +297,7 @@ export class TaskService {
         await this.#refuse(base, name, err);
         if (err instanceof ApprovalRequiredError) {
           // The next step, for the requester and for an approver (every part is a policy name, a DNS label or a checked duration).
-          const again = `broker task start ${template.name} --namespace ${req.namespace}${name === template.name ? '' : ` --name ${name}`}${req.ttl === undefined ? '' : ` --ttl ${typeof req.ttl === 'number' ? `${req.ttl}s` : req.ttl}`}`;
+          const again = `broker task start ${template.name} --namespace ${req.namespace}${name === template.name ? '' : ` --name ${name}`}${req.ttl === undefined ? '' : ` --ttl ${typeof req.ttl === 'number' ? `${req.ttl}s` : req.ttl.trim()}`}`;
           throw new ApprovalRequiredError(err.requestId, `${err.message}; wait for it with: ${again} --wait (an approver runs: broker approve ${err.requestId})`);
         }
         throw err;

@@ -272,7 +272,7 @@ describe('approvals', () => {
     assert.match(res.stderr, new RegExp(`broker approve ${id}`));
     const start = await cli('alpha', ['task', 'start', 'exec-pods', '-n', 'team-a', '--name', 'shell']);
     assert.equal(start.code, EXIT.approval_required, 'the same request, and exit code 3');
-    assert.match(start.stderr, new RegExp(`request ${id} \\[approval_required\\]`));
+    assert.match(start.stderr, new RegExp(`request ${id}; wait for it with: broker task start exec-pods --namespace team-a --name shell --wait \\(an approver runs: broker approve ${id}\\) \\[approval_required\\]`));
   });
 
   test('a pending request survives a broker restart and is approvable afterwards', async () => {
