@@ -15,6 +15,8 @@ export const ERROR_CODES = {
   cluster_dir_not_empty: 'dev-cluster up was given a directory that exists and is not empty.',
   // policy
   policy_invalid: 'The policy file failed validation; each problem names its path and line.',
+  precondition_failed:
+    'The cluster is not as the command needs it (a namespace or ClusterRole the policy names is missing, or active tasks would lose their template): the message says what to do first.',
   // broker API
   bad_request: 'The request body is not valid JSON, or not the JSON object the endpoint takes.',
   body_too_large: 'The request body is larger than the broker accepts.',

@@ -272,7 +272,7 @@ function selectorString(sel: k8s.V1LabelSelector): string {
 /**
  * Reads the ClusterRole of each `clusterRole` template and intersects its rules with the gated set.
  * One entry per `clusterRole` template, in policy order. A ClusterRole that does not exist is
- * BrokerError 'invalid_argument' naming it (and every other missing one): its rules cannot be checked,
+ * BrokerError 'precondition_failed' naming it (and every other missing one): its rules cannot be checked,
  * and whoever creates it later would decide what tasks get. Works with the broker's own credentials
  * (`get` on exactly those names) as with an administrator's.
  */
@@ -315,8 +315,8 @@ export async function clusterRoleGatedHits(kube: KubeApis, policy: Policy, optio
   if (first) {
     const more = rest.length > 0 ? `; also missing: ${rest.map((m) => `"${m.template.clusterRole}" (template "${m.template.name}")`).join(', ')}` : '';
     throw new BrokerError(
-      'invalid_argument',
-      `ClusterRole "${first.template.clusterRole}" (named by template "${first.template.name}") does not exist, so its rules cannot be checked against the gated set${more}`,
+      'precondition_failed',
+      `ClusterRole "${first.template.clusterRole}" (named by template "${first.template.name}") does not exist, so its rules cannot be checked against the gated set${more}: create it first (kubectl apply -f ...), or bind rules of the template's own`,
       { field: `templates[${first.index}].clusterRole` },
     );
   }
@@ -541,7 +541,7 @@ export interface ApplyResult {
  * Before anything is written it checks that no template allows a broker namespace, that every
  * template namespace exists, and that every `clusterRole` template's ClusterRole exists and, when it
  * grants gated access, that the template has approvers. Active tasks whose template, or whose namespace
- * in it, the policy removes make it refuse (BrokerError 'invalid_argument' naming them), unless
+ * in it, the policy removes make it refuse (BrokerError 'precondition_failed' naming them), unless
  * `endAffectedTasks`: then they are ended first, each reported to `onTaskEnded`.
  */
 export async function applyPolicy(kube: KubeApis, policy: Policy, options: ApplyOptions = {}): Promise<ApplyResult> {
@@ -568,7 +568,7 @@ export async function applyPolicy(kube: KubeApis, policy: Policy, options: Apply
   if (missing.length > 0) {
     const [first, ...rest] = missing as [(typeof missing)[number], ...typeof missing];
     const more = rest.length > 0 ? `; also missing: ${rest.map((m) => `"${m.ns}" (template "${m.template}")`).join(', ')}` : '';
-    throw new BrokerError('invalid_argument', `namespace "${first.ns}" (allowed by template "${first.template}") does not exist${more}`, {
+    throw new BrokerError('precondition_failed', `namespace "${first.ns}" (allowed by template "${first.template}") does not exist${more}: create it first (kubectl create namespace ${first.ns})`, {
       field: `templates[${first.index}].namespaces`,
     });
   }
@@ -583,7 +583,7 @@ export async function applyPolicy(kube: KubeApis, policy: Policy, options: Apply
   if (endedTasks.length > 0 && !options.endAffectedTasks) {
     const n = endedTasks.length;
     throw new BrokerError(
-      'invalid_argument',
+      'precondition_failed',
       `the policy removes the template, or the namespace, of ${n} active task${n === 1 ? '' : 's'}: ${endedTasks.map(describeAffectedTask).join('; ')}. ` +
         `The broker could not delete ${n === 1 ? 'its RoleBinding' : 'their RoleBindings'} afterwards: wait for ${n === 1 ? 'it' : 'them'} to end, ` +
         `or pass --end-affected-tasks to end ${n === 1 ? 'it' : 'them'} first`,

@@ -329,7 +329,7 @@ describe('policy apply', () => {
       { name: 'ghost', namespaces: ['app-a', 'no-such-ns'], rules: [{ apiGroups: [''], resources: ['configmaps'], verbs: ['get'] }] },
     ];
     await assert.rejects(applyPolicy(kube, policyOf(templates, { taskNamespace: 'tb-other', namespace: 'tb-other-system' }), {}), (err: Error & { code?: string; field?: string }) => {
-      assert.equal(err.code, 'invalid_argument');
+      assert.equal(err.code, 'precondition_failed');
       assert.equal(err.field, 'templates[1].namespaces');
       assert.match(err.message, /namespace "no-such-ns" \(allowed by template "ghost"\) does not exist/);
       return true;
@@ -482,7 +482,7 @@ describe('clusterRole templates are checked against the gated set', () => {
     const before = await clusterSnapshot(kube);
     const ghost: TemplateSpec = { name: 'ghost-role', namespaces: ['app-c'], clusterRole: 'no-such-role' };
     await assert.rejects(applyPolicy(kube, policyOf([...BASE, ghost], { approvers: true }), {}), (err: Error & { code?: string; field?: string }) => {
-      assert.equal(err.code, 'invalid_argument');
+      assert.equal(err.code, 'precondition_failed');
       assert.equal(err.field, 'templates[3].clusterRole');
       assert.match(err.message, /ClusterRole "no-such-role" \(named by template "ghost-role"\) does not exist/);
       return true;
@@ -773,8 +773,8 @@ describe('broker policy apply (the command line)', () => {
     assert.match(noKube.stderr, /policy apply needs an administrator's kubeconfig: pass --kubeconfig PATH or set KUBECONFIG/);
 
     const res = await cli('policy', 'apply', file, '--kubeconfig', cluster.kubeconfig);
-    assert.equal(res.code, EXIT.usage, res.stderr);
-    assert.match(res.stderr, /namespace "nowhere" \(allowed by template "ghost"\) does not exist \(templates\[0\]\.namespaces\) \[invalid_argument\]/);
+    assert.equal(res.code, EXIT.error, res.stderr);
+    assert.match(res.stderr, /namespace "nowhere" \(allowed by template "ghost"\) does not exist: create it first \(kubectl create namespace nowhere\) \(templates\[0\]\.namespaces\) \[precondition_failed\]/);
 
     const help = await cli('policy', 'apply', '--help');
     assert.equal(help.code, EXIT.ok);
@@ -883,11 +883,11 @@ describe('issue 11: templates that can leave access behind, and policy changes u
     writeFileSync(removed, trialPolicy(['web-admin']));
     const before = await clusterSnapshot(kube);
     const refused = await cli('policy', 'apply', removed, '--kubeconfig', cluster.kubeconfig);
-    assert.equal(refused.code, EXIT.usage, refused.stderr);
+    assert.equal(refused.code, EXIT.error, refused.stderr);
     assert.match(refused.stderr, new RegExp(`task ${id} \\(agent bot, name look, template read-pods, namespace web: template removed\\)`));
     assert.match(refused.stderr, /wait for it to end, or pass --end-affected-tasks/);
     const dryRefused = await cli('policy', 'apply', removed, '--kubeconfig', cluster.kubeconfig, '--dry-run');
-    assert.equal(dryRefused.code, EXIT.usage, 'a dry run refuses as the apply would');
+    assert.equal(dryRefused.code, EXIT.error, 'a dry run refuses as the apply would');
     const dry = await cli('policy', 'apply', removed, '--kubeconfig', cluster.kubeconfig, '--dry-run', '--end-affected-tasks');
     assert.equal(dry.code, EXIT.ok, dry.stderr);
     assert.match(dry.stdout, new RegExp(`^would end task ${id} \\(agent bot, name look, template read-pods, namespace web: template removed\\)$`, 'm'));
