@@ -187,7 +187,7 @@ async function apply(file: string, opts: ApplyOptions): Promise<void> {
   process.stderr.write(style.dim(`policy apply: kubeconfig ${fromEnv === undefined ? `from --kubeconfig: ${kubeconfig}` : `from $KUBECONFIG: ${kubeconfig}`}\n`));
   const kube = kubeApis(loadKubeConfig(kubeconfig));
   // Opened first: an unwritable log stops the apply before anything changes.
-  const audit = opts.auditLog && !opts.dryRun ? await (await import('../audit/log.ts')).AuditLog.open(opts.auditLog) : undefined;
+  const audit = opts.auditLog && !opts.dryRun ? await openApplyLog(opts.auditLog) : undefined;
   let changes: Change[];
   let gates: ClusterRoleGate[];
   let ended: AffectedTask[];
@@ -267,4 +267,30 @@ async function apply(file: string, opts: ApplyOptions): Promise<void> {
   const changed = changes.length - unchanged;
   const summary = [changed === 0 ? 'no changes' : `${changed} change${changed === 1 ? '' : 's'}`, `${unchanged} unchanged`].join(', ');
   process.stdout.write(`${summary}${opts.dryRun ? ' (dry run: nothing was written)' : ''}\n`);
+  if (!opts.dryRun) process.stdout.write(`${RELOAD_NOTE}\n`);
+}
+
+/** What a running broker does about an apply (docs/operations.md): it reads the policy file itself. */
+export const RELOAD_NOTE =
+  "note: policy apply changes the cluster's RBAC only; running brokers reload the policy file themselves when it changes and on SIGHUP (each reload recorded in the broker's own audit log as policy.reloaded)";
+
+/**
+ * The audit log `--audit-log` names, locked for this apply (src/audit/lock.ts). A log a running broker
+ * writes is refused: two writers would break its chain, and the broker records the policy changes it
+ * picks up in that log itself.
+ */
+async function openApplyLog(path: string): Promise<import('../audit/log.ts').AuditLog> {
+  const [{ AuditLog }, { AuditLockedError }] = await Promise.all([import('../audit/log.ts'), import('../audit/lock.ts')]);
+  try {
+    return await AuditLog.open(path, { lockCommand: 'broker policy apply' });
+  } catch (err) {
+    if (!(err instanceof AuditLockedError) || !err.holder?.command.includes('serve')) throw err;
+    throw new BrokerError(
+      'audit_unavailable',
+      `${err.message}. A running broker writes this log and records there, as policy.reloaded, each policy change it picks up from its policy file: ` +
+        'run policy apply without --audit-log (it changes the cluster\'s RBAC; the broker reloads the file on change or SIGHUP). ' +
+        '--audit-log is for a log no broker writes',
+      { field: '--audit-log', cause: err },
+    );
+  }
 }

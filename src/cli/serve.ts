@@ -1,6 +1,11 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { parseDuration } from '../policy/duration.ts';
 import { DEFAULT_LIMITS, formatRate, parseRate, type Limits, type Rate } from '../server/limits.ts';
+// Types only: the request log module loads fastify, which a CLI command must not pay for until it serves.
+import type { LogFormat, LogLevel } from '../server/request-log.ts';
+
+const LOG_FORMATS: readonly LogFormat[] = ['json', 'text'];
+const LOG_LEVELS: readonly LogLevel[] = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
 
 interface ServeFlags {
   config: string;
@@ -28,6 +33,9 @@ interface ServeFlags {
   headersTimeout?: number;
   keepAliveTimeout?: number;
   authFailureLogInterval?: number;
+  allowBroadCredentials?: boolean;
+  logFormat?: LogFormat;
+  logLevel: LogLevel;
 }
 
 function duration(value: string): number {
@@ -52,6 +60,9 @@ export function serveCommand(): Command {
     .option('--public-ca <file>', 'CA of --public-server (PEM)')
     .option('--accept-audit-reset', 'start even if the audit log does not match its checkpoint in the cluster (removed, replaced or cut); recorded as audit.reset')
     .option('--audit-webhook-token-file <file>', "take the API server's audit webhook (POST /v1/audit/kubernetes) from posts bearing the token in this file (mode 0600; docs/recording.md)")
+    .option('--allow-broad-credentials', 'start even when the broker\'s own credential can do far more than `policy apply` grants it (cluster-admin, escalate, ...); recorded')
+    .addOption(new Option('--log-format <format>', 'request log and start-up summary on stderr: json (pino) or text').choices(LOG_FORMATS).default(undefined, 'text on a terminal, else json'))
+    .addOption(new Option('--log-level <level>', 'least level logged; every request is logged at info (5xx at error)').choices(LOG_LEVELS).default('info'))
     .addOption(limit('--rate-limit-source <n/duration>', 'requests from one source address, every route ("off": none)', rate, D.perSource))
     .addOption(limit('--auth-failure-limit <n/duration>', 'failed authentications from one source address; beyond, 429 without checking', rate, D.authFailures))
     .addOption(limit('--rate-limit-identity <n/duration>', 'requests of one authenticated caller', rate, D.perIdentity))
@@ -66,30 +77,58 @@ export function serveCommand(): Command {
     .addOption(new Option('--orphan-grace <duration>', 'age before objects of an unfinished start are removed').argParser(duration).hideHelp())
     .addOption(new Option('--lease-duration <duration>', 'sweeper Lease duration').argParser(duration).hideHelp())
     .addOption(new Option('--auth-failure-log-interval <duration>', 'how often refused callers are summarised in the audit log').argParser(duration).hideHelp())
-    .addHelpText('after', '\nExample:\n  broker serve --config policy.yaml --audit-log /var/lib/task-broker/audit.jsonl \\\n    --tls-cert tls.crt --tls-key tls.key')
+    .addHelpText(
+      'after',
+      '\nThe policy is reloaded, without a restart, when its file changes and on SIGHUP (a bad one is refused and the running one kept).\n' +
+        '\nExample:\n  broker serve --config policy.yaml --audit-log /var/lib/task-broker/audit.jsonl \\\n    --tls-cert tls.crt --tls-key tls.key',
+    )
     .action(async (flags: ServeFlags) => {
       const m = /^(.*):(\d+)$/.exec(flags.listen);
       if (!m) throw new InvalidArgumentError('--listen must be HOST:PORT');
-      const { serve } = await import('../server/serve.ts');
-      const broker = await serve({
-        config: flags.config,
-        auditLog: flags.auditLog,
-        host: m[1]!.replace(/^\[(.*)\]$/, '$1'),
-        port: Number(m[2]),
-        ...(flags.kubeconfig ? { kubeconfig: flags.kubeconfig } : {}),
-        ...(flags.tlsCert ? { tlsCert: flags.tlsCert } : {}),
-        ...(flags.tlsKey ? { tlsKey: flags.tlsKey } : {}),
-        ...(flags.insecureHttp ? { insecureHttp: true } : {}),
-        ...(flags.sweepInterval ? { sweepIntervalMs: flags.sweepInterval } : {}),
-        ...(flags.orphanGrace !== undefined ? { orphanGraceMs: flags.orphanGrace, orphanIntervalMs: Math.max(1000, flags.orphanGrace) } : {}),
-        ...(flags.leaseDuration ? { leaseMs: flags.leaseDuration } : {}),
-        ...(flags.publicServer ? { publicServer: flags.publicServer } : {}),
-        ...(flags.publicCa ? { publicCa: flags.publicCa } : {}),
-        ...(flags.acceptAuditReset ? { acceptAuditReset: true } : {}),
-        ...(flags.auditWebhookTokenFile ? { auditWebhookTokenFile: flags.auditWebhookTokenFile } : {}),
-        limits: limitsFrom(flags),
-      });
+      // SIGHUP reloads the policy; one arriving during start-up is kept for when the broker runs (not the default: exit).
+      let hupBeforeStart = false;
+      const earlyHup = () => (hupBeforeStart = true);
+      process.on('SIGHUP', earlyHup);
+      const host = m[1]!.replace(/^\[(.*)\]$/, '$1');
+      const port = Number(m[2]);
+      let broker: Awaited<ReturnType<typeof import('../server/serve.ts').serve>>;
+      try {
+        // A port in use is refused before the server's modules are even loaded: at once.
+        await (await import('../server/listen.ts')).probeListen(host, port);
+        const { serve } = await import('../server/serve.ts');
+        broker = await serve({
+          config: flags.config,
+          auditLog: flags.auditLog,
+          host,
+          port,
+          ...(flags.kubeconfig ? { kubeconfig: flags.kubeconfig } : {}),
+          ...(flags.tlsCert ? { tlsCert: flags.tlsCert } : {}),
+          ...(flags.tlsKey ? { tlsKey: flags.tlsKey } : {}),
+          ...(flags.insecureHttp ? { insecureHttp: true } : {}),
+          ...(flags.sweepInterval ? { sweepIntervalMs: flags.sweepInterval } : {}),
+          ...(flags.orphanGrace !== undefined ? { orphanGraceMs: flags.orphanGrace, orphanIntervalMs: Math.max(1000, flags.orphanGrace) } : {}),
+          ...(flags.leaseDuration ? { leaseMs: flags.leaseDuration } : {}),
+          ...(flags.publicServer ? { publicServer: flags.publicServer } : {}),
+          ...(flags.publicCa ? { publicCa: flags.publicCa } : {}),
+          ...(flags.acceptAuditReset ? { acceptAuditReset: true } : {}),
+          ...(flags.auditWebhookTokenFile ? { auditWebhookTokenFile: flags.auditWebhookTokenFile } : {}),
+          ...(flags.allowBroadCredentials ? { allowBroadCredentials: true } : {}),
+          ...(flags.logFormat ? { logFormat: flags.logFormat } : {}),
+          logLevel: flags.logLevel,
+          limits: limitsFrom(flags),
+        });
+      } catch (err) {
+        process.off('SIGHUP', earlyHup);
+        // A failed start has closed what it opened; whatever a library still holds (an idle
+        // keep-alive connection to the API server) must not keep the process alive once the error is out.
+        setTimeout(() => process.exit(), 250).unref();
+        throw err;
+      }
       process.stdout.write(`listening on ${broker.url}\n`);
+      const reload = () => void broker.reload('SIGHUP');
+      process.off('SIGHUP', earlyHup);
+      process.on('SIGHUP', reload);
+      if (hupBeforeStart) reload();
       await new Promise<void>((done) => {
         const stop = () => {
           process.off('SIGTERM', stop);
@@ -99,6 +138,7 @@ export function serveCommand(): Command {
         process.on('SIGTERM', stop);
         process.on('SIGINT', stop);
       });
+      process.off('SIGHUP', reload);
     });
 }
 

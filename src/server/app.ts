@@ -65,6 +65,8 @@ export interface AppDeps {
   limits?: Partial<Limits>;
   /** The API server's audit webhook (src/server/kube-audit.ts); without it POST /v1/audit/kubernetes answers 404. */
   kubeAudit?: KubeAuditConfig | undefined;
+  /** fastify's `logger` and `logController` options (pino and the request log, src/server/request-log.ts); default no logging. */
+  logging?: { logger: Record<string, unknown>; logController: unknown } | undefined;
 }
 
 declare module 'fastify' {
@@ -117,7 +119,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
   const limits: Limits = { ...DEFAULT_LIMITS, ...deps.limits };
   const serverOptions = httpServerOptions(limits);
   const app = Fastify({
-    logger: false,
+    ...(deps.logging ?? { logger: false }),
     bodyLimit: deps.bodyLimit ?? 16 * 1024,
     genReqId: () => randomUUID(),
     // Strict: reject unknown fields and wrong types instead of dropping or coercing them.
@@ -191,7 +193,8 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     return reply.code(201).send(toView(task));
   });
 
-  if (deps.approvals) registerApprovalRoutes(app, deps.approvals);
+  // Read at each request: a policy reload swaps the service (src/server/reload.ts).
+  if (deps.approvals) registerApprovalRoutes(app, () => deps.approvals!);
   registerKubeAuditRoute(app, { audit: deps.audit, metrics, guard, config: deps.kubeAudit });
 
   app.get('/v1/cluster', async (_req, reply) => {
@@ -237,22 +240,22 @@ function registerLimits(app: FastifyInstance, deps: AppDeps, limits: Limits, met
   return guard;
 }
 
-function registerApprovalRoutes(app: FastifyInstance, approvals: ApprovalService): void {
+function registerApprovalRoutes(app: FastifyInstance, current: () => ApprovalService): void {
   const now = () => new Date();
   app.get<{ Querystring: { pending?: string } }>(
     '/v1/approvals',
     { schema: { querystring: { type: 'object', additionalProperties: false, properties: { pending: { type: 'string', enum: ['true', 'false'] } } } } },
     async (req) => {
-      const all = (await approvals.visibleTo(req.caller!)).map((r) => approvalView(r, now()));
+      const all = (await current().visibleTo(req.caller!)).map((r) => approvalView(r, now()));
       return { approvals: req.query.pending === 'true' ? all.filter((r) => r.state === 'pending') : all };
     },
   );
   app.get<{ Params: { id: string } }>('/v1/approvals/:id', { schema: { params: { type: 'object', properties: { id: { type: 'string', maxLength: 64 } } } } }, async (req) => {
-    const request = await approvals.view(req.caller!, req.params.id);
+    const request = await current().view(req.caller!, req.params.id);
     const view = approvalView(request, now());
     // The requester collects its approval token here once the request is approved.
     if (view.state === 'approved' && request.requester.principal === req.caller!.principal) {
-      return { ...view, approvalToken: await approvals.tokenFor(request, req.id) };
+      return { ...view, approvalToken: await current().tokenFor(request, req.id) };
     }
     return view;
   });
@@ -261,7 +264,7 @@ function registerApprovalRoutes(app: FastifyInstance, approvals: ApprovalService
       `/v1/approvals/:id/${decision}`,
       { schema: decisionSchema(decision === 'deny') },
       async (req) => {
-        const { request, token } = await approvals.decide(req.caller!, req.params.id, decision, req.body?.reason, req.id);
+        const { request, token } = await current().decide(req.caller!, req.params.id, decision, req.body?.reason, req.id);
         return { ...approvalView(request, now()), ...(token ? { approvalToken: token } : {}) };
       },
     );

@@ -1,26 +1,44 @@
 /**
  * `broker serve`: the composition root of the broker process. Every side effect (policy file, audit
  * log, cluster connection, clock, listening socket) enters here.
+ *
+ * Start-up, in an order where a failure leaves nothing behind:
+ * 1. what needs no cluster and writes nothing: flags, TLS files, the policy, the kubeconfig, and a
+ *    probe of the listen address (a port in use is refused here, at once);
+ * 2. the audit log, locked (src/audit/lock.ts) and checked against its checkpoint in the cluster;
+ * 3. the broker's own credential, checked against what `policy apply` grants it (a broad one, such
+ *    as cluster-admin, is refused and the refusal recorded, unless --allow-broad-credentials);
+ * 4. the signing key and the task watch; the services, built from the policy in a PolicyHolder that
+ *    a reload swaps (src/server/reload.ts);
+ * 5. listen, with every request held at a gate until `broker.started` is durable: it is recorded
+ *    only once the broker listens, and no request is served before it is on the log.
+ * A failure at any step closes what was opened; an audit log this start created is removed if
+ * nothing was recorded in it, and a log that existed is never touched.
  */
-import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import type { FastifyInstance } from 'fastify';
-import { openCheckedAuditLog } from '../audit/head.ts';
-import { BrokerError } from '../errors.ts';
+import { openCheckedAuditLog, type AuditCheckpointer } from '../audit/head.ts';
+import type { AuditLog } from '../audit/log.ts';
+import { BrokerError, isBrokerError } from '../errors.ts';
 import { ServiceAccountAuthenticator } from '../identity/service-account.ts';
 import { clusterError, kubeApis, loadKubeConfig, type KubeApis } from '../kube/config.ts';
 import { loadPolicyFile } from '../policy/parse.ts';
+import type { Policy } from '../policy/types.ts';
 import { ApprovalService } from '../approvals/service.ts';
 import { ApprovalKeys } from '../approvals/token.ts';
 import { StateSigner } from '../state-signature.ts';
 import { TaskService } from '../tasks/service.ts';
 import { TaskStore } from '../tasks/store.ts';
 import { Sweeper } from '../tasks/sweeper.ts';
-import { buildApp } from './app.ts';
-import { capTokenReviews, DEFAULT_LIMITS, type Limits } from './limits.ts';
+import { buildApp, type AppDeps } from './app.ts';
+import { checkOwnCredential, type CredentialReport } from './credential-check.ts';
+import { capTokenReviews, DEFAULT_LIMITS, formatRate, type Limits } from './limits.ts';
 import { Metrics } from './metrics.ts';
 import { prepareKubeAudit, readWebhookToken } from './kube-audit.ts';
+import { listenError, probeListen } from './listen.ts';
+import { PolicyHolder, StoreListeners, type ReloadResult, type ReloadTrigger } from './reload.ts';
+import { defaultLogFormat, fastifyLogging, type LogFormat, type LogLevel } from './request-log.ts';
 
 export interface ServeOptions {
   config: string;
@@ -46,11 +64,25 @@ export interface ServeOptions {
   limits?: Partial<Limits>;
   /** Take the API server's audit webhook, from posts bearing the token in this file (src/server/kube-audit.ts). */
   auditWebhookTokenFile?: string;
+  /** Start with a credential that can do far more than `policy apply` grants (recorded). Default false: refused. */
+  allowBroadCredentials?: boolean;
+  /** The request log and start-up summary: `json` (pino) or `text`; default text on a terminal, else json. */
+  logFormat?: LogFormat;
+  /** Default `info` (every request). */
+  logLevel?: LogLevel;
+  /** Reload the policy when its file changes (default true; SIGHUP always works through `reload`). */
+  watchPolicy?: boolean;
+  /** Where the request log and summary go; default stderr. */
+  write?: (line: string) => void;
 }
 
 export interface RunningBroker {
   url: string;
   app: FastifyInstance;
+  /** The running policy and its services. */
+  policy: PolicyHolder;
+  /** Reads the policy file again and swaps it in if it changed and is valid (SIGHUP). */
+  reload(trigger?: ReloadTrigger): Promise<ReloadResult>;
   close(): Promise<void>;
 }
 
@@ -61,6 +93,7 @@ export function isLoopback(host: string): boolean {
 }
 
 export async function serve(opts: ServeOptions): Promise<RunningBroker> {
+  // 1. Nothing written, nothing in the cluster.
   let https: { key: Buffer; cert: Buffer } | undefined;
   if (opts.insecureHttp) {
     if (!isLoopback(opts.host)) {
@@ -76,85 +109,221 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
     https = { cert: readFlagFile(opts.tlsCert, '--tls-cert'), key: readFlagFile(opts.tlsKey, '--tls-key') };
   }
   const webhookToken = opts.auditWebhookTokenFile === undefined ? undefined : readWebhookToken(opts.auditWebhookTokenFile);
+  const { policy, text: policyText } = await readPolicy(opts.config);
+  const kube = kubeApis(readKubeconfig(opts.kubeconfig, policy));
+  const cluster = clusterInfo(kube, opts);
+  await probeListen(opts.host, opts.port);
+  const format = opts.logFormat ?? defaultLogFormat();
+  const write = opts.write ?? ((line: string) => process.stderr.write(line));
 
-  const { policy, text: policyText } = await loadPolicyFile(opts.config);
-  const kube = kubeApis(loadKubeConfig(opts.kubeconfig));
-  // The log is checked against its checkpoint in the cluster before anything is appended (src/audit/head.ts).
+  // 2. The audit log: locked, and checked against its checkpoint before anything is appended.
   const { audit, checkpoint } = await openCheckedAuditLog({
     path: opts.auditLog,
     api: kube.core,
     namespace: policy.broker.namespace,
     acceptReset: opts.acceptAuditReset === true,
+    auditOptions: { lockCommand: 'broker serve' },
   });
-  const cluster = clusterInfo(kube, opts);
+  const opened: Opened = { audit, checkpoint };
+  try {
+    return await start(opts, { policy, policyText, kube, cluster, https, webhookToken, format, write }, opened);
+  } catch (err) {
+    await opened.holder?.close().catch(() => undefined);
+    await opened.app?.close().catch(() => undefined);
+    await opened.sweeper?.stop().catch(() => undefined);
+    await opened.store?.stop().catch(() => undefined);
+    await audit.discard().catch(() => undefined); // an empty log this start created is removed
+    await checkpoint.close();
+    throw err;
+  }
+}
+
+/** What a start has opened so far, for the clean-up of a failed one. */
+interface Opened {
+  audit: AuditLog;
+  checkpoint: AuditCheckpointer;
+  store?: TaskStore;
+  app?: FastifyInstance;
+  sweeper?: Sweeper;
+  holder?: PolicyHolder;
+}
+
+interface Prepared {
+  policy: Policy;
+  policyText: string;
+  kube: KubeApis;
+  cluster: { server: string; certificateAuthorityData?: string };
+  https: { key: Buffer; cert: Buffer } | undefined;
+  webhookToken: string | undefined;
+  format: LogFormat;
+  write: (line: string) => void;
+}
+
+async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<RunningBroker> {
+  const { policy, kube, format, write } = p;
+  const { audit, checkpoint } = opened;
+
+  // 3. The broker's own credential: no more than `policy apply` grants it.
+  const credential = await checkOwnCredential(kube.config, policy);
+  if (credential.broad.length > 0 && !opts.allowBroadCredentials) {
+    const message = broadMessage(credential, policy, opts.kubeconfig);
+    await audit
+      .append({
+        type: 'broker.start_refused',
+        actor: 'system:broker',
+        outcome: 'denied',
+        reason: `the broker's credential can do far more than \`broker policy apply\` grants it: ${credential.broad.join('; ')}`,
+        details: { subject: credential.subject ?? 'unknown', broad: credential.broad, pid: process.pid },
+      })
+      .catch(() => undefined);
+    throw new BrokerError('forbidden', message, { field: '--kubeconfig' });
+  }
+
+  // 4. The signing key exists before anything is served: nobody can take its name first (for
+  // instance as a service-account-token Secret whose token the broker could then read).
   // One key signs approval tokens and the state the broker trusts when it reads it back (task and
   // approval records), in the broker's own namespace.
   const keys = new ApprovalKeys(kube, policy.broker.namespace);
   const signer = new StateSigner(keys);
-  const store = new TaskStore({ signer });
+  const store = (opened.store = new TaskStore({ signer }));
   try {
-    // The signing key exists before anything is served: nobody can take its name first (for
-    // instance as a service-account-token Secret whose token the broker could then read).
     await keys.signingKey();
     await store.watch(kube.config, policy.broker.taskNamespace);
   } catch (err) {
-    await audit.close();
-    await checkpoint.close();
     if (err instanceof BrokerError) throw err;
     throw clusterError(`reading the signing key in ${policy.broker.namespace} and watching tasks in ${policy.broker.taskNamespace} (was \`broker policy apply\` run?)`, err);
   }
-  const approvals = new ApprovalService(kube, policy, audit, { keys, signer });
   // The webhook's view of tasks and of what the log already holds (auditIDs, JTIs), from the log's tail.
-  const kubeAudit = webhookToken === undefined ? undefined : await prepareKubeAudit({ token: webhookToken, auditLogPath: opts.auditLog, taskNamespace: policy.broker.taskNamespace, store });
-  const tasks = new TaskService(kube, policy, audit, store, { approvals, signer, onMinted: kubeAudit?.recent.minted });
-  const sweeper = new Sweeper(kube, tasks, {
+  const kubeAudit =
+    p.webhookToken === undefined ? undefined : await prepareKubeAudit({ token: p.webhookToken, auditLogPath: opts.auditLog, taskNamespace: policy.broker.taskNamespace, store });
+  const metrics = new Metrics();
+  const limits: Limits = { ...DEFAULT_LIMITS, ...opts.limits };
+  // TokenReviews in flight are capped, so a flood of random tokens cannot pile up on the API server.
+  const authn = capTokenReviews(kube.authn, limits, metrics);
+  const listeners = new StoreListeners(store);
+  const holder = (opened.holder = new PolicyHolder({
+    path: opts.config,
+    policy,
+    text: p.policyText,
+    audit,
+    build: (next) => {
+      const view = listeners.view(store);
+      const approvals = new ApprovalService(kube, next, audit, { keys, signer });
+      const tasks = new TaskService(kube, next, audit, view.store, { approvals, signer, onMinted: kubeAudit?.recent.minted });
+      return { tasks, approvals, authenticators: [new ServiceAccountAuthenticator(authn, next)], activate: view.activate };
+    },
+  }));
+  // The sweeper and the routes read the services through the holder at each use.
+  const currentTasks = {
+    get brokerNamespace() {
+      return holder.tasks.brokerNamespace;
+    },
+    get history() {
+      return holder.tasks.history;
+    },
+    sweepExpired: () => holder.tasks.sweepExpired(),
+    sweepOrphans: (graceMs: number) => holder.tasks.sweepOrphans(graceMs),
+  } as unknown as TaskService;
+  const sweeper = (opened.sweeper = new Sweeper(kube, currentTasks, {
     ...(opts.sweepIntervalMs === undefined ? {} : { intervalMs: opts.sweepIntervalMs }),
     ...(opts.leaseMs === undefined ? {} : { leaseMs: opts.leaseMs }),
     ...(opts.orphanGraceMs === undefined ? {} : { orphanGraceMs: opts.orphanGraceMs }),
     ...(opts.orphanIntervalMs === undefined ? {} : { orphanIntervalMs: opts.orphanIntervalMs }),
     log: (msg) => process.stderr.write(`broker: ${msg}\n`),
     // Ended approval requests are kept a day for `broker approvals list`, then removed.
-    housekeeping: () => approvals.sweep(24 * 3600 * 1000),
-  });
-  const metrics = new Metrics();
+    housekeeping: () => holder.approvals.sweep(24 * 3600 * 1000),
+  }));
   metrics.watchSweeperLease(() => sweeper.leaseAgeSeconds());
-  const limits: Limits = { ...DEFAULT_LIMITS, ...opts.limits };
-  const app = buildApp({
-    tasks,
-    approvals,
+  const logging = fastifyLogging({ format, level: opts.logLevel ?? 'info', write }, store);
+  const deps: AppDeps = {
+    get tasks() {
+      return holder.tasks;
+    },
+    get approvals() {
+      return holder.approvals;
+    },
+    get authenticators() {
+      return holder.authenticators;
+    },
     store,
     audit,
-    // TokenReviews in flight are capped, so a flood of random tokens cannot pile up on the API server.
-    authenticators: [new ServiceAccountAuthenticator(capTokenReviews(kube.authn, limits, metrics), policy)],
-    cluster,
+    cluster: p.cluster,
     metrics,
     limits,
     kubeAudit,
-    ...(https ? { https } : {}),
-  });
+    logging,
+    ...(p.https ? { https: p.https } : {}),
+  };
+  const app = (opened.app = buildApp(deps));
+  logging.logController.register(app);
 
-  await audit.append({
-    type: 'broker.started',
-    actor: 'system:broker',
-    outcome: 'ok',
-    details: {
-      policySha256: createHash('sha256').update(policyText).digest('hex'),
-      adoptedTasks: store
-        .list()
-        .filter((t) => t.state === 'active')
-        .map((t) => t.id)
-        .slice(0, 100),
-      pid: process.pid,
-    },
+  // 5. Listen, holding every request at the gate until broker.started is durable.
+  let gateOpen = false;
+  let openGate!: () => void;
+  let failGate!: (err: Error) => void;
+  const started = new Promise<void>((resolve, reject) => {
+    openGate = resolve;
+    failGate = reject;
   });
+  started.catch(() => undefined);
+  app.addHook('onRequest', (_req, _reply, done) => {
+    if (gateOpen) return done();
+    started.then(
+      () => done(),
+      (err: Error) => done(err),
+    );
+  });
+  let url: string;
+  try {
+    // fastify logs this line (the first of the summary), once per address when listening on all of them.
+    url = await app.listen({ host: opts.host, port: opts.port, listenTextResolver: (address) => `listening on ${address} (${p.https ? 'TLS' : 'plain HTTP, loopback only'})` });
+  } catch (err) {
+    throw listenError(opts.host, opts.port, err);
+  }
+  try {
+    await audit.append({
+      type: 'broker.started',
+      actor: 'system:broker',
+      outcome: 'ok',
+      ...(credential.broad.length > 0 ? { reason: `started with --allow-broad-credentials: the broker's credential can ${credential.broad.join('; ')}` } : {}),
+      details: {
+        policySha256: holder.sha256,
+        templates: policy.templates.length,
+        adoptedTasks: store
+          .list()
+          .filter((t) => t.state === 'active')
+          .map((t) => t.id)
+          .slice(0, 100),
+        pid: process.pid,
+        listen: url,
+        credential: {
+          subject: credential.subject ?? 'unknown',
+          ...(credential.broad.length > 0 ? { broad: credential.broad, allowedBy: '--allow-broad-credentials' } : {}),
+          ...(credential.extra.length > 0 ? { extra: credential.extra.slice(0, 20), extraCount: credential.extra.length } : {}),
+          ...(credential.unchecked.length > 0 ? { unchecked: credential.unchecked.slice(0, 10) } : {}),
+        },
+      },
+    });
+  } catch (err) {
+    failGate(new BrokerError('audit_unavailable', 'the broker is stopping: its start could not be recorded'));
+    throw err;
+  }
+  gateOpen = true;
+  openGate();
   sweeper.start();
-  const address = await app.listen({ host: opts.host, port: opts.port });
+  if (opts.watchPolicy !== false) holder.watch();
+
+  report(app, format, summary(opts, { url, policy, holder, audit, credential, limits, webhook: kubeAudit !== undefined, format, level: opts.logLevel ?? 'info' }));
+
   let closing: Promise<void> | undefined;
   return {
-    url: address,
+    url,
     app,
+    policy: holder,
+    reload: (trigger = 'SIGHUP') => holder.reload(trigger),
     close: () =>
       (closing ??= (async () => {
+        await holder.close();
         await app.close();
         await sweeper.stop();
         await store.stop();
@@ -163,6 +332,135 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
         await checkpoint.close();
       })()),
   };
+}
+
+/** A line of the summary: its text, and the same facts for the JSON form. */
+interface SummaryLine {
+  level: 'info' | 'warn';
+  text: string;
+}
+
+function summary(
+  opts: ServeOptions,
+  s: { url: string; policy: Policy; holder: PolicyHolder; audit: AuditLog; credential: CredentialReport; limits: Limits; webhook: boolean; format: LogFormat; level: LogLevel },
+): { lines: SummaryLine[]; facts: Record<string, unknown> } {
+  const { policy, credential, limits } = s;
+  const names = policy.templates.map((t) => t.name);
+  const shown = names.length > 8 ? `${names.slice(0, 8).join(', ')}, ...` : names.join(', ');
+  const saIdentities = [...policy.agents, ...policy.people].flatMap((x) => x.identities).filter((i) => i.kind === 'serviceAccount').length;
+  const oidc = [...policy.agents, ...policy.people].flatMap((x) => x.identities).filter((i) => i.kind !== 'serviceAccount').length;
+  const ms = (v: number) => (v > 0 ? `${v / 1000}s` : 'off');
+  const count = (v: number) => (v > 0 ? String(v) : 'no cap');
+  const credentialLine =
+    credential.broad.length > 0
+      ? `credential: ${credential.subject ?? 'unknown'} can ${credential.broad.join('; ')}: started anyway (--allow-broad-credentials), recorded with broker.started`
+      : credential.extra.length > 0
+        ? `credential: ${credential.subject ?? 'unknown'} can do more than \`broker policy apply\` grants: ${credential.extra.slice(0, 5).join('; ')}${credential.extra.length > 5 ? `; and ${credential.extra.length - 5} more` : ''}`
+        : `credential: ${credential.subject ?? 'unknown'}, no more than \`broker policy apply\` grants`;
+  const lines: SummaryLine[] = [
+    { level: 'info', text: `policy ${opts.config}: sha256 ${s.holder.sha256}, ${names.length} template${names.length === 1 ? '' : 's'} (${shown}); reloaded when the file changes and on SIGHUP` },
+    {
+      level: 'info',
+      text: `audit log ${opts.auditLog}: ${s.audit.nextSeq} record${s.audit.nextSeq === 1 ? '' : 's'}${s.audit.created ? ' (a new file)' : ''}, locked by this process (pid ${process.pid}, ${s.audit.lock?.path ?? 'no lock'})`,
+    },
+    {
+      level: 'info',
+      text:
+        `identity: Kubernetes ServiceAccount tokens with audience "${policy.broker.identityAudience}", checked with TokenReview (${saIdentities} in the policy)` +
+        (oidc > 0 ? `; ${oidc} OIDC identit${oidc === 1 ? 'y' : 'ies'} in the policy cannot sign in to this broker yet` : ''),
+    },
+    { level: credential.broad.length + credential.extra.length > 0 ? 'warn' : 'info', text: credentialLine },
+    ...(credential.unchecked.length > 0 ? [{ level: 'warn' as const, text: `credential: not checked: ${credential.unchecked.join('; ')}` }] : []),
+    { level: 'info', text: `namespaces: tasks in ${policy.broker.taskNamespace}, the broker's own state in ${policy.broker.namespace}` },
+    { level: 'info', text: `audit webhook: ${s.webhook ? 'on (POST /v1/audit/kubernetes)' : 'off'}` },
+    {
+      level: 'info',
+      text:
+        `limits: ${formatRate(limits.perSource)} per source, ${formatRate(limits.authFailures)} failed authentications per source, ${formatRate(limits.perIdentity)} per identity, ` +
+        `${count(limits.maxTokenReviews)} TokenReviews in flight, ${count(limits.maxConnections)} connections (${count(limits.maxConnectionsPerSource)} per source); ` +
+        `timeouts: request ${ms(limits.requestTimeoutMs)}, headers ${ms(limits.headersTimeoutMs)}, connection ${ms(limits.connectionTimeoutMs)}, keep-alive ${ms(limits.keepAliveTimeoutMs)}`,
+    },
+    { level: 'info', text: `request log: ${s.format} on stderr, level ${s.level} (--log-format, --log-level)` },
+  ];
+  const facts = {
+    listen: s.url,
+    tls: !opts.insecureHttp,
+    policy: { path: opts.config, sha256: s.holder.sha256, templates: names },
+    auditLog: { path: opts.auditLog, records: s.audit.nextSeq, created: s.audit.created, lock: s.audit.lock?.path },
+    identity: { serviceAccountTokens: { audience: policy.broker.identityAudience, identities: saIdentities }, ...(oidc > 0 ? { oidcNotAccepted: oidc } : {}) },
+    credential,
+    namespaces: { tasks: policy.broker.taskNamespace, broker: policy.broker.namespace },
+    auditWebhook: s.webhook,
+    limits: {
+      perSource: formatRate(limits.perSource),
+      authFailures: formatRate(limits.authFailures),
+      perIdentity: formatRate(limits.perIdentity),
+      maxTokenReviews: limits.maxTokenReviews,
+      maxConnections: limits.maxConnections,
+      maxConnectionsPerSource: limits.maxConnectionsPerSource,
+      requestTimeoutMs: limits.requestTimeoutMs,
+      headersTimeoutMs: limits.headersTimeoutMs,
+      connectionTimeoutMs: limits.connectionTimeoutMs,
+      keepAliveTimeoutMs: limits.keepAliveTimeoutMs,
+    },
+  };
+  return { lines, facts };
+}
+
+/**
+ * The summary on stderr, through the broker's logger (so --log-format and --log-level apply): one
+ * line per fact in the text form; one `broker started` record with every fact in the JSON form. Warnings
+ * are lines of their own at `warn` in both.
+ */
+function report(app: FastifyInstance, format: LogFormat, s: { lines: SummaryLine[]; facts: Record<string, unknown> }): void {
+  if (format === 'json') app.log.info(s.facts, 'broker started');
+  for (const l of s.lines) {
+    if (l.level === 'warn') app.log.warn(l.text);
+    else if (format === 'text') app.log.info(l.text);
+  }
+}
+
+function broadMessage(credential: CredentialReport, policy: Policy, kubeconfig: string | undefined): string {
+  const { namespace, serviceAccount } = policy.broker;
+  return (
+    `the broker's credential (${credential.subject ?? 'unknown identity'}${kubeconfig ? `, from ${kubeconfig}` : ', in-cluster'}) can do far more than \`broker policy apply\` grants the broker: ` +
+    `${credential.broad.join('; ')}. A broker holding it is bounded by nothing (docs/architecture.md). ` +
+    `Run it with the ServiceAccount policy apply made, ${namespace}/${serviceAccount}: in a cluster, as that ServiceAccount without --kubeconfig; ` +
+    `elsewhere with a kubeconfig holding its token, e.g. kubectl config set-credentials broker --kubeconfig broker.kubeconfig --token "$(kubectl create token ${serviceAccount} -n ${namespace} --duration 24h)" ` +
+    `(as docs/examples/quickstart.sh does). Or pass --allow-broad-credentials to start anyway (recorded in the audit log)`
+  );
+}
+
+/** The policy file, with a message naming --config and what to do when it cannot be read. */
+async function readPolicy(path: string): Promise<{ policy: Policy; text: string }> {
+  try {
+    return await loadPolicyFile(path);
+  } catch (err) {
+    if (isBrokerError(err) && err.code === 'invalid_argument' && err.field === path) {
+      throw new BrokerError('invalid_argument', `${err.message}: check the path given to --config (\`broker policy check FILE\` validates a policy file; docs/policy.md describes one)`, {
+        field: '--config',
+        cause: err,
+      });
+    }
+    throw err;
+  }
+}
+
+/** The broker's kubeconfig, with a message naming --kubeconfig and how to make one. */
+function readKubeconfig(path: string | undefined, policy: Policy): ReturnType<typeof loadKubeConfig> {
+  try {
+    return loadKubeConfig(path);
+  } catch (err) {
+    if (!isBrokerError(err)) throw err;
+    const { namespace, serviceAccount } = policy.broker;
+    throw new BrokerError(
+      err.code,
+      `${err.message}. --kubeconfig names the broker's own kubeconfig: a token of the ServiceAccount \`broker policy apply\` made, ${namespace}/${serviceAccount} ` +
+        `(kubectl config set-credentials broker --kubeconfig FILE --token "$(kubectl create token ${serviceAccount} -n ${namespace})"); ` +
+        `without --kubeconfig the broker uses its in-cluster ServiceAccount`,
+      { field: '--kubeconfig', cause: err },
+    );
+  }
 }
 
 function clusterInfo(kube: KubeApis, opts: ServeOptions): { server: string; certificateAuthorityData?: string } {
