@@ -11,6 +11,7 @@ import { actorOf, type Caller } from '../identity/types.ts';
 import { clusterError, isConflict, isNotFound, type KubeApis } from '../kube/config.ts';
 import type { ApproverMember, Policy, PolicyRule, Template } from '../policy/types.ts';
 import { StateSigner } from '../state-signature.ts';
+import { checkFreeText } from '../text.ts';
 import type { V1ConfigMap } from '@kubernetes/client-node';
 import {
   APPROVAL_SELECTOR,
@@ -244,6 +245,12 @@ export class ApprovalService {
       await this.#audit.append({ type: 'approval.refused', actor, outcome: 'denied', reason: `${code}: ${why}`, requestId, details: { approvalRequest: id, decision } });
       throw new BrokerError(code, why);
     };
+    try {
+      checkFreeText('reason', reason);
+    } catch (err) {
+      await this.#audit.append({ type: 'approval.refused', actor, outcome: 'denied', reason: `invalid_argument (reason): ${(err as Error).message}`, requestId, details: { approvalRequest: id, decision } });
+      throw err;
+    }
     for (let attempt = 0; ; attempt++) {
       const request = await this.get(id);
       const now = this.#now();

@@ -11,6 +11,8 @@
 import { open, stat } from 'node:fs/promises';
 import { ChainVerifier } from './verify.ts';
 import type { AuditRecord, JsonValue, VerifyResult } from './types.ts';
+import { printable, safeJson } from '../text.ts';
+export { printable, safeJson };
 
 /** Record types that describe one API request, as the API server (or the proxy) reported it. */
 export const REQUEST_TYPES: ReadonlySet<string> = new Set(['k8s.request']);
@@ -357,28 +359,6 @@ export interface Paint {
 }
 
 export const NO_PAINT: Paint = { denied: (s) => s, dim: (s) => s, ok: (s) => s };
-
-/**
- * `s` with every character that could act on a terminal escaped: C0 controls and DEL as `\xNN`, C1
- * controls as `\u00NN` (U+009B is a one-byte CSI on some terminals), line and paragraph separators and
- * bidirectional overrides as `\uNNNN`; a backslash is doubled so an escape cannot be faked.
- */
-export function printable(s: string): string {
-  return s.replace(UNSAFE, (c) => {
-    if (c === '\\') return '\\\\';
-    const code = c.charCodeAt(0);
-    return code < 0x20 || code === 0x7f ? `\\x${hex(code, 2)}` : `\\u${hex(code, 4)}`;
-  });
-}
-
-// C0, DEL, C1, LRM/RLM/ALM, line/paragraph separators, bidi embeddings, overrides and isolates, BOM, backslash.
-const UNSAFE = /[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ufeff\\]/g;
-const hex = (n: number, width: number) => n.toString(16).padStart(width, '0');
-
-/** JSON text safe for a terminal: the same as JSON.stringify, with C1 and bidi characters as \u escapes (still the same JSON). */
-export function safeJson(value: unknown, indent?: number): string {
-  return JSON.stringify(value, null, indent).replace(/[\u007f-\u009f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ufeff]/g, (c) => `\\u${hex(c.charCodeAt(0), 4)}`);
-}
 
 function detail(r: AuditRecord, key: string): string | undefined {
   const v: JsonValue | undefined = r.details?.[key];

@@ -1,13 +1,13 @@
 import chalk from 'chalk';
 import { Option } from 'commander';
-import { safeJson } from '../audit/show.ts';
+import { safeJson } from '../text.ts';
 
 /**
  * Text from the broker (task names, reasons, subjects: an agent chose some of it) with every
  * character that could act on a terminal escaped (C0, DEL, C1, bidi overrides; a backslash doubled).
  * The same escaping as `broker audit show`, from the one place that defines it.
  */
-export { printable as safe } from '../audit/show.ts';
+export { printable as safe } from '../text.ts';
 
 export type OutputFormat = 'text' | 'json';
 

@@ -17,6 +17,7 @@ import { formatDuration, parseDuration } from '../policy/duration.ts';
 import { gatedPairsHitBy } from '../policy/grants.ts';
 import type { GatedPair, Policy, PolicyRule, Template } from '../policy/types.ts';
 import type { StateSigner } from '../state-signature.ts';
+import { checkFreeText } from '../text.ts';
 import {
   LABEL,
   newTaskId,
@@ -211,6 +212,8 @@ export class TaskService {
 
   /** Checks a start request against the policy; throws the first problem, naming its field. */
   validateStart(caller: Caller, req: StartRequest): { template: Template; name: string; ttl: number } {
+    checkFreeText('template', req.template);
+    checkFreeText('reason', req.reason);
     const template = this.#templates.get(req.template);
     const mayStart = this.templatesFor(caller).map((t) => t.name);
     const startable = mayStart.length ? `; templates agent "${caller.agent}" may start: ${mayStart.join(', ')}` : '';

@@ -242,6 +242,29 @@ describe('security review: approvals by principal, signed state, token lifetime,
     assert.equal(n['reason'], reason, 'the reason travels as data, in its own field');
   });
 
+  test('issue 11: control and bidi characters in free text are refused with the field named, and nothing changes', async () => {
+    const before = await env.taskObjects();
+    for (const [body, field] of [
+      [{ template: 'read-pods', namespace: 'web', name: 'ctl', reason: '\u0000\u001b[31mall clear' }, 'reason'],
+      [{ template: 'read-pods', namespace: 'web', name: 'ctl', reason: 'approve \u202eevil' }, 'reason'],
+      [{ template: 'read\u009bpods', namespace: 'web', name: 'ctl' }, 'template'],
+    ] as const) {
+      const res = await req('POST', '/v1/tasks', 'alice', body);
+      assert.equal(res.status, 400, JSON.stringify(res.body));
+      assert.equal(res.body.error.field, field);
+      assert.match(res.body.error.message, /must not contain control or bidirectional-override characters \(found U\+[0-9A-F]{4} at position \d+\)/);
+    }
+    assert.deepEqual(await env.taskObjects(), before);
+    // "other": alice-agent already has as many requests open as its cap allows.
+    const asked = await req('POST', '/v1/tasks', 'other', { template: 'read-secrets', namespace: 'web', name: 'ctl-deny' });
+    const id = asked.body.error.requestId as string;
+    const deny = await req('POST', `/v1/approvals/${id}/deny`, 'dave', { reason: 'no\u001b]0;pwned\u0007' });
+    assert.equal(deny.status, 400, JSON.stringify(deny.body));
+    assert.equal(deny.body.error.field, 'reason');
+    assert.equal((await req('GET', `/v1/approvals/${id}`, 'other')).body.state, 'pending', 'the refused decision changed nothing');
+    assert.ok(records().some((r) => r.type === 'approval.refused' && r.details?.approvalRequest === id && /invalid_argument \(reason\)/.test(r.reason)));
+  });
+
   test('finding 1: per-agent caps on active tasks and open approval requests', async () => {
     for (const name of ['c1', 'c2', 'c3']) {
       const res = await req('POST', '/v1/tasks', 'other', { template: 'read-pods', namespace: 'web', name });
@@ -253,10 +276,10 @@ describe('security review: approvals by principal, signed state, token lifetime,
     assert.match(fourth.body.error.message, /activeTasksPerAgent: 3/);
     for (const name of ['c1', 'c2', 'c3']) assert.equal((await req('DELETE', `/v1/tasks/${name}`, 'other')).status, 200);
 
-    // The forged request of "other" is ignored, so it does not count: two may be open, not a third.
+    // The forged request of "other" is ignored, so it does not count; ctl-deny does: one more may be open, not a second.
     const open = [];
-    for (const name of ['q1', 'q2']) open.push(await req('POST', '/v1/tasks', 'other', { template: 'read-secrets', namespace: 'web', name }));
-    assert.deepEqual(open.map((r) => r.body.error.code), ['approval_required', 'approval_required']);
+    for (const name of ['q1']) open.push(await req('POST', '/v1/tasks', 'other', { template: 'read-secrets', namespace: 'web', name }));
+    assert.deepEqual(open.map((r) => r.body.error.code), ['approval_required']);
     const third = await req('POST', '/v1/tasks', 'other', { template: 'read-secrets', namespace: 'web', name: 'q3' });
     assert.equal(third.status, 403);
     assert.equal(third.body.error.code, 'quota_exceeded');
