@@ -9,8 +9,9 @@ import type { AuditLog } from '../audit/log.ts';
 import { BrokerError } from '../errors.ts';
 import { actorOf, type Caller } from '../identity/types.ts';
 import { clusterError, isConflict, isNotFound, type KubeApis } from '../kube/config.ts';
-import type { ApproverMember, Policy, PolicyRule, Template } from '../policy/types.ts';
+import type { ApproverMember, Policy } from '../policy/types.ts';
 import { StateSigner } from '../state-signature.ts';
+import { ApprovalRequiredError, type GatedStart, type StartGate } from '../tasks/gate.ts';
 import { checkFreeText } from '../text.ts';
 import type { V1ConfigMap } from '@kubernetes/client-node';
 import {
@@ -32,25 +33,10 @@ import { ApprovalKeys, signApproval, verifyApproval, type ApprovalClaims } from 
 /** How long a signed approval token is valid. */
 export const APPROVAL_TOKEN_SECONDS = 10 * 60;
 
-export interface GatedStart {
-  template: Template;
-  namespace: string;
-  name: string;
-  ttl: number;
-  reason?: string | undefined;
-  /** A `clusterRole` template's rules as read at this start (the approval is bound to them). */
-  clusterRoleRules?: readonly PolicyRule[];
-}
 
-export class ApprovalRequiredError extends BrokerError {
-  readonly requestId: string;
-  constructor(requestId: string, message: string) {
-    super('approval_required', message);
-    this.requestId = requestId;
-  }
-}
+export { ApprovalRequiredError, type GatedStart };
 
-export class ApprovalService {
+export class ApprovalService implements StartGate {
   readonly #kube: KubeApis;
   readonly #policy: Policy;
   readonly #audit: AuditLog;
@@ -393,10 +379,11 @@ export class ApprovalService {
     }
   }
 
-  /** A pending request for the caller's task NAME, if any (for the exec plugin's message). */
-  async pendingFor(caller: Caller, name: string): Promise<ApprovalRequest | undefined> {
+  /** The caller's request for task NAME still waiting for approvals, if any (for the exec plugin's message). */
+  async waitingFor(caller: Caller, name: string): Promise<{ id: string; approvals: number; required: number } | undefined> {
     const now = this.#now();
-    return (await this.list()).find((r) => r.requester.principal === caller.principal && r.name === name && effectiveState(r, now) === 'pending');
+    const r = (await this.list()).find((r) => r.requester.principal === caller.principal && r.name === name && effectiveState(r, now) === 'pending');
+    return r && { id: r.id, approvals: approvalCount(r), required: r.required };
   }
 
   /** Deletes requests that ended (denied, used, expired) more than `keepMs` ago. */

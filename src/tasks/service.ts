@@ -11,8 +11,7 @@ import { BrokerError } from '../errors.ts';
 import { failpoint } from '../failpoint.ts';
 import { actorOf, type Caller } from '../identity/types.ts';
 import { clusterError, isConflict, isNotFound, type KubeApis } from '../kube/config.ts';
-import { ApprovalRequiredError, type ApprovalService } from '../approvals/service.ts';
-import { approvalCount } from '../approvals/model.ts';
+import { ApprovalRequiredError, type StartGate } from './gate.ts';
 import { formatDuration, parseDuration } from '../policy/duration.ts';
 import { gatedPairsHitBy } from '../policy/grants.ts';
 import type { GatedPair, Policy, PolicyRule, Template } from '../policy/types.ts';
@@ -68,7 +67,7 @@ interface MintedToken {
 export interface TaskServiceOptions {
   now?: () => Date;
   /** Gated templates need it; without it they cannot be started at all. */
-  approvals?: ApprovalService;
+  approvals?: StartGate;
   /** Signs each task record (the store verifies them); without it records are unsigned (unit tests only). */
   signer?: StateSigner;
   /** Told of each token minted, once its record is durable (the audit webhook maps JTIs to tasks: src/tasks/recent.ts). */
@@ -102,7 +101,7 @@ export class TaskService {
   readonly #tokens = new Map<string, MintedToken>();
   readonly #minting = new Map<string, Promise<MintedToken>>();
   readonly #templates: Map<string, Template>;
-  readonly #approvals: ApprovalService | undefined;
+  readonly #approvals: StartGate | undefined;
   /** Per template with `rules`, the gated pairs they hit: non-empty ones start only with an approval token. */
   readonly #gated: Map<string, GatedPair[]>;
   readonly #signer: StateSigner | undefined;
@@ -444,8 +443,8 @@ export class TaskService {
     const task = this.#store.get(ref) ?? this.#store.findByName(caller.agent, ref);
     if (!task || task.state !== 'active') {
       // A gated task waiting for approval: say so, with the request id (the exec plugin shows it).
-      const pending = action === 'credential' && caller.agent ? await this.#approvals?.pendingFor(caller, ref) : undefined;
-      if (pending) throw new ApprovalRequiredError(pending.id, `task "${ref}" waits for approval: ${approvalCount(pending)} of ${pending.required} so far`);
+      const pending = action === 'credential' && caller.agent ? await this.#approvals?.waitingFor(caller, ref) : undefined;
+      if (pending) throw new ApprovalRequiredError(pending.id, `task "${ref}" waits for approval: ${pending.approvals} of ${pending.required} so far`);
       throw new BrokerError('no_active_task', `agent "${caller.agent}" has no active task "${ref}"${await this.#startHint(caller, ref)}`);
     }
     if (task.agent !== caller.agent) {
