@@ -62,7 +62,7 @@ export function serveCommand(): Command {
     .option('--audit-webhook-token-file <file>', "take the API server's audit webhook (POST /v1/audit/kubernetes) from posts bearing the token in this file (mode 0600; docs/recording.md)")
     .option('--allow-broad-credentials', 'start even when the broker\'s own credential can do far more than `policy apply` grants it (cluster-admin, escalate, ...); recorded')
     .addOption(new Option('--log-format <format>', 'request log and start-up summary on stderr: json (pino) or text').choices(LOG_FORMATS).default(undefined, 'text on a terminal, else json'))
-    .addOption(new Option('--log-level <level>', 'least level logged; every request is logged at info (5xx at error)').choices(LOG_LEVELS).default('info'))
+    .addOption(new Option('--log-level <level>', 'least level logged; every request is logged at info (5xx at error, 429s of the limits at debug)').choices(LOG_LEVELS).default('info'))
     .addOption(limit('--rate-limit-source <n/duration>', 'requests from one source address, every route ("off": none)', rate, D.perSource))
     .addOption(limit('--auth-failure-limit <n/duration>', 'failed authentications from one source address; beyond, 429 without checking', rate, D.authFailures))
     .addOption(limit('--rate-limit-identity <n/duration>', 'requests of one authenticated caller', rate, D.perIdentity))

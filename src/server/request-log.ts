@@ -129,10 +129,10 @@ const ID_IN_BODY = /^\{"id":"([a-z0-9]{1,64})"/;
 
 /**
  * fastify's request logging, as this broker wants it: one line when a request completes (at `info`,
- * `error` for 5xx), none when it arrives, and no "route not found" line with its URL. The task a
- * request names by `:ref` (a name or an id) is looked up before the handler runs, so a task that the
- * request ends is still found; the id of a task just started is read from the answer. `register`
- * adds those two hooks to the app.
+ * `error` for 5xx, `debug` for a 429 of the limits), none when it arrives, and no "route not found"
+ * line with its URL. The task a request names by `:ref` (a name or an id) is looked up before the
+ * handler runs, so a task that the request ends is still found; the id of a task just started is read
+ * from the answer. `register` adds those two hooks to the app.
  */
 export class RequestLog extends LogController {
   readonly #store: Pick<TaskStore, 'get' | 'findByName'>;
@@ -150,6 +150,9 @@ export class RequestLog extends LogController {
   override requestCompleted(error: Error | null | undefined, request: FastifyRequest, reply: FastifyReply): void {
     const fields = requestFields(request, reply, this.#task.get(request));
     if (error || reply.statusCode >= 500) request.log.error(fields, 'request');
+    // A flood refused by the limits is summarised in the audit log (auth.failed, request.throttled),
+    // not written line by line: at debug only, so a flood cannot fill the disk through stderr either.
+    else if (reply.statusCode === 429) request.log.debug(fields, 'request');
     else request.log.info(fields, 'request');
   }
 

@@ -366,7 +366,7 @@ function summary(
     {
       level: 'info',
       text:
-        `identity: Kubernetes ServiceAccount tokens with audience "${policy.broker.identityAudience}", checked with TokenReview (${saIdentities} in the policy)` +
+        `identity: Kubernetes ServiceAccount tokens with audience "${policy.broker.identityAudience}", checked with TokenReview (${saIdentities} ServiceAccount identit${saIdentities === 1 ? 'y' : 'ies'} in the policy)` +
         (oidc > 0 ? `; ${oidc} OIDC identit${oidc === 1 ? 'y' : 'ies'} in the policy cannot sign in to this broker yet` : ''),
     },
     { level: credential.broad.length + credential.extra.length > 0 ? 'warn' : 'info', text: credentialLine },

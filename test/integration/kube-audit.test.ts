@@ -517,7 +517,8 @@ describe('audit webhook: the API server records task requests through the broker
   });
 
   test('without --audit-webhook-token-file the route answers 404; a token file others can read is refused at start', async () => {
-    const plain = await startBroker({ webhook: false, listen: '127.0.0.1:0' });
+    // A log of its own: the suite's broker still writes audit.jsonl (one writer per log, src/audit/lock.ts).
+    const plain = await startBroker({ webhook: false, listen: '127.0.0.1:0', extra: ['--audit-log', join(dir, 'plain.jsonl')] });
     try {
       const res = await call(plain, 'POST', PATH, webhookToken, eventList([]));
       assert.equal(res.status, 404);
