@@ -39,5 +39,5 @@ export function listenError(host: string, port: number, err: unknown): BrokerErr
           : code === 'ENOTFOUND' || code === 'EAI_AGAIN'
             ? `${host} does not resolve to an address: give an IP address`
             : (err as Error).message;
-  return new BrokerError('invalid_argument', `cannot listen on ${where}: ${why}`, { field: '--listen', cause: err });
+  return new BrokerError('listen_failed', `cannot listen on ${where}: ${why}`, { field: '--listen', cause: err });
 }

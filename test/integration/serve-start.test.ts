@@ -106,9 +106,9 @@ describe('broker serve: start-up, reload, one writer per log', () => {
     test('a port in use: non-zero at once, the flag and the next step named, nothing recorded, no file left', async () => {
       const auditLog = logPath('busy');
       const res = await runCli(serveArgs(auditLog, { '--listen': `127.0.0.1:${port}` }));
-      assert.notEqual(res.code, 0);
+      assert.equal(res.code, 1, 'a plain failure, not the usage code');
       assert.ok(res.ms < 2_000, `exited after ${res.ms} ms`);
-      assert.match(res.stderr, new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port}: the address is already in use .*: stop it, or choose another port \\(--listen\\)`));
+      assert.match(res.stderr, new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port}: the address is already in use .*: stop it, or choose another port \\(--listen\\) \\[listen_failed\\]`));
       assert.doesNotMatch(res.stderr, /unexpected failure|EADDRINUSE \[internal\]/);
       assert.equal(existsSync(auditLog), false, 'no audit log left behind');
       assert.equal(existsSync(`${auditLog}.lock`), false, 'no lock file left behind');
