@@ -11,6 +11,7 @@
 import { open, stat } from 'node:fs/promises';
 import { ChainVerifier } from './verify.ts';
 import type { AuditRecord, JsonValue, VerifyResult } from './types.ts';
+import { leftBehind, leftBehindLine } from './left-behind.ts';
 import { printable, safeJson } from '../text.ts';
 export { printable, safeJson };
 
@@ -461,14 +462,39 @@ export function formatHeader(s: Story): string {
   return storyHeader(s);
 }
 
-/** The text output of `audit show`: each story under its header, its lines, its summary; then a total. */
-export function formatSelection(sel: Selection, paint: Paint = NO_PAINT): string {
+/**
+ * The "left behind" section of a story (src/audit/left-behind.ts): what its recorded requests created
+ * or changed that can hold or grant access, one line each; or that none of them did; or, when no
+ * request of the task is recorded at all, that this log cannot tell.
+ */
+export function formatLeftBehind(s: Story, paint: Paint = NO_PAINT): string[] {
+  const requests = summarize(s.records).requests;
+  if (requests === 0) {
+    return ['  left behind: unknown: no API request of this task is recorded (it made none, or no API server audit webhook posts to this broker; see docs/recording.md)'];
+  }
+  const items = leftBehind(s.records);
+  if (items.length === 0) return [`  left behind: nothing that can hold or grant access, among ${requests} recorded request${requests === 1 ? '' : 's'}`];
+  return [
+    `  left behind: ${items.length} object${items.length === 1 ? '' : 's'} that can hold or grant access, outliving the task`,
+    ...items.map((e) => {
+      const t = Date.parse(e.at);
+      return `    ${paint.dim(Number.isNaN(t) ? printable(e.at) : new Date(t).toISOString())}  ${printable(leftBehindLine(e))}`;
+    }),
+  ];
+}
+
+/**
+ * The text output of `audit show`: each story under its header, its lines, its summary (with
+ * `leftBehind`, as `--task` asks, then what it left behind); then a total.
+ */
+export function formatSelection(sel: Selection, paint: Paint = NO_PAINT, options: { leftBehind?: boolean } = {}): string {
   const out: string[] = [];
   for (const s of sel.stories) {
     out.push(formatHeader(s));
     for (const r of s.records) out.push(formatRecord(r, paint));
     const sum = summarize(s.records);
     out.push(`  ${sum.denied > 0 ? paint.denied(summaryLine(sum)) : summaryLine(sum)}`);
+    if (options.leftBehind && s.id !== undefined) out.push(...formatLeftBehind(s, paint));
   }
   if (sel.other.length > 0) {
     out.push('not about a task:');
@@ -491,6 +517,7 @@ export function selectionJson(sel: Selection, chain: VerifyResult): object {
       ...(s.template === undefined ? {} : { template: s.template }),
       ...(s.namespace === undefined ? {} : { namespace: s.namespace }),
       ...summarize(s.records),
+      leftBehind: leftBehind(s.records),
     })),
     records: [...sel.stories.flatMap((s) => s.records), ...sel.other],
     summary: sel.summary,

@@ -144,7 +144,7 @@ function showCommand(): Command {
   return new Command('show')
     .description('the story of tasks in time order: requested, approvals, started, credentials, every API request allowed and denied, ended')
     .argument('<file>', 'the audit log (JSON Lines)')
-    .option('--task <task>', 'a task id, or a task name (every task of that name)')
+    .option('--task <task>', 'a task id, or a task name (every task of that name); each story then ends with what the task left behind')
     .option('--agent <name>', "only this agent's tasks and records")
     .option('--since <when>', 'only events this long ago or later (e.g. 10m, 2h) or since an ISO 8601 time')
     .option('-f, --follow', 'keep reading the log and print matching records as they are appended (until Ctrl-C)')
@@ -193,7 +193,7 @@ async function show(file: string, opts: ShowCommandOptions): Promise<void> {
     const chain = reader.result(true);
     const selection = select(records, filter);
     if (opts.output === 'json') process.stdout.write(safeJson(selectionJson(selection, chain), 2) + '\n');
-    else process.stdout.write(formatSelection(selection, paint));
+    else process.stdout.write(formatSelection(selection, paint, { leftBehind: opts.task !== undefined }));
     if (!chain.ok) throw broken(chain);
     if (opts.task !== undefined && selection.stories.length === 0) {
       throw new BrokerError('not_found', `no task with id or name "${opts.task}"${opts.agent ? ` of agent "${opts.agent}"` : ''} in ${file}`, { field: '--task' });

@@ -3,6 +3,7 @@ import type { BrokerClient, StartTask } from '../client/broker-client.ts';
 import { BrokerError } from '../errors.ts';
 import type { TaskStateView } from '../tasks/history.ts';
 import type { TaskView } from '../tasks/model.ts';
+import { leftBehindLine, type LeftBehindReport } from '../audit/left-behind.ts';
 import { withClient } from './broker-options.ts';
 import { columns, fields, outputOption, printJson, relativeTime, safe, style, when, type OutputFormat } from './output.ts';
 
@@ -52,15 +53,18 @@ export function taskCommand(): Command {
     });
   task
     .command('end')
-    .description('end a task now: its access is revoked')
+    .description('end a task now: its access is revoked; lists what it left behind (objects it created that can hold or grant access)')
     .argument('<task>', 'task name or id')
     .addOption(outputOption())
     .addHelpText('after', '\nExample:\n  broker task end read-pods')
     .action(async (ref: string, flags: { output: OutputFormat }, cmd: Command) => {
       await withClient(cmd, async (client) => {
-        const ended = await client.endTask(ref);
+        const ended: TaskView & Partial<LeftBehindReport> = await client.endTask(ref);
         if (flags.output === 'json') printJson({ ...ended, ended: true });
-        else process.stdout.write(`ended task ${safe(ended.name)} (${safe(ended.id)})\n`);
+        else {
+          process.stdout.write(`ended task ${safe(ended.name)} (${safe(ended.id)})\n${leftBehindText(ended)}`);
+          if (ended.recording === 'webhook' && ended.hint) process.stderr.write(style.dim(`${safe(ended.hint)}\n`));
+        }
       });
     });
   task
@@ -102,6 +106,20 @@ export function requireNamespace(namespace: string | undefined, command: string)
     'usage',
     `--namespace is required: the namespace the task grants access in, e.g. ${command} --namespace team-a (\`broker templates\` lists the namespaces of each template you may start)`,
   );
+}
+
+/**
+ * What an ended task left behind (docs/recording.md): one line per object, or that nothing is known
+ * (a broker without the audit webhook), or nothing recorded so far. Nothing from a broker that does not
+ * report it.
+ */
+export function leftBehindText(r: Partial<LeftBehindReport>): string {
+  if (r.recording === 'none') return 'left behind: not recorded: this broker receives no API server audit events; see docs/recording.md\n';
+  if (r.recording !== 'webhook' || !Array.isArray(r.leftBehind)) return '';
+  if (r.leftBehind.length === 0) return 'left behind: nothing recorded so far that can hold or grant access\n';
+  const n = r.leftBehind.length;
+  const lines = r.leftBehind.map((e) => `  ${safe(leftBehindLine(e))}\n`);
+  return `left behind, recorded so far: ${n} object${n === 1 ? '' : 's'} that can hold or grant access, outliving the task\n${lines.join('')}`;
 }
 
 /** One task, active or from the history, with relative times (the absolute time in parentheses). */

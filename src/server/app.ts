@@ -18,7 +18,7 @@ import type { TaskStore } from '../tasks/store.ts';
 import { AuthFailureLog } from './auth-failures.ts';
 import { DEFAULT_LIMITS, guardConnections, httpServerOptions, RateLimitedError, RequestGuard, type Limits } from './limits.ts';
 import { Metrics } from './metrics.ts';
-import { KUBE_AUDIT_PATH, registerKubeAuditRoute, type KubeAuditConfig } from './kube-audit.ts';
+import { KUBE_AUDIT_PATH, leftBehindReport, registerKubeAuditRoute, type KubeAuditConfig } from './kube-audit.ts';
 import { errorHint, registerInfoRoutes } from './routes-info.ts';
 
 /** HTTP status of each error code the API can return. */
@@ -205,9 +205,11 @@ export function buildApp(deps: AppDeps): FastifyInstance {
 
   registerInfoRoutes(app, deps); // GET /v1/whoami, /v1/templates, /v1/tasks[/:ref] (src/server/routes-info.ts)
 
-  app.delete<{ Params: { ref: string } }>('/v1/tasks/:ref', { schema: { params: { type: 'object', properties: { ref: taskRef } } } }, async (req) =>
-    toView(await deps.tasks.end(req.caller!, req.params.ref, req.id)),
-  );
+  // The ended task, and what it left behind as far as this broker's audit webhook recorded (kube-audit.ts).
+  app.delete<{ Params: { ref: string } }>('/v1/tasks/:ref', { schema: { params: { type: 'object', properties: { ref: taskRef } } } }, async (req) => {
+    const task = await deps.tasks.end(req.caller!, req.params.ref, req.id);
+    return { ...toView(task), ...leftBehindReport(deps.kubeAudit, task.id) };
+  });
 
   app.post<{ Params: { ref: string } }>(
     '/v1/tasks/:ref/credential',

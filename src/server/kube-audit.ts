@@ -24,6 +24,7 @@ import { open } from 'node:fs/promises';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { AuditLog } from '../audit/log.ts';
 import { classify, eventKey, inRequestOrder, K8S_REQUEST, parseEventList, recordedKey, toRecord, type Disposition, type TaskInfo } from '../audit/kube-events.ts';
+import { leftBehind, LeftBehindStore, type LeftBehindReport } from '../audit/left-behind.ts';
 import { BrokerError, isBrokerError } from '../errors.ts';
 import { failpoint } from '../failpoint.ts';
 import { bearerToken, type Caller } from '../identity/types.ts';
@@ -47,6 +48,8 @@ export interface KubeAuditConfig {
   taskNamespace: string;
   recent: RecentTasks;
   seen: SeenEvents;
+  /** Per task, the recorded requests that bear on what it leaves behind (reported at task end). */
+  leftBehind: LeftBehindStore;
 }
 
 export interface KubeAuditDeps {
@@ -95,10 +98,11 @@ export async function prepareKubeAudit(options: {
 }): Promise<KubeAuditConfig> {
   const recent = options.recent ?? new RecentTasks(options.store);
   const seen = new SeenEvents(DEDUP_IDS);
+  const left = new LeftBehindStore();
   const lines = await readTailLines(options.auditLogPath, options.maxRecords ?? DEDUP_IDS);
-  for (const line of lines) seedFrom(line, seen, recent);
+  for (const line of lines) seedFrom(line, seen, recent, left);
   recent.start();
-  return { tokenDigest: digest(options.token), taskNamespace: options.taskNamespace, recent, seen };
+  return { tokenDigest: digest(options.token), taskNamespace: options.taskNamespace, recent, seen, leftBehind: left };
 }
 
 /** Registers the route (app.ts calls it once). */
@@ -144,14 +148,16 @@ export function registerKubeAuditRoute(app: FastifyInstance, deps: KubeAuditDeps
       counted('duplicate', duplicates);
 
       // Appended together (one write and fdatasync for the batch), in request order.
-      const appends = fresh.map((c) => {
+      const recs = fresh.map((c) => {
         const task: TaskInfo | undefined = cfg.recent.get(c.taskId);
-        return deps.audit.append(toRecord(c, task)).then(() => undefined);
+        return toRecord(c, task);
       });
+      const appends = recs.map((r) => deps.audit.append(r).then(() => undefined));
       fresh.forEach((c, i) => cfg.seen.pending(c.key, appends[i]!));
       const results = await Promise.allSettled([...appends, ...waits]);
       const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
       const recorded = results.slice(0, appends.length).filter((r) => r.status === 'fulfilled').length;
+      results.slice(0, appends.length).forEach((r, i) => r.status === 'fulfilled' && cfg.leftBehind.add(recs[i]!));
       counted('recorded', recorded);
       if (failed) {
         const err = failed.reason as unknown;
@@ -161,6 +167,22 @@ export function registerKubeAuditRoute(app: FastifyInstance, deps: KubeAuditDeps
       return reply.code(200).send({ recorded, duplicates, ignored: ignored.other_user + ignored.stage });
     },
   );
+}
+
+export const NOT_RECORDED = 'not recorded: this broker receives no API server audit events; see docs/recording.md';
+
+/** The left-behind report of a task that has just ended, from what this broker's webhook recorded. */
+export function leftBehindReport(config: KubeAuditConfig | undefined, taskId: string): LeftBehindReport {
+  if (!config) return { recording: 'none', complete: false, leftBehind: [], hint: NOT_RECORDED };
+  const held = config.leftBehind.of(taskId);
+  const show = `broker audit show --task ${taskId} AUDIT_LOG (each replica's log)`;
+  const final = `the final list, once that wait has passed: ${show}`;
+  const hint = held.forgotten
+    ? `this broker no longer holds the task's requests (too many tasks since): ${show}`
+    : `what this broker had recorded when the task ended: requests reach it in the API server's audit batches, up to its --audit-webhook-batch-max-wait later, possibly at another replica${
+        held.truncated ? ', and the task made more such requests than the broker keeps in memory' : ''
+      }; ${final}`;
+  return { recording: 'webhook', complete: false, leftBehind: leftBehind(held.records), hint };
 }
 
 /** The events recorded (their eventKey; bounded, oldest forgotten first) and those being recorded now. */
@@ -214,10 +236,17 @@ async function checkToken(req: FastifyRequest, expected: Buffer): Promise<Caller
   return { agent: '', subject: 'system:apiserver', method: 'serviceAccount', principal: 'identity:system:apiserver' };
 }
 
-/** One line of the log's tail (oldest first) into the dedup set and the recent tasks. */
-function seedFrom(line: string, seen: SeenEvents, recent: RecentTasks): void {
+/** One line of the log's tail (oldest first) into the dedup set, the recent tasks and what tasks left behind. */
+function seedFrom(line: string, seen: SeenEvents, recent: RecentTasks, left: LeftBehindStore): void {
   // Lines are in canonical form (docs/audit.md): `"type":"…"` appears once, unescaped, as the type.
   if (line.includes(`"type":"${K8S_REQUEST}"`)) {
+    if (/"verb":"(create|update|patch|delete)"/.test(line)) {
+      try {
+        left.add(JSON.parse(line) as Parameters<LeftBehindStore['add']>[0]);
+      } catch {
+        // not a record: the dedup below skips it too
+      }
+    }
     // Unescaped quotes occur only around keys and values, and these keys only in `details`.
     const value = (key: string) => {
       const m = new RegExp(`"${key}":"((?:[^"\\\\]|\\\\.)*)"`).exec(line);

@@ -306,8 +306,8 @@ test('-o json is one document: the chain verdict, the tasks with their counts, t
     assert.equal(doc.chain.ok, true);
     assert.equal(doc.chain.records, 23);
     assert.deepEqual(doc.tasks, [
-      { id: 't-aaa111', name: 'read-pods', agent: 'alpha', template: 'read-pods', namespace: 'web', records: 9, requests: 4, denied: 1 },
-      { id: 't-bbb222', name: 'read-pods', agent: 'beta', template: 'read-pods', namespace: 'web', records: 4, requests: 1, denied: 0 },
+      { id: 't-aaa111', name: 'read-pods', agent: 'alpha', template: 'read-pods', namespace: 'web', records: 9, requests: 4, denied: 1, leftBehind: [] },
+      { id: 't-bbb222', name: 'read-pods', agent: 'beta', template: 'read-pods', namespace: 'web', records: 4, requests: 1, denied: 0, leftBehind: [] },
     ]);
     assert.deepEqual(doc.summary, { records: 13, requests: 5, denied: 1 });
     const requests = doc.records.filter((r) => r['type'] === 'k8s.request');
