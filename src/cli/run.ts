@@ -14,6 +14,9 @@ import { EXIT } from './exit-codes.ts';
 import { readCa } from './kubeconfig.ts';
 import { safe, style } from './output.ts';
 import { requireNamespace, startWaiting } from './task.ts';
+import type { LeftBehindReport } from '../audit/left-behind.ts';
+import type { TaskView } from '../tasks/model.ts';
+import { leftBehindText } from './task.ts';
 
 interface RunFlags {
   namespace?: string;
@@ -73,8 +76,11 @@ async function runOnce(template: string, command: string[], flags: RunFlags, cmd
     let ended = true;
     if (taskId) {
       try {
-        await client.endTask(taskId);
+        const report: TaskView & Partial<LeftBehindReport> = await client.endTask(taskId);
         process.stderr.write(style.dim(`broker run: task ${taskId} ended\n`));
+        // What the command left that can hold or grant access goes to stderr: stdout is the command's.
+        const left = leftBehindText(report);
+        if (left && report.recording === 'webhook' && (report.leftBehind?.length ?? 0) > 0) process.stderr.write(`broker run: ${left}`);
       } catch (err) {
         process.stderr.write(`${style.error('error')}: could not end task ${taskId}: ${(err as Error).message} (it expires at its TTL)\n`);
         ended = false;
