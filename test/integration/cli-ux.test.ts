@@ -64,6 +64,7 @@ approvers:
 /** What an agent could put in a reason: a colour change, a screen clear, a bidi override, a bell. */
 const EVIL = 'fix \x1b[31mred\x1b[2J \u202egnp.exe\u0007 done, and a few words more';
 const EVIL_ESCAPED = 'fix \\x1b[31mred\\x1b[2J \\u202egnp.exe\\x07 done, and a few words more';
+const PLAIN = 'rotate the signing keys of the shop, and a few words more';
 
 describe('the first hour through the CLI', () => {
   let env: BrokerEnv;
@@ -224,7 +225,7 @@ describe('the first hour through the CLI', () => {
   });
 
   test('a gated template without --wait says how to wait and how an approver approves; approvals show and list tell the whole request, escaped', async () => {
-    const res = await cli('alpha', ['task', 'start', 'exec-pods', '--namespace', 'team-a', '--name', 'dbg', '--ttl', '5m', '--reason', EVIL]);
+    const res = await cli('alpha', ['task', 'start', 'exec-pods', '--namespace', 'team-a', '--name', 'dbg', '--ttl', '5m', '--reason', PLAIN]);
     assert.equal(res.code, EXIT.approval_required);
     const id = /request (ar-[0-9a-f]{12})/.exec(res.stderr)?.[1];
     assert.ok(id, res.stderr);
@@ -247,35 +248,57 @@ describe('the first hour through the CLI', () => {
     ]) {
       assert.match(show.stdout, new RegExp(`^${line}$`, 'm'), line);
     }
-    assert.ok(show.stdout.includes(`reason     ${EVIL_ESCAPED}\n`), show.stdout);
-    assert.doesNotMatch(show.stdout, /[\x1b\u202e\x07]/, 'no control character reaches the terminal');
+    assert.ok(show.stdout.includes(`reason     ${PLAIN}\n`), show.stdout);
 
     const list = await cli('alice', ['approvals', 'list']);
     assert.equal(list.code, EXIT.ok, list.stderr);
     assert.match(list.stdout, /^ID +STATE +AGENT +TEMPLATE +NAMESPACE +APPROVALS +EXPIRES +REASON$/m);
-    assert.ok(list.stdout.includes(`${EVIL_ESCAPED.slice(0, 45)}...`), list.stdout);
-    assert.doesNotMatch(list.stdout, /[\x1b\u202e\x07]/);
+    assert.ok(list.stdout.includes(`${PLAIN.slice(0, 45)}...`), list.stdout);
 
     assert.equal((await cli('alice', ['approve', id, '--reason', 'ok'])).code, EXIT.ok);
     const approved = await cli('alice', ['approvals', 'show', id]);
     assert.match(approved.stdout, /^state +approved, 1 of 1 approval\(s\)$/m);
     assert.match(approved.stdout, /^decisions +approved by system:serviceaccount:approvers:alice \(identity:system:serviceaccount:approvers:alice\) (now|\d+s ago): ok$/m);
     const asJson = json(await cli('alice', ['approvals', 'show', id, '-o', 'json']));
-    assert.equal(asJson.reason, EVIL, 'JSON keeps the text (as JSON escapes)');
+    assert.equal(asJson.reason, PLAIN);
     assert.match(asJson.expiresAt, /^\d{4}-\d\d-\d\dT.*Z$/);
     assert.equal(asJson.approvalToken, undefined, 'show never prints an approval token');
   });
 
-  test('control characters in a task reason are printed escaped by task show', async () => {
-    json(await cli('alpha', ['task', 'start', 'read-pods', '--namespace', 'team-a', '--name', 'ctl', '--reason', EVIL, '-o', 'json']));
-    const show = await cli('alpha', ['task', 'show', 'ctl']);
-    assert.equal(show.code, EXIT.ok, show.stderr);
-    assert.ok(show.stdout.includes(`reason     ${EVIL_ESCAPED}\n`), show.stdout);
-    assert.doesNotMatch(show.stdout, /[\x1b\u202e\x07]/);
-    const raw = json(await cli('alpha', ['task', 'show', 'ctl', '-o', 'json']));
-    assert.equal(raw.reason, EVIL);
-    assert.equal(raw.state, 'active');
-    json(await cli('alpha', ['task', 'end', 'ctl', '-o', 'json']));
+  test('control characters in free text: the broker refuses them; every view escapes them in what a broker answers', async () => {
+    const refused = await cli('alpha', ['task', 'start', 'read-pods', '--namespace', 'team-a', '--name', 'ctl', '--reason', EVIL]);
+    assert.equal(refused.code, EXIT.usage, refused.stderr);
+    assert.match(refused.stderr, /"reason" must not contain control or bidirectional-override characters \(found U\+001B at position 4\) \(reason\) \[invalid_argument\]/);
+    assert.notEqual((await cli('alpha', ['task', 'show', 'ctl'])).code, EXIT.ok, 'nothing was started');
+
+    // A broker that still answers such text (an older one, or one whose records predate the check): a
+    // stand-in on loopback, since the real broker no longer stores it.
+    const now = Date.now();
+    const task = { id: 'abc123abc123', name: 'ctl', agent: 'alpha', template: 'read-pods', namespace: 'team-a', createdAt: new Date(now).toISOString(), expiresAt: new Date(now + 600_000).toISOString(), reason: EVIL, state: 'active' };
+    const approval = {
+      id: 'ar-000000000001', requester: 'system:serviceaccount:agents:alpha', agent: 'alpha', template: 'exec-pods', namespace: 'team-a', name: 'dbg', ttl: 300,
+      reason: EVIL, state: 'pending', required: 1, approvals: 0, approvers: ['sre'], decisions: [], createdAt: new Date(now).toISOString(), expiresAt: new Date(now + 600_000).toISOString(),
+    };
+    const stand = createServer((req, res) => {
+      const body = req.url === '/v1/tasks/ctl' ? task : req.url === `/v1/approvals/${approval.id}` ? approval : req.url?.startsWith('/v1/approvals') ? { approvals: [approval] } : undefined;
+      res.writeHead(body ? 200 : 404, { 'content-type': 'application/json' }).end(JSON.stringify(body ?? { error: { code: 'not_found', message: 'no' } }));
+    });
+    await new Promise<void>((done) => stand.listen(0, '127.0.0.1', done));
+    try {
+      const url = `http://127.0.0.1:${(stand.address() as { port: number }).port}`;
+      const show = await cli('alpha', ['task', 'show', 'ctl'], { BROKER_URL: url });
+      assert.equal(show.code, EXIT.ok, show.stderr);
+      assert.ok(show.stdout.includes(`reason     ${EVIL_ESCAPED}\n`), show.stdout);
+      const approvalShow = await cli('alpha', ['approvals', 'show', approval.id], { BROKER_URL: url });
+      assert.ok(approvalShow.stdout.includes(`reason     ${EVIL_ESCAPED}\n`), approvalShow.stdout);
+      const list = await cli('alice', ['approvals', 'list'], { BROKER_URL: url });
+      assert.ok(list.stdout.includes(`${EVIL_ESCAPED.slice(0, 45)}...`), list.stdout);
+      for (const out of [show.stdout, approvalShow.stdout, list.stdout]) assert.doesNotMatch(out, /[\x1b\u202e\x07]/, 'no control character reaches the terminal');
+      const raw = json(await cli('alpha', ['task', 'show', 'ctl', '-o', 'json'], { BROKER_URL: url }));
+      assert.equal(raw.reason, EVIL, 'JSON keeps the text (as JSON escapes)');
+    } finally {
+      await new Promise((done) => stand.close(done));
+    }
   });
 
   test('broker run --wait waits for the approval of a gated template, runs the command, ends the task', async () => {
