@@ -66,3 +66,15 @@ export class BrokerError extends Error {
 export function isBrokerError(err: unknown): err is BrokerError {
   return err instanceof BrokerError;
 }
+
+/** The `code` of a Node system error (`ENOENT`, `EADDRINUSE`, ...), if it has one. */
+export function errCode(err: unknown): string | undefined {
+  return typeof err === 'object' && err !== null && 'code' in err && typeof err.code === 'string' ? err.code : undefined;
+}
+
+/** A system error's message, with its code in front when the message does not already name it. */
+export function errText(err: unknown): string {
+  const code = errCode(err);
+  const msg = err instanceof Error ? err.message : String(err);
+  return code && !msg.includes(code) ? `${code}: ${msg}` : msg;
+}

@@ -22,7 +22,7 @@ import { randomBytes } from 'node:crypto';
 import { closeSync, fsyncSync, linkSync, openSync, readFileSync, renameSync, unlinkSync, writeSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { BrokerError } from '../errors.ts';
+import { errCode, errText, BrokerError } from '../errors.ts';
 
 /** What a lock file holds (one JSON line). */
 export interface LockHolder {
@@ -274,14 +274,4 @@ function defaultCommand(): string {
 
 function cannotLock(logPath: string, lockPath: string, err: unknown): BrokerError {
   return new BrokerError('audit_unavailable', `the audit log ${logPath} cannot be locked for writing: creating ${lockPath}: ${errText(err)}`, { cause: err });
-}
-
-function errCode(err: unknown): string | undefined {
-  return typeof err === 'object' && err !== null && 'code' in err && typeof err.code === 'string' ? err.code : undefined;
-}
-
-function errText(err: unknown): string {
-  const code = errCode(err);
-  const msg = err instanceof Error ? err.message : String(err);
-  return code && !msg.includes(code) ? `${code}: ${msg}` : msg;
 }
