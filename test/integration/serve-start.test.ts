@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { verifyAuditFile } from '../../src/audit/verify.ts';
 import { BrokerEnv, BrokerProcess, POLICY_FILE } from '../helpers/broker.ts';
+import { run } from '../helpers/kube.ts';
 
 const MAIN = new URL('../../src/cli/main.ts', import.meta.url).pathname;
 const BASE_POLICY = readFileSync(POLICY_FILE, 'utf8');
@@ -25,21 +26,10 @@ interface Exited {
 }
 
 /** Runs the broker CLI to its end (or kills it after `timeoutMs`), timing it. */
-function runCli(args: string[], timeoutMs = 20_000): Promise<Exited> {
+async function runCli(args: string[], timeoutMs = 20_000): Promise<Exited> {
   const t0 = Date.now();
-  return new Promise((done, fail) => {
-    const child = spawn(process.execPath, [MAIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-    child.on('error', fail);
-    child.on('close', (code) => {
-      clearTimeout(timer);
-      done({ code, stdout, stderr, ms: Date.now() - t0 });
-    });
-  });
+  const res = await run(process.execPath, [MAIN, ...args], process.env, timeoutMs);
+  return { ...res, ms: Date.now() - t0 };
 }
 
 function records(path: string): Array<Record<string, any>> {
