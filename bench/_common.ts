@@ -3,7 +3,8 @@
  * on Ctrl-C), percentiles, and a plain-text table.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { BrokerEnv } from '../test/helpers/broker.ts';
+import { join } from 'node:path';
+import { BrokerEnv, BrokerProcess } from '../test/helpers/broker.ts';
 
 export { BrokerEnv };
 
@@ -22,6 +23,7 @@ export async function withEnv<T>(body: (env: BrokerEnv) => Promise<T>): Promise<
   const env = await BrokerEnv.start();
   const onSignal = (sig: NodeJS.Signals) => {
     for (const c of children) c.kill('SIGKILL');
+    for (const b of checkoutBrokers) b.kill('SIGKILL');
     void env.stop().finally(() => process.exit(sig === 'SIGINT' ? 130 : 143));
   };
   process.once('SIGINT', onSignal);
@@ -30,10 +32,30 @@ export async function withEnv<T>(body: (env: BrokerEnv) => Promise<T>): Promise<
     return await body(env);
   } finally {
     for (const c of children) c.kill('SIGKILL');
+    for (const b of checkoutBrokers) b.kill('SIGKILL');
     await env.stop();
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
   }
+}
+
+/** Brokers run from another checkout (startCheckoutBroker): killed with the environment. */
+const checkoutBrokers = new Set<BrokerProcess>();
+
+/**
+ * `broker serve` of another checkout of the project (DIR/src/cli/main.ts: a `git worktree` or `git
+ * archive` of an earlier commit, with a node_modules symlink), on the environment's cluster and policy,
+ * as BrokerEnv.startBroker starts this tree's: the benchmarks' `--baseline-checkout DIR` compares the
+ * two in the same run.
+ */
+export async function startCheckoutBroker(env: BrokerEnv, checkout: string, options: { auditLog: string; extraArgs?: string[]; shellPrefix?: string }): Promise<BrokerProcess> {
+  const args = [
+    ...[join(checkout, 'src/cli/main.ts'), 'serve', '--config', env.policyFile, '--audit-log', options.auditLog, '--kubeconfig', env.brokerKubeconfig],
+    ...['--listen', '127.0.0.1:0', '--insecure-http', '--sweep-interval', '1s', '--orphan-grace', '2s', '--lease-duration', '3s', ...(options.extraArgs ?? [])],
+  ];
+  const broker = await BrokerProcess.spawn(args, options.auditLog, undefined, options.shellPrefix);
+  checkoutBrokers.add(broker);
+  return broker;
 }
 
 /** Spawns `node SCRIPT ...args` and resolves with its URL once it prints "listening on URL". */

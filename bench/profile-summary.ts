@@ -1,23 +1,33 @@
 /**
- * Summarises a V8 .cpuprofile (from `node --cpu-prof`): self time by function and by package/file.
+ * Summarises a V8 .cpuprofile (from `node --cpu-prof`): self time by package/file and by function,
+ * and total time (self + callees) by function. Idle time is left out of the percentages of the busy
+ * time ("busy" = every sample but `(idle)`), so profiles of runs of different lengths compare.
  *
- *   bin/bench profile-summary FILE.cpuprofile [TOP=25]
+ *   bin/bench profile-summary FILE.cpuprofile [TOP=25] [--callers NAME] [--depth 5]
+ *
+ * --callers NAME prints, for the function NAME, its self time by call chain (NAME < caller < ...).
  */
 import { readFileSync } from 'node:fs';
+import { parseArgs } from 'node:util';
 
 interface Node {
   id: number;
   callFrame: { functionName: string; url: string; lineNumber: number };
   children?: number[];
 }
-const file = process.argv[2];
-if (!file) throw new Error('usage: bin/bench profile-summary FILE.cpuprofile [TOP]');
-const top = Number(process.argv[3] ?? 25);
+const { values: flags, positionals } = parseArgs({ options: { callers: { type: 'string' }, depth: { type: 'string', default: '5' } }, allowPositionals: true });
+const file = positionals[0];
+if (!file) throw new Error('usage: bin/bench profile-summary FILE.cpuprofile [TOP] [--callers NAME] [--depth N]');
+const top = Number(positionals[1] ?? 25);
 const prof = JSON.parse(readFileSync(file, 'utf8')) as { nodes: Node[]; samples: number[]; timeDeltas: number[] };
 const byId = new Map(prof.nodes.map((n) => [n.id, n]));
+const parent = new Map<number, number>();
+for (const n of prof.nodes) for (const c of n.children ?? []) parent.set(c, n.id);
 const self = new Map<number, number>();
 prof.samples.forEach((id, i) => self.set(id, (self.get(id) ?? 0) + (prof.timeDeltas[i] ?? 0)));
 const total = [...self.values()].reduce((a, b) => a + b, 0);
+const idle = [...self].filter(([id]) => byId.get(id)!.callFrame.functionName === '(idle)').reduce((a, [, t]) => a + t, 0);
+const busy = total - idle;
 
 const where = (url: string) => {
   const m = /node_modules\/((?:@[^/]+\/)?[^/]+)/.exec(url);
@@ -26,19 +36,44 @@ const where = (url: string) => {
   const s = /\/(src\/.*|bench\/.*)$/.exec(url);
   return s ? s[1]! : url || '(native/gc/idle)';
 };
+const label = (n: Node) => `${n.callFrame.functionName || '(anonymous)'} ${where(n.callFrame.url)}:${n.callFrame.lineNumber + 1}`;
 const fn = new Map<string, number>();
 const pkg = new Map<string, number>();
+const inclusive = new Map<string, number>();
 for (const [id, t] of self) {
   const n = byId.get(id)!;
+  if (n.callFrame.functionName === '(idle)') continue;
   const w = where(n.callFrame.url);
-  const k = `${n.callFrame.functionName || '(anonymous)'} ${w}:${n.callFrame.lineNumber + 1}`;
-  fn.set(k, (fn.get(k) ?? 0) + t);
+  fn.set(label(n), (fn.get(label(n)) ?? 0) + t);
   pkg.set(w, (pkg.get(w) ?? 0) + t);
+  // Every function on this sample's stack, once (recursion counted once).
+  const seen = new Set<string>();
+  for (let p: number | undefined = id; p !== undefined; p = parent.get(p)) {
+    const k = label(byId.get(p)!);
+    if (seen.has(k)) continue;
+    seen.add(k);
+    inclusive.set(k, (inclusive.get(k) ?? 0) + t);
+  }
 }
 const show = (title: string, m: Map<string, number>) => {
   console.log(`\n${title}`);
-  for (const [k, t] of [...m].sort((a, b) => b[1] - a[1]).slice(0, top)) console.log(`${((100 * t) / total).toFixed(1).padStart(5)}%  ${(t / 1000).toFixed(0).padStart(7)} ms  ${k}`);
+  for (const [k, t] of [...m].sort((a, b) => b[1] - a[1]).slice(0, top)) console.log(`${((100 * t) / busy).toFixed(1).padStart(5)}%  ${(t / 1000).toFixed(0).padStart(7)} ms  ${k}`);
 };
-console.log(`total ${(total / 1000).toFixed(0)} ms sampled`);
-show('self time by file/package', pkg);
-show('self time by function', fn);
+console.log(`total ${(total / 1000).toFixed(0)} ms sampled, of which busy (not idle) ${(busy / 1000).toFixed(0)} ms; percentages are of the busy time`);
+if (flags.callers) {
+  const chains = new Map<string, number>();
+  for (const [id, t] of self) {
+    const n = byId.get(id)!;
+    if (n.callFrame.functionName !== flags.callers) continue;
+    const chain: string[] = [label(n)];
+    let p = parent.get(id);
+    for (let i = 0; i < Number(flags.depth) && p !== undefined; i++, p = parent.get(p)) chain.push(label(byId.get(p)!));
+    const k = chain.join(' < ');
+    chains.set(k, (chains.get(k) ?? 0) + t);
+  }
+  show(`self time of ${flags.callers} by call chain`, chains);
+} else {
+  show('self time by file/package', pkg);
+  show('self time by function', fn);
+  show('total time (self + callees) by function', inclusive);
+}
