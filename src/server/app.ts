@@ -7,7 +7,7 @@ import { randomUUID } from 'node:crypto';
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { AuditLog } from '../audit/log.ts';
 import { BrokerError, isBrokerError, type ErrorCode } from '../errors.ts';
-import { authenticate } from '../identity/service-account.ts';
+import { acceptedBefore, authenticate } from '../identity/service-account.ts';
 import { actorOf, type Authenticator, type Caller } from '../identity/types.ts';
 import { toView as approvalView } from '../approvals/model.ts';
 import type { ApprovalService } from '../approvals/service.ts';
@@ -134,16 +134,31 @@ export function buildApp(deps: AppDeps): FastifyInstance {
   app.decorateRequest('caller', undefined);
   const guard = registerLimits(app, deps, limits, metrics);
 
-  app.addHook('onRequest', async (req, reply) => {
+  // Hooks on every request are callback-style: no promise per request for what usually needs no I/O.
+  app.addHook('onRequest', (req, reply, done) => {
     reply.header('x-request-id', req.id);
-    if (!req.url.startsWith('/v1/')) return;
-    if (req.url.split('?', 1)[0] === KUBE_AUDIT_PATH) return; // the API server's webhook checks its own token (kube-audit.ts)
-    req.caller = await guard.authenticate(req, () => authenticate(deps.authenticators, req));
+    if (!req.url.startsWith('/v1/') || isKubeAuditPath(req.url)) return done(); // the API server's webhook checks its own token (kube-audit.ts)
+    const authenticators = deps.authenticators;
+    // The same credential as the request before on this keep-alive connection: known without any work.
+    const known = acceptedBefore(authenticators, req);
+    if (known) {
+      try {
+        req.caller = guard.known(req, known);
+      } catch (err) {
+        return done(err as Error);
+      }
+      return done();
+    }
+    guard.authenticate(req, () => authenticate(authenticators, req)).then((caller) => {
+      req.caller = caller;
+      done();
+    }, done);
   });
   app.addHook('onRequest', guard.onIdentity);
 
-  app.addHook('onResponse', async (req, reply) => {
+  app.addHook('onResponse', (req, reply, done) => {
     metrics.observeRequest(req.routeOptions.url ?? 'unmatched', req.method, reply.statusCode, reply.elapsedTime / 1000);
+    done();
   });
 
   app.setErrorHandler(async (error: FastifyError | BrokerError, req: FastifyRequest, reply: FastifyReply) => {
@@ -272,6 +287,11 @@ function registerApprovalRoutes(app: FastifyInstance, current: () => ApprovalSer
       },
     );
   }
+}
+
+/** The webhook's path, with or without a query string. */
+function isKubeAuditPath(url: string): boolean {
+  return url.startsWith(KUBE_AUDIT_PATH) && (url.length === KUBE_AUDIT_PATH.length || url[KUBE_AUDIT_PATH.length] === '?');
 }
 
 function routePath(req: FastifyRequest): string {

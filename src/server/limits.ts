@@ -228,11 +228,7 @@ export class RequestGuard {
     let pending: string[] | undefined;
     if (this.#failures) {
       pending = this.#pending.get(source);
-      const r = this.#failures.left(source);
-      if (r.left <= (pending ? distinctOthers(pending, credential, r.left) : 0)) {
-        this.#refused('auth_failures', { source, category: 'rate_limited' });
-        throw new RateLimitedError(`too many failed authentications from this address: ${per(this.#failures.rate)}`, r.retryAfter || 1);
-      }
+      this.#checkFailures(this.#failures, source, pending, credential);
       if (pending) pending.push(credential);
       else this.#pending.set(source, (pending = [credential]));
     }
@@ -250,6 +246,28 @@ export class RequestGuard {
         if (pending.length === 1) this.#pending.delete(source);
         else pending.splice(pending.indexOf(credential), 1);
       }
+    }
+  }
+
+  /**
+   * `authenticate` for a request whose caller is already known without any work (accepted on its
+   * connection moments ago: src/identity/service-account.ts, acceptedBefore). Synchronous; the
+   * source's failure budget applies as it does to every authentication.
+   */
+  known(req: FastifyRequest, caller: Caller): Caller {
+    if (this.#failures) {
+      const source = sourceOf(req.ip);
+      this.#checkFailures(this.#failures, source, this.#pending.get(source), req.headers.authorization ?? '');
+    }
+    return caller;
+  }
+
+  /** Refuses (429) a source that has spent its failure budget, counting the other credentials it is having checked now. */
+  #checkFailures(failures: Budget, source: string, pending: readonly string[] | undefined, credential: string): void {
+    const r = failures.left(source);
+    if (r.left <= (pending ? distinctOthers(pending, credential, r.left) : 0)) {
+      this.#refused('auth_failures', { source, category: 'rate_limited' });
+      throw new RateLimitedError(`too many failed authentications from this address: ${per(failures.rate)}`, r.retryAfter || 1);
     }
   }
 
