@@ -62,6 +62,10 @@ interface MintedToken {
   jti: string;
   expiresAt: Date;
   mintedAt: Date;
+  /** `expiresAt` in ISO 8601, for the record of every serve. */
+  expiresIso: string;
+  /** The answer served with it, made once (for the task expiry it was made with). */
+  answer?: { credential: Credential; taskExpiresMs: number } | undefined;
 }
 
 export interface TaskServiceOptions {
@@ -549,12 +553,18 @@ export class TaskService {
         task: task.id,
         outcome: 'allowed',
         jti: minted.jti,
-        expiresAt: minted.expiresAt.toISOString(),
+        expiresAt: minted.expiresIso,
         requestId,
       });
     }
-    const until = minted.expiresAt < task.expiresAt ? minted.expiresAt : task.expiresAt;
-    return { token: minted.token, expirationTimestamp: until.toISOString(), taskId: task.id, jti: minted.jti };
+    // The same answer for every serve of this token (made once: no date formatting per request).
+    const taskExpiresMs = task.expiresAt.getTime();
+    if (minted.answer?.taskExpiresMs !== taskExpiresMs) {
+      const until = minted.expiresAt < task.expiresAt ? minted.expiresAt : task.expiresAt;
+      const credential = Object.freeze({ token: minted.token, expirationTimestamp: until.toISOString(), taskId: task.id, jti: minted.jti });
+      minted.answer = { credential, taskExpiresMs };
+    }
+    return minted.answer.credential;
   }
 
   /** Reuse while more than a third of the token's life is left (200 s of a 600 s token). */
@@ -596,7 +606,7 @@ export class TaskService {
     }
     const jti = String(decodeJwt(token).jti ?? '');
     if (!token || !jti || Number.isNaN(expiresAt.getTime())) throw new BrokerError('internal', 'TokenRequest returned no usable token');
-    const minted: MintedToken = { token, jti, expiresAt, mintedAt };
+    const minted: MintedToken = { token, jti, expiresAt, mintedAt, expiresIso: expiresAt.toISOString() };
     // Recorded (JTI, never the token) before it leaves the broker; the token is forgotten if that fails.
     await this.#audit.append({
       type: 'credential.minted',
@@ -608,7 +618,7 @@ export class TaskService {
       namespace: task.namespace,
       outcome: 'allowed',
       jti,
-      expiresAt: expiresAt.toISOString(),
+      expiresAt: minted.expiresIso,
       requestId,
     });
     this.#onMinted?.(task, jti, expiresAt);
