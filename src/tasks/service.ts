@@ -359,12 +359,21 @@ export class TaskService {
     return task;
   }
 
-  /** Secret (the name lock), ServiceAccount, RoleBinding, then the Secret is marked active. */
+  /**
+   * The Secret first (the task record, `pending`, and the per-agent name lock); then the ServiceAccount
+   * and the RoleBinding at once, as neither needs the other (a RoleBinding may name a ServiceAccount
+   * that does not exist yet; it grants nothing until a token of it exists, and none is minted before
+   * the record is active); then the Secret is marked active. Three round trips on the start's path
+   * instead of four. What a crash leaves is what it left with the two made one after the other: a
+   * pending record, with any of the other two; never a RoleBinding without its record (it is created
+   * only once the record exists, and removed first), never an active record without both.
+   */
   async #createObjects(task: Task, template: Template): Promise<void> {
     const ns = this.taskNamespace;
     const labels = taskLabels(task);
     const annotations = taskAnnotations(task);
-    const created: Array<() => Promise<unknown>> = [];
+    // What exists, for the rollback: the RoleBinding (which grants) goes first, the record last.
+    const made = { secret: false, serviceAccount: false, roleBinding: false };
     try {
       let secret: V1Secret;
       try {
@@ -376,17 +385,18 @@ export class TaskService {
         if (isConflict(err)) throw taskExists(task.agent, task.name);
         throw clusterError('creating the task Secret', err);
       }
-      created.push(() => this.#kube.core.deleteNamespacedSecret({ name: task.secretName, namespace: ns }));
+      made.secret = true;
       if (secret.metadata?.uid) task.secretUid = secret.metadata.uid;
       failpoint('start-after-secret');
 
-      await this.#kube.core
-        .createNamespacedServiceAccount({ namespace: ns, body: { metadata: { name: task.serviceAccount, labels, annotations } } })
-        .catch((err) => Promise.reject(clusterError('creating the task ServiceAccount', err)));
-      created.push(() => this.#kube.core.deleteNamespacedServiceAccount({ name: task.serviceAccount, namespace: ns }));
-      failpoint('start-after-serviceaccount');
-
-      await this.#kube.rbac
+      const account = this.#kube.core.createNamespacedServiceAccount({ namespace: ns, body: { metadata: { name: task.serviceAccount, labels, annotations } } }).then(
+        () => {
+          made.serviceAccount = true;
+          failpoint('start-after-serviceaccount');
+        },
+        (err: unknown) => Promise.reject(clusterError('creating the task ServiceAccount', err)),
+      );
+      const binding = this.#kube.rbac
         .createNamespacedRoleBinding({
           namespace: task.namespace,
           body: {
@@ -395,9 +405,17 @@ export class TaskService {
             subjects: [{ kind: 'ServiceAccount', name: task.serviceAccount, namespace: ns }],
           },
         })
-        .catch((err) => Promise.reject(clusterError('creating the task RoleBinding', err)));
-      created.push(() => this.#kube.rbac.deleteNamespacedRoleBinding({ name: task.roleBinding, namespace: task.namespace }));
-      failpoint('start-after-rolebinding');
+        .then(
+          () => {
+            made.roleBinding = true;
+            failpoint('start-after-rolebinding');
+          },
+          (err: unknown) => Promise.reject(clusterError('creating the task RoleBinding', err)),
+        );
+      // Both settled before anything is rolled back, so a RoleBinding still in flight is not missed.
+      const [a, b] = await Promise.allSettled([account, binding]);
+      if (a.status === 'rejected') throw a.reason;
+      if (b.status === 'rejected') throw b.reason;
 
       await this.#kube.core
         .patchNamespacedSecret(
@@ -407,8 +425,10 @@ export class TaskService {
       task.state = 'active';
       failpoint('start-after-activate');
     } catch (err) {
-      // Roll back what was created, newest first (the RoleBinding, which grants, goes first).
-      for (const undo of created.reverse()) await undo().catch(() => undefined);
+      // Roll back what was created: the RoleBinding (which grants) first, the record last.
+      if (made.roleBinding) await this.#kube.rbac.deleteNamespacedRoleBinding({ name: task.roleBinding, namespace: task.namespace }).catch(() => undefined);
+      if (made.serviceAccount) await this.#kube.core.deleteNamespacedServiceAccount({ name: task.serviceAccount, namespace: ns }).catch(() => undefined);
+      if (made.secret) await this.#kube.core.deleteNamespacedSecret({ name: task.secretName, namespace: ns }).catch(() => undefined);
       throw err;
     }
   }
