@@ -83,12 +83,19 @@ else
   step "native exec plugin: built .cache/bin/broker-credential"
 fi
 
+# test/cluster: kube-apiserver (with etcd), kubectl, kube-components (kube-scheduler and
+# kube-controller-manager in one program, and the cluster's certificates), and, from its own module
+# test/cluster/node (virtual-kubelet needs k8s.io v0.37), local-node: the node whose containers are
+# local processes.
+binaries=(kube-apiserver kubectl kube-components local-node)
 stamp=$( { echo "$KUBE_VERSION $go_version"; cd test/cluster && find . -name '*.go' -o -name go.mod -o -name go.sum | sort | xargs sha256sum; } | sha256sum | cut -d' ' -f1)
-if [ -x "$bin_dir/kube-apiserver" ] && [ -x "$bin_dir/kubectl" ] && [ -f "$bin_dir/.stamp" ] && [ "$(cat "$bin_dir/.stamp")" = "$stamp" ]; then
-  step "test/cluster: kube-apiserver and kubectl $KUBE_VERSION up to date"
+all_built=1
+for b in "${binaries[@]}"; do [ -x "$bin_dir/$b" ] || all_built=0; done
+if [ "$all_built" = 1 ] && [ -f "$bin_dir/.stamp" ] && [ "$(cat "$bin_dir/.stamp")" = "$stamp" ]; then
+  step "test/cluster: ${binaries[*]} $KUBE_VERSION up to date"
   exit 0
 fi
-step "test/cluster: building kube-apiserver and kubectl $KUBE_VERSION with Go $go_version (minutes when cold; log in .cache/go-build.log)"
+step "test/cluster: building ${binaries[*]} $KUBE_VERSION with Go $go_version (minutes when cold; log in .cache/go-build.log)"
 mkdir -p "$bin_dir"
 v=k8s.io/component-base/version
 ldflags="-s -w -X $v.gitVersion=$KUBE_VERSION -X $v.gitMajor=1 -X $v.gitMinor=36 -X $v.gitTreeState=clean -X $v.buildDate=2026-01-01T00:00:00Z"
@@ -97,11 +104,13 @@ started=$(date +%s)
 # GOTOOLCHAIN=local: never fetch another Go toolchain.
 if ! (cd test/cluster && export GOSUMDB=off GOTOOLCHAIN=local GOFLAGS=-mod=readonly &&
       go build -trimpath -ldflags "$ldflags" -o "$bin_dir/kube-apiserver.new" ./cmd/kube-apiserver &&
-      go build -trimpath -ldflags "$ldflags" -o "$bin_dir/kubectl.new" ./cmd/kubectl) >"$root/.cache/go-build.log" 2>&1; then
+      go build -trimpath -ldflags "$ldflags" -o "$bin_dir/kubectl.new" ./cmd/kubectl &&
+      go build -trimpath -ldflags "$ldflags" -o "$bin_dir/kube-components.new" ./cmd/kube-components &&
+      cd node && go build -trimpath -ldflags "-s -w -X main.KubeletVersion=$KUBE_VERSION" -o "$bin_dir/local-node.new" .) >"$root/.cache/go-build.log" 2>&1; then
   tail -n 20 "$root/.cache/go-build.log" >&2
   fail "building test/cluster failed (full log: .cache/go-build.log)"
 fi
-mv "$bin_dir/kube-apiserver.new" "$bin_dir/kube-apiserver"
-mv "$bin_dir/kubectl.new" "$bin_dir/kubectl"
+# mv, not cp: a running cluster keeps its (old) binaries.
+for b in "${binaries[@]}"; do mv "$bin_dir/$b.new" "$bin_dir/$b"; done
 echo "$stamp" > "$bin_dir/.stamp"
 step "test/cluster: built in $(( $(date +%s) - started )) s"
