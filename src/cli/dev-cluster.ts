@@ -8,6 +8,7 @@ import { outputOption, printJson, style, type OutputFormat } from './output.ts';
 
 interface UpOptions {
   dir?: string;
+  apiServerOnly?: boolean;
   auditWebhook?: string;
   auditWebhookCa?: string;
   output: OutputFormat;
@@ -20,12 +21,13 @@ interface DownOptions {
 
 export function devClusterCommand(): Command {
   const cmd = new Command('dev-cluster').description(
-    `a real local Kubernetes control plane (kube-apiserver ${KUBERNETES_VERSION} with RBAC, TokenRequest and audit) for trying task-broker`,
+    `a real local Kubernetes cluster (kube-apiserver ${KUBERNETES_VERSION} with RBAC, TokenRequest and audit, controller-manager, scheduler, and a node whose containers are local processes) for trying task-broker`,
   );
   cmd
     .command('up')
-    .description('start a local control plane in the background and print how to reach it')
+    .description('start a local cluster in the background and print how to reach it')
     .option('--dir <dir>', 'directory for its state (must be missing or empty); default: a new temporary directory')
+    .option('--api-server-only', 'start the API server alone (with its etcd): no controller-manager, scheduler or node; starts faster')
     .option(
       '--audit-webhook <url>',
       "post the API server's audit events to URL (https; a broker's /v1/audit/kubernetes, added when URL has no path) with a fresh bearer token, kept in the state directory (broker serve --audit-webhook-token-file)",
@@ -35,7 +37,8 @@ export function devClusterCommand(): Command {
     .addOption(outputOption())
     .addHelpText(
       'after',
-      '\nExample:\n  eval "$(broker dev-cluster up)"\n  kubectl get namespaces\n  broker dev-cluster down --dir "$TASK_BROKER_CLUSTER_DIR"\n\n' +
+      '\nExample:\n  eval "$(broker dev-cluster up)"\n  kubectl create deployment web --image=busybox --replicas=2 -- sh -c \'while true; do date; sleep 5; done\'\n  kubectl logs -f deploy/web\n  broker dev-cluster down --dir "$TASK_BROKER_CLUSTER_DIR"\n\n' +
+        '  # the API server alone (no controller-manager, scheduler or node), faster to start:\n  eval "$(broker dev-cluster up --api-server-only)"\n\n' +
         '  # the API server records every request through a broker on port 8443:\n' +
         '  eval "$(broker dev-cluster up --audit-webhook https://127.0.0.1:8443/v1/audit/kubernetes)"\n' +
         '  broker serve --listen 127.0.0.1:8443 --tls-cert "$BROKER_WEBHOOK_TLS_CERT" --tls-key "$BROKER_WEBHOOK_TLS_KEY" \\\n' +
@@ -62,7 +65,12 @@ async function up(opts: UpOptions): Promise<void> {
           token: randomBytes(32).toString('base64url'),
           ...(opts.auditWebhookCa === undefined ? {} : { caFile: resolve(opts.auditWebhookCa) }),
         };
-  const cluster = await LocalCluster.start({ ...(opts.dir === undefined ? {} : { dir: opts.dir }), ...(auditWebhook ? { auditWebhook } : {}), detached: true });
+  const cluster = await LocalCluster.start({
+    ...(opts.dir === undefined ? {} : { dir: opts.dir }),
+    ...(auditWebhook ? { auditWebhook } : {}),
+    full: opts.apiServerOnly !== true,
+    detached: true,
+  });
   // Without --audit-webhook-ca the webhook trusts the API server's own loopback certificate: the broker serves with it.
   const tls = auditWebhook && opts.auditWebhookCa === undefined ? { auditWebhookTlsCert: cluster.servingCert.cert, auditWebhookTlsKey: cluster.servingCert.key } : {};
   // The broker's own kubeconfig, but for its credential: a token of its ServiceAccount, which exists
@@ -90,6 +98,7 @@ async function up(opts: UpOptions): Promise<void> {
               (tls.auditWebhookTlsCert === undefined ? '' : ' --tls-cert "$BROKER_WEBHOOK_TLS_CERT" --tls-key "$BROKER_WEBHOOK_TLS_KEY"'),
           ]),
       `# ${style.ok('ready')}: kube-apiserver ${info.version} at ${info.server} (pid ${info.pid})`,
+      ...cluster.components.slice(1).map((c) => `#   ${c.name} (pid ${c.pid})` + (c.name === 'local-node' ? ': node local-node, its containers run as local processes' : '')),
       `# kubectl: ${info.kubectl}`,
       '# the broker\'s kubeconfig, $BROKER_KUBECONFIG, has no credential yet: once policy apply has made its ServiceAccount,',
       '#   kubectl config set-credentials broker --kubeconfig "$BROKER_KUBECONFIG" --token "$(kubectl create token task-broker -n task-broker-system)"',
@@ -101,8 +110,9 @@ async function up(opts: UpOptions): Promise<void> {
 
 async function down(opts: DownOptions): Promise<void> {
   const state = await LocalCluster.stopDir(opts.dir);
-  if (opts.output === 'json') printJson({ stopped: true, dir: opts.dir, pid: state.pid });
-  else process.stdout.write(`stopped kube-apiserver (pid ${state.pid}) and removed ${opts.dir}\n`);
+  const components = state.components ?? [{ name: 'kube-apiserver', pid: state.pid }];
+  if (opts.output === 'json') printJson({ stopped: true, dir: opts.dir, pid: state.pid, components });
+  else process.stdout.write(`stopped ${components.map((c) => `${c.name} (pid ${c.pid})`).join(', ')} and removed ${opts.dir}\n`);
 }
 
 /** A kubeconfig for the local API server whose user, `broker`, has no credential yet. */

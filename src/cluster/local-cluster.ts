@@ -5,8 +5,12 @@
  * What it sets up: RBAC (never allow-all authorization), service-account token issuance (an ECDSA signing key),
  * an admin identity in `system:masters` (a static token, kept only in this directory), a Metadata-level
  * audit policy with a log file, and, when asked, an audit webhook pointing at a given URL.
+ *
+ * With `full: true` it is a whole cluster: also kube-controller-manager and kube-scheduler (same
+ * Kubernetes version) and a node, `local-node`, whose containers are local processes
+ * (test/cluster/node), each with a client certificate from the cluster's CA (docs/local-control-plane.md).
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, mkdtempSync, openSync, closeSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:https';
@@ -24,6 +28,8 @@ export const SERVICE_ACCOUNT_ISSUER = 'https://kubernetes.default.svc.cluster.lo
 
 const STATE_FILE = 'cluster.json';
 const ADMIN_USER = 'local-admin';
+/** The name of the full cluster's node. */
+export const NODE_NAME = 'local-node';
 
 export interface AuditWebhook {
   /** Where the API server POSTs audit event batches (EventList JSON). */
@@ -53,6 +59,20 @@ export interface LocalClusterOptions {
   readyTimeoutMs?: number;
   /** Folder holding the kube-apiserver and kubectl binaries. Default: see clusterBinDir(). */
   binDir?: string;
+  /**
+   * A whole cluster: also kube-controller-manager, kube-scheduler and a node whose containers run as
+   * local processes; start() returns once the node is Ready and the `default` ServiceAccount exists.
+   * Default false: the API server alone, which starts faster (tests that need only it stay so).
+   */
+  full?: boolean;
+}
+
+/** A process of the cluster. */
+export interface ClusterComponent {
+  name: 'kube-apiserver' | 'kube-controller-manager' | 'kube-scheduler' | 'local-node';
+  pid: number;
+  /** Its stdout and stderr. */
+  log: string;
 }
 
 /** What is written to DIR/cluster.json, so that another process (dev-cluster down) can find it. */
@@ -65,6 +85,12 @@ export interface LocalClusterState {
   version: string;
   /** The audit webhook's bearer token file, when the webhook was given a token. */
   auditWebhookTokenFile?: string;
+  /** 'full' (API server, controller-manager, scheduler, node) or 'api-server-only'. Missing: api-server-only. */
+  mode?: 'full' | 'api-server-only';
+  /** Every process of the cluster, the API server first. */
+  components?: ClusterComponent[];
+  /** Full mode: the node's directory (pods, their working directories and logs). */
+  nodeDir?: string;
 }
 
 /** Where install.sh puts the test/cluster binaries, unless TASK_BROKER_CLUSTER_BIN says otherwise. */
@@ -106,7 +132,13 @@ export class LocalCluster {
   readonly adminToken: string;
   readonly pid: number;
   readonly auditWebhookTokenFile: string | undefined;
+  /** Every process of the cluster, the API server first (full mode: then controller-manager, scheduler, node). */
+  readonly components: ClusterComponent[];
+  /** Full mode: the node's directory; its `process-groups` file lists the container processes alive. */
+  readonly nodeDir: string | undefined;
   readonly #child: ChildProcess | undefined;
+  /** The other components' processes, when this process started them attached. */
+  readonly #others: ChildProcess[] = [];
   #stopped = false;
 
   /** Use LocalCluster.start(). */
@@ -120,6 +152,7 @@ export class LocalCluster {
     pid: number;
     child: ChildProcess | undefined;
     auditWebhookTokenFile?: string | undefined;
+    nodeDir?: string | undefined;
   }) {
     this.dir = fields.dir;
     this.server = fields.server;
@@ -129,7 +162,20 @@ export class LocalCluster {
     this.adminToken = fields.adminToken;
     this.pid = fields.pid;
     this.auditWebhookTokenFile = fields.auditWebhookTokenFile;
+    this.nodeDir = fields.nodeDir;
+    this.components = [{ name: 'kube-apiserver', pid: fields.pid, log: join(fields.dir, 'apiserver.log') }];
     this.#child = fields.child;
+  }
+
+  /** Whether kube-controller-manager, kube-scheduler and the node run too. */
+  get full(): boolean {
+    return this.nodeDir !== undefined;
+  }
+
+  /** Records a process started after the API server (full mode). */
+  addComponent(component: ClusterComponent, child: ChildProcess | undefined): void {
+    this.components.push(component);
+    if (child) this.#others.push(child);
   }
 
   /**
@@ -154,15 +200,19 @@ export class LocalCluster {
       auditLog: this.auditLog,
       version: KUBERNETES_VERSION,
       ...(this.auditWebhookTokenFile === undefined ? {} : { auditWebhookTokenFile: this.auditWebhookTokenFile }),
+      mode: this.full ? 'full' : 'api-server-only',
+      components: this.components.map((c) => ({ ...c })),
+      ...(this.nodeDir === undefined ? {} : { nodeDir: this.nodeDir }),
     };
   }
 
   static async start(options: LocalClusterOptions = {}): Promise<LocalCluster> {
     const binDir = options.binDir ?? clusterBinDir();
     const apiserver = requireBinary(binDir, 'kube-apiserver');
+    const full = options.full === true ? { components: requireBinary(binDir, 'kube-components'), node: requireBinary(binDir, 'local-node') } : undefined;
     const dir = prepareDir(options.dir);
     try {
-      return await startIn(dir, apiserver, options);
+      return await startIn(dir, apiserver, options, full);
     } catch (err) {
       rmSync(dir, { recursive: true, force: true });
       throw err;
@@ -172,6 +222,10 @@ export class LocalCluster {
   /** Stop a cluster started by another process, from the state file in `dir`, and remove `dir`. */
   static async stopDir(dir: string, timeoutMs = 15_000): Promise<LocalClusterState> {
     const state = readState(dir);
+    // The node first (it ends its containers' process groups), with the controllers; the API server last.
+    const others = (state.components ?? []).filter((c) => c.name !== 'kube-apiserver');
+    await Promise.all(others.map((c) => killAndWait(c.pid, timeoutMs)));
+    if (state.nodeDir) killProcessGroups(state.nodeDir);
     await killAndWait(state.pid, timeoutMs);
     rmSync(dir, { recursive: true, force: true });
     return state;
@@ -181,21 +235,24 @@ export class LocalCluster {
     return readState(dir);
   }
 
-  /** Stops the API server (SIGTERM, then SIGKILL after `timeoutMs`) and removes its directory. */
+  /**
+   * Stops the cluster (each process SIGTERM, then SIGKILL after `timeoutMs`: the node, controller-manager
+   * and scheduler, then any container process group the node left, then the API server) and removes its directory.
+   */
   async stop(timeoutMs = 15_000): Promise<void> {
     if (this.#stopped) return;
     this.#stopped = true;
     attached.delete(this);
-    const child = this.#child;
-    if (child && child.exitCode === null && child.signalCode === null) {
-      const exited = new Promise<void>((done) => child.once('exit', () => done()));
-      child.kill('SIGTERM');
-      const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-      await exited;
-      clearTimeout(timer);
-    } else if (!child) {
-      await killAndWait(this.pid, timeoutMs);
-    }
+    const others = this.components.slice(1);
+    await Promise.all(
+      others.map((c) => {
+        const child = this.#others.find((p) => p.pid === c.pid);
+        return child ? stopChild(child, timeoutMs) : killAndWait(c.pid, timeoutMs);
+      }),
+    );
+    if (this.nodeDir) killProcessGroups(this.nodeDir);
+    if (this.#child) await stopChild(this.#child, timeoutMs);
+    else await killAndWait(this.pid, timeoutMs);
     rmSync(this.dir, { recursive: true, force: true });
   }
 
@@ -203,11 +260,14 @@ export class LocalCluster {
   killNow(): void {
     if (this.#stopped) return;
     this.#stopped = true;
-    try {
-      process.kill(this.pid, 'SIGKILL');
-    } catch {
-      // already gone
+    for (const c of [...this.components].reverse()) {
+      try {
+        process.kill(c.pid, 'SIGKILL');
+      } catch {
+        // already gone
+      }
     }
+    if (this.nodeDir) killProcessGroups(this.nodeDir);
     rmSync(this.dir, { recursive: true, force: true });
   }
 }
@@ -222,9 +282,17 @@ function prepareDir(dir: string | undefined): string {
   return abs;
 }
 
-async function startIn(dir: string, apiserver: string, options: LocalClusterOptions): Promise<LocalCluster> {
+interface FullBinaries {
+  /** test/cluster's multi-call program: `certs`, kube-scheduler, kube-controller-manager. */
+  components: string;
+  node: string;
+}
+
+async function startIn(dir: string, apiserver: string, options: LocalClusterOptions, full: FullBinaries | undefined): Promise<LocalCluster> {
   const pki = join(dir, 'pki');
   mkdirSync(pki, { mode: 0o700 });
+  // Full mode: the cluster's CA and a certificate for each component (Node cannot issue X.509).
+  if (full) await execFileAsync(full.components, ['certs', '--dir', pki, '--node-name', NODE_NAME]);
 
   const { privateKey, publicKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
   const saKey = join(pki, 'sa.key');
@@ -257,9 +325,21 @@ async function startIn(dir: string, apiserver: string, options: LocalClusterOpti
     `--audit-log-path=${auditLog}`,
     '--audit-log-mode=blocking',
     '--service-cluster-ip-range=10.0.0.0/24',
-    // No controller-manager runs: nothing would create the objects these plugins wait for.
-    '--disable-admission-plugins=ServiceAccount',
-    '--enable-garbage-collector=false',
+    ...(full
+      ? [
+          // Client certificates of the controllers and the node; the node's serving certificate and the
+          // API server's own client certificate towards it, all from the cluster's CA.
+          `--client-ca-file=${join(pki, 'ca.crt')}`,
+          `--kubelet-certificate-authority=${join(pki, 'ca.crt')}`,
+          `--kubelet-client-certificate=${join(pki, 'apiserver-kubelet-client.crt')}`,
+          `--kubelet-client-key=${join(pki, 'apiserver-kubelet-client.key')}`,
+          '--kubelet-preferred-address-types=InternalIP',
+        ]
+      : [
+          // No controller-manager runs: nothing would create the objects these plugins wait for.
+          '--disable-admission-plugins=ServiceAccount',
+          '--enable-garbage-collector=false',
+        ]),
     '--enable-priority-and-fairness=false',
     '--profiling=false',
   ];
@@ -321,17 +401,24 @@ async function startIn(dir: string, apiserver: string, options: LocalClusterOpti
       pid,
       child: options.detached ? undefined : child,
       auditWebhookTokenFile,
+      nodeDir: full ? join(dir, 'node') : undefined,
     });
     if (!options.detached) attached.add(partial);
     const outcome = await Promise.race([waitReady(server, caFile, adminToken, readyTimeoutMs), exited]);
     if (outcome === 'ready') {
       writeFileSync(partial.kubeconfig, adminKubeconfig(server, caFile, adminToken), { mode: 0o600 });
+      // The state is written before the other components start, so that `dev-cluster down` finds
+      // whatever did start; then again with all of them.
       writeFileSync(join(dir, STATE_FILE), JSON.stringify(partial.state, null, 2) + '\n', { mode: 0o600 });
-      if (options.detached) {
-        child.unref();
-      } else {
-        child.unref();
-        (child.stdin as unknown as { unref?: () => void } | null)?.unref?.();
+      unrefChild(child);
+      if (full) {
+        try {
+          await startComponents(partial, full, options, readyTimeoutMs);
+        } catch (err) {
+          await partial.stop(5000);
+          throw err;
+        }
+        writeFileSync(join(dir, STATE_FILE), JSON.stringify(partial.state, null, 2) + '\n', { mode: 0o600 });
       }
       return partial;
     }
@@ -348,6 +435,211 @@ async function startIn(dir: string, apiserver: string, options: LocalClusterOpti
     }
     throw new BrokerError('cluster_start_failed', `kube-apiserver ${outcome}:\n${logTail}`);
   }
+}
+
+/**
+ * Full mode, once the API server is ready: the node's RBAC, then kube-controller-manager,
+ * kube-scheduler and the node, each with its own client certificate; returns when the node is Ready
+ * and the `default` ServiceAccount exists (the controllers run).
+ */
+async function startComponents(cluster: LocalCluster, bins: FullBinaries, options: LocalClusterOptions, timeoutMs: number): Promise<void> {
+  const { dir, server, caFile } = cluster;
+  const pki = join(dir, 'pki');
+  const kubeconfigFor = (name: string, cert: string): string => {
+    const path = join(dir, `${name}.kubeconfig`);
+    writeFileSync(path, clientCertKubeconfig(server, caFile, join(pki, `${cert}.crt`), join(pki, `${cert}.key`)), { mode: 0o600 });
+    return path;
+  };
+  // The node's identity, system:node:local-node, gets what the node needs and no more: RBAC alone
+  // authorizes here (no Node authorizer), and the built-in system:node role lacks list/watch of the
+  // secrets and config maps its pods' env may name.
+  const api = (method: string, path: string, body: unknown) => apiRequest(server, caFile, cluster.adminToken, method, path, body);
+  await api('POST', '/apis/rbac.authorization.k8s.io/v1/clusterroles', NODE_CLUSTER_ROLE);
+  await api('POST', '/apis/rbac.authorization.k8s.io/v1/clusterrolebindings', {
+    apiVersion: 'rbac.authorization.k8s.io/v1',
+    kind: 'ClusterRoleBinding',
+    metadata: { name: NODE_CLUSTER_ROLE.metadata.name },
+    roleRef: { apiGroup: 'rbac.authorization.k8s.io', kind: 'ClusterRole', name: NODE_CLUSTER_ROLE.metadata.name },
+    subjects: [{ apiGroup: 'rbac.authorization.k8s.io', kind: 'User', name: `system:node:${NODE_NAME}` }],
+  });
+
+  const nodeDir = cluster.nodeDir!;
+  mkdirSync(nodeDir, { mode: 0o700 });
+  const started: Array<{ component: ClusterComponent; exited: Promise<string> }> = [];
+  const launch = (name: ClusterComponent['name'], file: string, args: string[]) => {
+    const logPath = join(dir, `${name}.log`);
+    const log = openSync(logPath, 'w', 0o600);
+    const child = spawn(file, [...(options.detached ? [] : ['--exit-with-stdin']), ...args], {
+      cwd: dir,
+      argv0: name,
+      detached: options.detached ?? false,
+      stdio: [options.detached ? 'ignore' : 'pipe', log, log],
+    });
+    closeSync(log);
+    if (child.pid === undefined) throw new BrokerError('cluster_start_failed', `could not start ${file}`);
+    const component: ClusterComponent = { name, pid: child.pid, log: logPath };
+    cluster.addComponent(component, options.detached ? undefined : child);
+    started.push({ component, exited: new Promise((done) => child.once('exit', (code, signal) => done(`${name} exited with ${signal ?? code}`))) });
+    unrefChild(child);
+  };
+  launch('kube-controller-manager', bins.components, [
+    `--kubeconfig=${kubeconfigFor('controller-manager', 'controller-manager')}`,
+    '--secure-port=0',
+    '--leader-elect=false',
+    '--use-service-account-credentials=true',
+    `--service-account-private-key-file=${join(pki, 'sa.key')}`,
+    `--root-ca-file=${caFile}`,
+    // It makes a ServiceAccount and a token for each of its ~40 controllers before starting any:
+    // with the default client rate limit (20/s) that alone took 4 s.
+    '--kube-api-qps=200',
+    '--kube-api-burst=400',
+    '--profiling=false',
+  ]);
+  launch('kube-scheduler', bins.components, [`--kubeconfig=${kubeconfigFor('scheduler', 'scheduler')}`, '--secure-port=0', '--leader-elect=false', '--profiling=false']);
+  launch('local-node', bins.node, [
+    `--kubeconfig=${kubeconfigFor('node', 'node')}`,
+    `--name=${NODE_NAME}`,
+    `--dir=${nodeDir}`,
+    `--tls-cert=${join(pki, 'node-serving.crt')}`,
+    `--tls-key=${join(pki, 'node-serving.key')}`,
+    `--client-ca=${join(pki, 'ca.crt')}`,
+  ]);
+
+  const deadline = Date.now() + timeoutMs;
+  const ready = (async () => {
+    while (Date.now() < deadline) {
+      const [node, sa] = await Promise.all([
+        api('GET', `/api/v1/nodes/${NODE_NAME}`, undefined).catch(() => undefined),
+        api('GET', '/api/v1/namespaces/default/serviceaccounts/default', undefined).catch(() => undefined),
+      ]);
+      const conditions = (node as { status?: { conditions?: Array<{ type: string; status: string }> } } | undefined)?.status?.conditions ?? [];
+      if (sa !== undefined && conditions.some((c) => c.type === 'Ready' && c.status === 'True')) return 'ready';
+      await sleep(100);
+    }
+    return 'timeout';
+  })();
+  const outcome = await Promise.race([ready, ...started.map((s) => s.exited)]);
+  if (outcome === 'ready') return;
+  const logs = started.map((s) => `--- ${s.component.name} (${s.component.log}):\n${tail(safeRead(s.component.log), 10)}`).join('\n');
+  throw new BrokerError(
+    'cluster_start_failed',
+    outcome === 'timeout' ? `the node was not Ready (or no default ServiceAccount) within ${timeoutMs} ms:\n${logs}` : `${outcome}:\n${logs}`,
+  );
+}
+
+/** What the node's client identity may do: register and renew itself, run and report its pods. */
+const NODE_CLUSTER_ROLE = {
+  apiVersion: 'rbac.authorization.k8s.io/v1',
+  kind: 'ClusterRole',
+  metadata: { name: 'task-broker:local-node' },
+  rules: [
+    { apiGroups: [''], resources: ['nodes'], verbs: ['get', 'list', 'watch', 'create', 'update', 'patch'] },
+    { apiGroups: [''], resources: ['nodes/status'], verbs: ['get', 'update', 'patch'] },
+    { apiGroups: [''], resources: ['pods'], verbs: ['get', 'list', 'watch', 'delete'] },
+    { apiGroups: [''], resources: ['pods/status'], verbs: ['get', 'update', 'patch'] },
+    { apiGroups: [''], resources: ['secrets', 'configmaps', 'services'], verbs: ['get', 'list', 'watch'] },
+    { apiGroups: ['', 'events.k8s.io'], resources: ['events'], verbs: ['create', 'update', 'patch'] },
+    { apiGroups: ['coordination.k8s.io'], resources: ['leases'], verbs: ['get', 'create', 'update', 'patch'] },
+  ],
+};
+
+function execFileAsync(file: string, args: string[]): Promise<void> {
+  return new Promise((done, fail) =>
+    execFile(file, args, (err, _stdout, stderr) =>
+      err ? fail(new BrokerError('cluster_start_failed', `${file} ${args.join(' ')}: ${stderr.trim() || err.message}`)) : done(),
+    ),
+  );
+}
+
+/** Let this process exit with the child still running; an attached child still dies with it (its stdin closes). */
+function unrefChild(child: ChildProcess): void {
+  child.unref();
+  (child.stdin as unknown as { unref?: () => void } | null)?.unref?.();
+}
+
+/** SIGTERM, SIGKILL after timeoutMs; resolves once the child has exited. */
+async function stopChild(child: ChildProcess, timeoutMs: number): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise<void>((done) => child.once('exit', () => done()));
+  child.kill('SIGTERM');
+  const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+  await exited;
+  clearTimeout(timer);
+}
+
+/**
+ * SIGKILL to every process group the node lists as alive in NODE_DIR/process-groups: empty after the
+ * node's own clean exit, so this matters only when the node itself was killed.
+ */
+function killProcessGroups(nodeDir: string): void {
+  for (const pgid of readProcessGroups(nodeDir)) {
+    try {
+      process.kill(-pgid, 'SIGKILL');
+    } catch {
+      // gone
+    }
+  }
+}
+
+/** The process groups of containers and execs the node lists as alive. */
+export function readProcessGroups(nodeDir: string): number[] {
+  return safeRead(join(nodeDir, 'process-groups'))
+    .split('\n')
+    .map((l) => Number(l.trim()))
+    .filter((n) => Number.isInteger(n) && n > 1);
+}
+
+function safeRead(path: string): string {
+  try {
+    return readFileSync(path, 'utf8');
+  } catch {
+    return '';
+  }
+}
+
+/** One JSON request to the API server as its administrator; resolves the parsed body of a 2xx (409 on create: undefined). */
+function apiRequest(server: string, caFile: string, token: string, method: string, path: string, body: unknown): Promise<unknown> {
+  const payload = body === undefined ? undefined : JSON.stringify(body);
+  return new Promise((done, fail) => {
+    const req = request(
+      `${server}${path}`,
+      {
+        method,
+        ca: readFileSync(caFile),
+        headers: { authorization: `Bearer ${token}`, accept: 'application/json', ...(payload ? { 'content-type': 'application/json' } : {}) },
+        timeout: 5000,
+      },
+      (res) => {
+        let text = '';
+        res.setEncoding('utf8');
+        res.on('data', (d: string) => (text += d));
+        res.on('end', () => {
+          const status = res.statusCode ?? 0;
+          if (status >= 200 && status < 300) done(text ? (JSON.parse(text) as unknown) : undefined);
+          else if (status === 409 && method === 'POST') done(undefined);
+          else fail(new BrokerError('cluster_start_failed', `${method} ${path}: ${status} ${text.slice(0, 300)}`));
+        });
+      },
+    );
+    req.on('timeout', () => req.destroy(new Error('timeout')));
+    req.on('error', fail);
+    req.end(payload);
+  });
+}
+
+function clientCertKubeconfig(server: string, caFile: string, cert: string, key: string): string {
+  return JSON.stringify(
+    {
+      apiVersion: 'v1',
+      kind: 'Config',
+      clusters: [{ name: 'local', cluster: { server, 'certificate-authority': caFile } }],
+      users: [{ name: 'component', user: { 'client-certificate': cert, 'client-key': key } }],
+      contexts: [{ name: 'local', context: { cluster: 'local', user: 'component' } }],
+      'current-context': 'local',
+    },
+    null,
+    2,
+  );
 }
 
 async function waitReady(server: string, caFile: string, token: string, timeoutMs: number): Promise<'ready' | 'timeout'> {
@@ -400,13 +692,16 @@ async function killAndWait(pid: number, timeoutMs: number): Promise<void> {
   }
 }
 
+/** Whether a process runs (a zombie, exited but not yet reaped by its parent, does not). */
 export function alive(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return true;
   } catch (err) {
     return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
+  // Linux: the state is the field after the command's closing parenthesis in /proc/PID/stat.
+  const stat = safeRead(`/proc/${pid}/stat`);
+  return !/\) Z /.test(stat);
 }
 
 function readState(dir: string): LocalClusterState {
