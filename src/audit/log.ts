@@ -22,7 +22,7 @@
 import { dirname, resolve } from 'node:path';
 import { open as fsOpen, stat as fsStat, type FileHandle } from 'node:fs/promises';
 import { constants as fsConstants, fstatSync, statSync, unlinkSync, type Stats } from 'node:fs';
-import { BrokerError } from '../errors.ts';
+import { errCode, errText, BrokerError } from '../errors.ts';
 import { acquireAuditLock, type AuditLock } from './lock.ts';
 import { AUDIT_OUTCOMES, GENESIS_HASH, OPTIONAL_STRING_FIELDS, type AuditEventInput, type AuditRecord, type JsonValue } from './types.ts';
 import { canonicalRecordJson, describeBreak, recordLine, sha256Hex, verifyHandle } from './verify.ts';
@@ -583,16 +583,6 @@ function isPlainObject(value: unknown): value is Record<string, unknown> {
   if (value === null || typeof value !== 'object') return false;
   const proto = Object.getPrototypeOf(value) as unknown;
   return proto === Object.prototype || proto === null;
-}
-
-function errCode(err: unknown): string | undefined {
-  return typeof err === 'object' && err !== null && 'code' in err && typeof err.code === 'string' ? err.code : undefined;
-}
-
-function errText(err: unknown): string {
-  const code = errCode(err);
-  const msg = err instanceof Error ? err.message : String(err);
-  return code && !msg.includes(code) ? `${code}: ${msg}` : msg;
 }
 
 export { GENESIS_HASH };
