@@ -13,7 +13,7 @@
  */
 import { createPrivateKey, createPublicKey, sign, verify, type KeyObject } from 'node:crypto';
 import type { JWK } from 'jose';
-import type { ApprovalKeys } from './approvals/token.ts';
+import { publicKeysOf, type ApprovalKeys } from './approvals/token.ts';
 
 /** The annotation that carries a signature: `KID.SIGNATURE` (base64url). */
 export const SIGNATURE_ANNOTATION = 'task-broker.dev/signature';
@@ -70,9 +70,10 @@ export class StateSigner {
   }
 
   async #load(): Promise<KeyCache> {
-    const current = await this.#keys.signingKey();
+    const set = await this.#keys.keySet(); // one read of the key Secret
+    const current = set.current;
     const publicKeys = new Map<string, KeyObject>();
-    for (const jwk of await this.#keys.verificationKeys()) publicKeys.set(jwk.kid, createPublicKey({ key: jwk as JWK & { kty: string }, format: 'jwk' }));
+    for (const jwk of publicKeysOf(set)) publicKeys.set(jwk.kid, createPublicKey({ key: jwk as JWK & { kty: string }, format: 'jwk' }));
     const cache: KeyCache = {
       kid: current.kid,
       privateKey: createPrivateKey({ key: current as JWK & { kty: string }, format: 'jwk' }),

@@ -32,7 +32,7 @@ export interface ApprovalClaims {
   exp: number;
 }
 
-interface KeySet {
+export interface KeySet {
   current: JWK & { kid: string };
   previous?: JWK & { kid: string };
 }
@@ -63,8 +63,13 @@ export class ApprovalKeys {
 
   /** The signing key, created on first use (two replicas racing: the loser reads the winner's). */
   async signingKey(): Promise<KeySet['current']> {
+    return (await this.keySet()).current;
+  }
+
+  /** The whole key set, in one read: the signing key (created on first use) and `previous`, if any. */
+  async keySet(): Promise<KeySet> {
     const existing = await this.#read();
-    if (existing) return existing.current;
+    if (existing) return existing;
     const { privateKey } = await generateKeyPair('EdDSA', { crv: 'Ed25519', extractable: true });
     const jwk = await exportJWK(privateKey);
     const current = { ...jwk, kid: await calculateJwkThumbprint(jwk) };
@@ -77,21 +82,25 @@ export class ApprovalKeys {
           data: { 'keys.json': Buffer.from(JSON.stringify({ current } satisfies KeySet)).toString('base64') },
         },
       });
-      return current;
+      return { current };
     } catch (err) {
       if (!isConflict(err)) throw clusterError('creating the approval signing key', err);
       const winner = await this.#read();
       if (!winner) throw new BrokerError('internal', 'the approval signing key vanished while being created');
-      return winner.current;
+      return winner;
     }
   }
 
   /** Public keys that verify tokens: current and previous. */
   async verificationKeys(): Promise<Array<JWK & { kid: string }>> {
     const set = await this.#read();
-    if (!set) return [];
-    return [set.current, ...(set.previous ? [set.previous] : [])].map(({ d: _d, ...pub }) => pub as JWK & { kid: string });
+    return set ? publicKeysOf(set) : [];
   }
+}
+
+/** The public halves of a key set: current and previous. */
+export function publicKeysOf(set: KeySet): Array<JWK & { kid: string }> {
+  return [set.current, ...(set.previous ? [set.previous] : [])].map(({ d: _d, ...pub }) => pub as JWK & { kid: string });
 }
 
 export async function signApproval(keys: ApprovalKeys, claims: Omit<ApprovalClaims, 'jti' | 'exp'>, seconds: number): Promise<{ token: string; jti: string; exp: number }> {

@@ -23,6 +23,7 @@ async function newKey(): Promise<JWK & { kid: string }> {
 function keysOf(set: { current: JWK & { kid: string }; previous?: JWK & { kid: string } }) {
   const state = { set, reads: 0 };
   const keys = {
+    keySet: async () => (state.reads++, state.set),
     signingKey: async () => (state.reads++, state.set.current),
     verificationKeys: async () => [state.set.current, ...(state.set.previous ? [state.set.previous] : [])].map(({ d: _d, ...pub }) => pub as JWK & { kid: string }),
   } as unknown as ApprovalKeys;
