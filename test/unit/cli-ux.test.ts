@@ -268,8 +268,7 @@ function task(id: string, name: string, agent = 'alpha'): Task {
 test('task history: written signed, read back verified (a changed entry is ignored), by id or the latest of a name, swept by age and per-agent count', async () => {
   const { privateKey } = await generateKeyPair('EdDSA', { crv: 'Ed25519', extractable: true });
   const jwk = { ...(await exportJWK(privateKey)), kid: 'k1' };
-  const { d: _d, ...pub } = jwk;
-  const signer = new StateSigner({ signingKey: async () => jwk, verificationKeys: async () => [pub] } as never);
+  const signer = new StateSigner({ keySet: async () => ({ current: jwk }) } as never);
   const { kube, items } = fakeConfigMaps();
   let now = new Date('2026-05-01T00:00:10Z');
   const history = new TaskHistory(kube, 'tb-system', 3600, { signer, now: () => now, cacheMs: 0, maxPerAgent: 2 });
