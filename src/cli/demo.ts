@@ -11,7 +11,6 @@
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -89,7 +88,7 @@ interface Check {
 }
 
 async function runDemo(opts: DemoOptions): Promise<void> {
-  const { LocalCluster, kubectlPath } = await import('../cluster/local-cluster.ts');
+  const { LocalCluster, kubectlPath, freePort } = await import('../cluster/local-cluster.ts');
   const kubectl = kubectlPath(); // cluster_binaries_missing when install.sh did not build the control plane
   const json = opts.output === 'json';
   const say = new Narrator(json ? process.stderr : process.stdout);
@@ -547,16 +546,6 @@ function prepareDir(dir: string | undefined): string {
   return abs;
 }
 
-function freePort(): Promise<number> {
-  return new Promise((done, fail) => {
-    const srv = createServer();
-    srv.once('error', fail);
-    srv.listen(0, '127.0.0.1', () => {
-      const address = srv.address();
-      srv.close(() => (typeof address === 'object' && address ? done(address.port) : fail(new Error('no port'))));
-    });
-  });
-}
 
 /** A kubeconfig (mode 0600) with a bearer token user. */
 function tokenKubeconfig(server: string, caFile: string, token: string): string {

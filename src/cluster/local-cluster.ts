@@ -666,7 +666,8 @@ function getStatus(url: string, ca: Buffer, token: string): Promise<number> {
   });
 }
 
-function freePort(): Promise<number> {
+/** A TCP port free on 127.0.0.1 right now (the kernel's choice). */
+export function freePort(): Promise<number> {
   return new Promise((done, fail) => {
     const srv = createServer();
     srv.once('error', fail);
