@@ -11,7 +11,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -20,6 +19,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"net/netip"
 	"net/url"
 	"os"
@@ -360,30 +360,37 @@ func run(argv []string, stdout, stderr io.Writer, ppid int) int {
 			}
 			tlsConfig.RootCAs = pool
 		}
-		// One deadline for the whole request, body included: the context ends DNS, dial and TLS, the
-		// connection's deadline every read and write after.
-		deadline := time.Now().Add(time.Duration(o.timeoutSeconds) * time.Second)
-		ctx, cancel := context.WithDeadline(context.Background(), deadline)
+		// One deadline for the whole request, body included: the context ends DNS, dial, TLS and reads.
+		ctx, cancel := context.WithTimeout(context.Background(), time.Duration(o.timeoutSeconds)*time.Second)
 		defer cancel()
 		timedOut := func() error {
 			return fail(exitUnavailable, "broker credential: the broker at %s gave no complete answer: timed out after %d s", o.broker, o.timeoutSeconds)
 		}
-		status, body, reqErr := post(ctx, deadline, target, token, tlsConfig)
-		if reqErr != nil && status == 0 {
-			if ctx.Err() != nil || errors.Is(reqErr, os.ErrDeadlineExceeded) {
+		client := &http.Client{
+			Transport: &http.Transport{TLSClientConfig: tlsConfig, DialContext: (&net.Dialer{}).DialContext, Proxy: nil},
+			// Never follow a redirect: the identity token goes to the configured broker URL and nowhere else.
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		}
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, target.String(), nil)
+		req.Header.Set("Authorization", "Bearer "+token)
+		req.Header.Set("Accept", "application/json")
+		res, reqErr := client.Do(req)
+		if reqErr != nil {
+			if ctx.Err() != nil {
 				return timedOut()
 			}
-			return fail(exitUnavailable, "broker credential: the broker is unreachable at %s: %s", o.broker, networkError(&url.Error{Op: "Post", URL: target.String(), Err: reqErr}))
+			return fail(exitUnavailable, "broker credential: the broker is unreachable at %s: %s", o.broker, networkError(reqErr))
 		}
-		// Never follow a redirect: the identity token goes to the configured broker URL and nowhere else.
-		if status >= 300 && status < 400 {
-			return redirected(status, o)
+		defer res.Body.Close()
+		if res.StatusCode >= 300 && res.StatusCode < 400 {
+			return redirected(res.StatusCode, o)
 		}
-		if reqErr != nil && (ctx.Err() != nil || errors.Is(reqErr, os.ErrDeadlineExceeded)) {
+		body, readErr := io.ReadAll(io.LimitReader(res.Body, 1<<20))
+		if readErr != nil && ctx.Err() != nil {
 			return timedOut()
 		}
-		if status != 200 {
-			return explain(status, body, o, source)
+		if res.StatusCode != http.StatusOK {
+			return explain(res.StatusCode, body, o, source)
 		}
 		var credential struct {
 			Token               *string `json:"token"`
@@ -437,173 +444,6 @@ func networkError(err error) string {
 		return "ERR_TLS_CERT_ALTNAME_INVALID (" + hostname.Error() + ")"
 	}
 	return errnoName(err)
-}
-
-// post makes the one request: a POST with no body on a fresh connection, written by hand on net (and
-// crypto/tls for https://), as the Node build does on node:net. Not net/http: it is half of this
-// binary and most of its start-up (docs/benchmarks.md, "Exec plugin"), for one HTTP/1.1 exchange
-// with `Connection: close`. No proxy, no redirect followed (a 3xx is returned as it is). The status is
-// 0 when no answer head arrived; otherwise the error, if any, is that of reading the body (whose
-// part read so far is returned), at most 1 MiB of it.
-func post(ctx context.Context, deadline time.Time, target *url.URL, token string, tlsConfig *tls.Config) (int, []byte, error) {
-	host, port := target.Hostname(), target.Port()
-	if port == "" {
-		port = "80"
-		if target.Scheme == "https" {
-			port = "443"
-		}
-	}
-	conn, err := (&net.Dialer{}).DialContext(ctx, "tcp", net.JoinHostPort(host, port))
-	if err != nil {
-		return 0, nil, err
-	}
-	defer conn.Close()
-	if err := conn.SetDeadline(deadline); err != nil {
-		return 0, nil, err
-	}
-	if target.Scheme == "https" {
-		config := tlsConfig.Clone()
-		config.ServerName = host
-		config.NextProtos = []string{"http/1.1"}
-		secure := tls.Client(conn, config)
-		if err := secure.HandshakeContext(ctx); err != nil {
-			return 0, nil, err
-		}
-		conn = secure
-	}
-	request := "POST " + target.RequestURI() + " HTTP/1.1\r\nHost: " + target.Host + "\r\nAuthorization: Bearer " + token +
-		"\r\nAccept: application/json\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-	if _, err := io.WriteString(conn, request); err != nil {
-		return 0, nil, err
-	}
-	return readResponse(bufio.NewReader(conn))
-}
-
-const (
-	maxBodyBytes = 1 << 20
-	maxHeadBytes = 1 << 20
-)
-
-var errMalformed = errors.New("malformed HTTP response")
-
-// readResponse reads an HTTP/1.x answer: its status, then its body by Content-Length, chunked, or to
-// the end of the stream. Interim 1xx answers are skipped.
-func readResponse(r *bufio.Reader) (int, []byte, error) {
-	headBytes := 0
-	line := func() (string, error) {
-		text, err := r.ReadSlice('\n')
-		headBytes += len(text)
-		if err == bufio.ErrBufferFull || headBytes > maxHeadBytes {
-			return "", errMalformed
-		}
-		if err != nil {
-			return "", err
-		}
-		return strings.TrimRight(string(text), "\r\n"), nil
-	}
-	for {
-		first, err := line()
-		if err != nil {
-			return 0, nil, err
-		}
-		if len(first) < 12 || !strings.HasPrefix(first, "HTTP/1.") || first[8] != ' ' || (len(first) > 12 && first[12] != ' ') {
-			return 0, nil, errMalformed
-		}
-		status, convErr := strconv.Atoi(first[9:12])
-		if convErr != nil || status < 100 {
-			return 0, nil, errMalformed
-		}
-		length, chunked := int64(-1), false
-		for {
-			header, err := line()
-			if err != nil {
-				return 0, nil, err
-			}
-			if header == "" {
-				break
-			}
-			name, value, ok := strings.Cut(header, ":")
-			if !ok {
-				return 0, nil, errMalformed
-			}
-			value = strings.TrimSpace(value)
-			switch strings.ToLower(strings.TrimSpace(name)) {
-			case "content-length":
-				n, err := strconv.ParseInt(value, 10, 64)
-				if err != nil || n < 0 {
-					return 0, nil, errMalformed
-				}
-				length = n
-			case "transfer-encoding":
-				chunked = strings.EqualFold(value, "chunked")
-			}
-		}
-		if status < 200 {
-			continue // 100 Continue and the like: the answer follows
-		}
-		if status >= 300 && status < 400 {
-			return status, nil, nil // refused unread (a redirect's body is of no use, and may never end)
-		}
-		var body io.Reader = r
-		switch {
-		case chunked:
-			body = &chunkedReader{r: r}
-		case length >= 0:
-			body = io.LimitReader(r, length)
-		}
-		data, err := io.ReadAll(io.LimitReader(body, maxBodyBytes))
-		if err == nil && length > 0 && !chunked && int64(len(data)) < min(length, maxBodyBytes) {
-			err = io.ErrUnexpectedEOF
-		}
-		return status, data, err
-	}
-}
-
-// chunkedReader decodes a chunked body (RFC 9112, 7.1), trailers ignored.
-type chunkedReader struct {
-	r    *bufio.Reader
-	left int64
-	done bool
-}
-
-func (c *chunkedReader) Read(p []byte) (int, error) {
-	if c.done {
-		return 0, io.EOF
-	}
-	if c.left == 0 {
-		size, err := c.r.ReadSlice('\n')
-		if err != nil {
-			return 0, unexpected(err)
-		}
-		text, _, _ := strings.Cut(strings.TrimRight(string(size), "\r\n"), ";")
-		n, convErr := strconv.ParseInt(strings.TrimSpace(text), 16, 64)
-		if convErr != nil || n < 0 {
-			return 0, errMalformed
-		}
-		if n == 0 {
-			c.done = true
-			return 0, io.EOF
-		}
-		c.left = n
-	}
-	if int64(len(p)) > c.left {
-		p = p[:c.left]
-	}
-	n, err := c.r.Read(p)
-	c.left -= int64(n)
-	if c.left == 0 && err == nil {
-		if _, err = c.r.Discard(2); err != nil { // the CRLF after the chunk's data
-			return n, unexpected(err)
-		}
-	}
-	return n, unexpected(err)
-}
-
-func unexpected(err error) error {
-	if err == io.EOF {
-		return io.ErrUnexpectedEOF
-	}
-	return err
 }
 
 func main() {

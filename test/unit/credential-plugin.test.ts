@@ -296,7 +296,7 @@ describe(`broker credential (${build})`, () => {
     assert.equal(seen.length, before);
   });
 
-  // The Node build's own HTTP/1.1 reader (the native build's is tested by native/credential/main_test.go).
+  // The Node build's own HTTP/1.1 reader (the native build uses Go's net/http).
   if (build === 'node') test('reads Content-Length and chunked answers, and refuses a truncated one', () => {
     const cl = parseResponse(Buffer.from('HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}'));
     assert.deepEqual(cl, { status: 200, body: '{}' });
