@@ -63,6 +63,22 @@ export class StateSigner {
     }
   }
 
+  /** The current signing key, read afresh (as sign() does), for other signed things (proxy session tokens). */
+  async signingKey(): Promise<{ kid: string; privateKey: KeyObject }> {
+    const keys = await this.#current(true);
+    return { kid: keys.kid, privateKey: keys.privateKey };
+  }
+
+  /**
+   * The public key `kid` (current or previous), from the cache; re-read once when it is not there and
+   * `refresh` allows it (the caller limits how often a stranger's made-up kid can cost a read).
+   */
+  async publicKey(kid: string, refresh = true): Promise<KeyObject | undefined> {
+    let keys = await this.#current();
+    if (!keys.publicKeys.has(kid) && refresh) keys = await this.#current(true);
+    return keys.publicKeys.get(kid);
+  }
+
   #current(refresh = false): Promise<KeyCache> {
     if (!refresh && this.#cache && this.#cache.until > this.#now()) return Promise.resolve(this.#cache);
     this.#loading ??= this.#load().finally(() => (this.#loading = undefined));

@@ -44,9 +44,11 @@ const (
 
 var apiVersions = []string{"client.authentication.k8s.io/v1", "client.authentication.k8s.io/v1beta1"}
 
-const usage = `usage: broker credential --task NAME [--broker URL] [--broker-ca FILE]
+const usage = `usage: broker credential --task NAME [--broker URL] [--broker-ca FILE] [--via direct|proxy]
 
 The kubectl exec credential plugin: prints an ExecCredential for the task NAME.
+--via proxy asks for a session token for the broker's Kubernetes API proxy (the task's own
+token then stays in the broker); --via direct (the default) for the task's token itself.
 Broker URL and CA also come from BROKER_URL and BROKER_CA; the caller's identity from
 BROKER_IDENTITY_TOKEN_FILE (e.g. a projected ServiceAccount token) or BROKER_IDENTITY_TOKEN.
 The broker URL must be https:// (http:// only to loopback); redirects are refused. The whole
@@ -77,12 +79,13 @@ func fail(code int, format string, args ...any) *pluginError {
 type options struct {
 	task, broker, brokerCA string
 	brokerFrom             string // where the broker URL came from, for messages: --broker or BROKER_URL
+	via                    string // "proxy": a session token for the broker's proxy; "direct": the task's token
 	timeoutSeconds         int
 	help                   bool
 }
 
 func parseArgs(argv []string) (options, error) {
-	o := options{broker: os.Getenv("BROKER_URL"), brokerFrom: "BROKER_URL", brokerCA: os.Getenv("BROKER_CA")}
+	o := options{broker: os.Getenv("BROKER_URL"), brokerFrom: "BROKER_URL", brokerCA: os.Getenv("BROKER_CA"), via: "direct"}
 	for i := 0; i < len(argv); i++ {
 		arg := argv[i]
 		flag, inline, hasInline := arg, "", false
@@ -114,6 +117,12 @@ func parseArgs(argv []string) (options, error) {
 			o.brokerFrom = "--broker"
 		case "--broker-ca":
 			o.brokerCA, err = value()
+		case "--via":
+			o.via, err = value()
+			if err == nil && o.via != "direct" && o.via != "proxy" {
+				quoted, _ := json.Marshal(o.via)
+				err = fail(exitUsage, "--via must be direct or proxy, not %s\n%s", quoted, usage)
+			}
 		case "-h", "--help":
 			o.help = true
 			return o, nil
@@ -340,7 +349,11 @@ func run(argv []string, stdout, stderr io.Writer, ppid int) int {
 		if err != nil {
 			return err
 		}
-		target, parseErr := url.Parse(o.broker + "/v1/tasks/" + url.PathEscape(o.task) + "/credential")
+		query := ""
+		if o.via == "proxy" {
+			query = "?via=proxy"
+		}
+		target, parseErr := url.Parse(o.broker + "/v1/tasks/" + url.PathEscape(o.task) + "/credential" + query)
 		if parseErr != nil || (target.Scheme != "http" && target.Scheme != "https") || target.Host == "" {
 			quoted, _ := json.Marshal(o.broker)
 			return fail(exitUsage, "the broker URL %s is not a URL", quoted)

@@ -27,7 +27,7 @@ export const KEPT_STAGES: ReadonlySet<string> = new Set(['ResponseComplete', 'Pa
 export const APISERVER_ACTOR = 'system:apiserver';
 
 /** String values are cut to these lengths in a record, so one record stays far below the log's 8 KiB `details` bound. */
-const MAX = { uri: 2048, userAgent: 256, name: 253, short: 128, reason: 512, sourceIPs: 8 } as const;
+export const MAX = { uri: 2048, userAgent: 256, name: 253, short: 128, reason: 512, sourceIPs: 8 } as const;
 
 /** The parts of an audit.k8s.io/v1 Event the broker reads (the API server sends more). */
 export interface KubeAuditEvent {
@@ -241,7 +241,7 @@ export function inRequestOrder<T extends { event: KubeAuditEvent }>(kept: readon
  * to 6 bytes there, a non-ASCII character 2 to 4) is at most `max` bytes, so no value an agent chose (a
  * request URI) can push a record past the log's 8 KiB `details` bound, and so out of the log.
  */
-function cut(value: string, max: number): string {
+export function cut(value: string, max: number): string {
   const size = (v: string) => Buffer.byteLength(JSON.stringify(v)) - 2;
   if (value.length <= max && size(value) <= max) return value;
   // The mark `…` takes 3 bytes.

@@ -46,6 +46,8 @@ interface Options {
   brokerFrom: string;
   brokerCa: string | undefined;
   timeoutS: number;
+  /** `proxy`: a session token for the broker's proxy; `direct`: the task's token. */
+  via: 'direct' | 'proxy';
 }
 
 export interface PluginModule {
@@ -62,9 +64,11 @@ interface PluginIo {
   ppid?: number;
 }
 
-const USAGE = `usage: broker credential --task NAME [--broker URL] [--broker-ca FILE]
+const USAGE = `usage: broker credential --task NAME [--broker URL] [--broker-ca FILE] [--via direct|proxy]
 
 The kubectl exec credential plugin: prints an ExecCredential for the task NAME.
+--via proxy asks for a session token for the broker's Kubernetes API proxy (the task's own
+token then stays in the broker); --via direct (the default) for the task's token itself.
 Broker URL and CA also come from BROKER_URL and BROKER_CA; the caller's identity from
 BROKER_IDENTITY_TOKEN_FILE (e.g. a projected ServiceAccount token) or BROKER_IDENTITY_TOKEN.
 The broker URL must be https:// (http:// only to loopback); redirects are refused. The whole
@@ -86,6 +90,7 @@ function parseArgs(argv: string[], env: NodeJS.ProcessEnv): Options | 'help' {
   let broker = env['BROKER_URL'];
   let brokerFrom = 'BROKER_URL';
   let brokerCa = env['BROKER_CA'];
+  let via: Options['via'] = 'direct';
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i]!;
     const eq = arg.indexOf('=');
@@ -106,6 +111,12 @@ function parseArgs(argv: string[], env: NodeJS.ProcessEnv): Options | 'help' {
       case '--broker-ca':
         brokerCa = value();
         break;
+      case '--via': {
+        const v = value();
+        if (v !== 'direct' && v !== 'proxy') throw new PluginError(`--via must be direct or proxy, not ${JSON.stringify(v)}\n${USAGE}`, EXIT.usage);
+        via = v;
+        break;
+      }
       case '-h':
       case '--help':
         return 'help';
@@ -123,7 +134,7 @@ function parseArgs(argv: string[], env: NodeJS.ProcessEnv): Options | 'help' {
       throw new PluginError(`BROKER_CREDENTIAL_TIMEOUT must be a whole number of seconds from 1 to ${MAX_TIMEOUT_S}, not ${JSON.stringify(rawTimeout)}`, EXIT.usage);
     }
   }
-  return { task, broker: broker.replace(/\/+$/, ''), brokerFrom, brokerCa, timeoutS };
+  return { task, broker: broker.replace(/\/+$/, ''), brokerFrom, brokerCa, timeoutS, via };
 }
 
 /** The only hosts plain http:// may reach: 127.0.0.0/8, ::1, localhost (URL has already normalised them). */
@@ -331,7 +342,7 @@ async function run(io: PluginIo): Promise<number> {
     const { token, source } = identity(io.env);
     let url: URL;
     try {
-      url = new URL(`${opts.broker}/v1/tasks/${encodeURIComponent(opts.task)}/credential`);
+      url = new URL(`${opts.broker}/v1/tasks/${encodeURIComponent(opts.task)}/credential${opts.via === 'proxy' ? '?via=proxy' : ''}`);
     } catch {
       throw new PluginError(`the broker URL ${JSON.stringify(opts.broker)} is not a URL`, EXIT.usage);
     }

@@ -239,11 +239,17 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     return { ...toView(task), ...leftBehindReport(deps.kubeAudit, task.id) };
   });
 
-  app.post<{ Params: { ref: string } }>(
+  app.post<{ Params: { ref: string }; Querystring: { via?: 'direct' | 'proxy' } }>(
     '/v1/tasks/:ref/credential',
-    { schema: { params: { type: 'object', properties: { ref: taskRef } } } },
+    {
+      schema: {
+        params: { type: 'object', properties: { ref: taskRef } },
+        querystring: { type: 'object', properties: { via: { type: 'string', enum: ['direct', 'proxy'] } }, additionalProperties: false },
+      },
+    },
     async (req, reply) => {
-      const credential = await deps.tasks.credential(req.caller!, req.params.ref, req.id);
+      const credential =
+        req.query.via === 'proxy' ? await deps.tasks.sessionCredential(req.caller!, req.params.ref, req.id) : await deps.tasks.credential(req.caller!, req.params.ref, req.id);
       metrics.credentials.inc();
       return reply.type('application/json; charset=utf-8').send(credentialAnswer(credential));
     },

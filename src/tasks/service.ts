@@ -80,6 +80,23 @@ export interface TaskServiceOptions {
   history?: TaskHistory;
   /** Where best-effort failures (a history entry not written) are logged. Default stderr. */
   log?: (line: string) => void;
+  /** Issues proxy session tokens (src/proxy/session.ts); without it `via: proxy` is refused. */
+  sessions?: SessionIssuer | undefined;
+}
+
+/** What the task service needs of the proxy's session tokens (src/proxy/session.ts implements it). */
+export interface SessionIssuer {
+  readonly audience: string;
+  issue(s: { task: string; agent: string; subject: string; taskExpiresAt: Date }): Promise<{ token: string; sid: string; expiresAt: Date }>;
+}
+
+/** A session token served for a task, reused like a minted token. */
+interface ServedSession {
+  subject: string;
+  sid: string;
+  issuedAt: Date;
+  expiresAt: Date;
+  credential: Credential;
 }
 
 /** TokenRequest's floor for `expirationSeconds`. */
@@ -104,6 +121,8 @@ export class TaskService {
   readonly #now: () => Date;
   readonly #tokens = new Map<string, MintedToken>();
   readonly #minting = new Map<string, Promise<MintedToken>>();
+  readonly #sessions: SessionIssuer | undefined;
+  readonly #served = new Map<string, ServedSession>();
   readonly #templates: Map<string, Template>;
   readonly #approvals: StartGate | undefined;
   /** Per template with `rules`, the gated pairs they hit: non-empty ones start only with an approval token. */
@@ -127,7 +146,11 @@ export class TaskService {
     this.#onMinted = options.onMinted;
     this.#log = options.log ?? ((line) => process.stderr.write(`broker: ${line}\n`));
     this.history = options.history ?? new TaskHistory(kube, policy.broker.namespace, policy.broker.taskHistory, { signer: options.signer, now: this.#now });
-    store.onRemoved((id) => this.#tokens.delete(id));
+    this.#sessions = options.sessions;
+    store.onRemoved((id) => {
+      this.#tokens.delete(id);
+      this.#served.delete(id);
+    });
     store.onForged((task) => void this.#revokeForged(task));
   }
 
@@ -585,6 +608,58 @@ export class TaskService {
       minted.answer = { credential, taskExpiresMs };
     }
     return minted.answer.credential;
+  }
+
+  /**
+   * Proxy mode: a session token for the caller's task instead of its TokenRequest token, which stays
+   * in broker memory (src/proxy/server.ts forwards with it). Recorded (`session.issued`, the session id,
+   * never the token) before it leaves; reused while more than a third of its life is left.
+   */
+  async sessionCredential(caller: Caller, ref: string, requestId?: string): Promise<Credential> {
+    if (!this.#sessions) throw new BrokerError('invalid_argument', 'this broker has no proxy listener (`broker serve --proxy-listen`): use `--via direct`', { field: 'via' });
+    const task = await this.resolve(caller, ref, 'credential', requestId);
+    const now = this.#now();
+    if (task.expiresAt <= now) throw new BrokerError('no_active_task', `task "${ref}" has expired`);
+    const served = this.#served.get(task.id);
+    if (served && served.subject === caller.subject && (served.expiresAt.getTime() - now.getTime()) * 3 > served.expiresAt.getTime() - served.issuedAt.getTime()) {
+      await this.#audit.append({ type: 'session.served', actor: actorOf(caller), agent: caller.agent, task: task.id, outcome: 'allowed', jti: served.sid, expiresAt: served.credential.expirationTimestamp, requestId });
+      return served.credential;
+    }
+    if (!this.#audit.healthy) throw new BrokerError('audit_unavailable', 'the audit log cannot be written: refusing to issue a session');
+    const issued = await this.#sessions.issue({ task: task.id, agent: task.agent, subject: caller.subject, taskExpiresAt: task.expiresAt });
+    const expirationTimestamp = issued.expiresAt.toISOString();
+    await this.#audit.append({
+      type: 'session.issued',
+      actor: actorOf(caller),
+      agent: caller.agent,
+      task: task.id,
+      taskName: task.name,
+      template: task.template,
+      namespace: task.namespace,
+      outcome: 'allowed',
+      jti: issued.sid,
+      expiresAt: expirationTimestamp,
+      requestId,
+      details: { via: 'proxy', audience: this.#sessions.audience },
+    });
+    const credential = Object.freeze({ token: issued.token, expirationTimestamp, taskId: task.id, jti: issued.sid });
+    this.#served.set(task.id, { subject: caller.subject, sid: issued.sid, issuedAt: now, expiresAt: issued.expiresAt, credential });
+    return credential;
+  }
+
+  /**
+   * The task's TokenRequest token, for the proxy to forward a session's requests with (minted and
+   * recorded as for the exec plugin when there is none with enough life). undefined when the task is
+   * not active here: the request is refused.
+   */
+  async upstreamToken(taskId: string): Promise<string | undefined> {
+    const task = this.#store.get(taskId);
+    const now = this.#now();
+    if (!task || task.state !== 'active' || task.expiresAt <= now) return undefined;
+    const minted = this.#tokens.get(task.id);
+    if (minted && this.#hasEnoughLife(minted, now)) return minted.token;
+    const caller: Caller = { agent: task.agent, subject: 'system:proxy', method: 'serviceAccount', principal: `agent:${task.agent}` };
+    return (await this.#mintOnce(caller, task)).token;
   }
 
   /** Reuse while more than a third of the token's life is left (200 s of a 600 s token). */
