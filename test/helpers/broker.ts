@@ -8,7 +8,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as k8s from '@kubernetes/client-node';
-import { LocalCluster } from '../../src/cluster/local-cluster.ts';
+import { LocalCluster, type LocalClusterOptions } from '../../src/cluster/local-cluster.ts';
 import { kubeApis, type KubeApis } from '../../src/kube/config.ts';
 import { applyPolicy } from '../../src/policy/apply.ts';
 import { parsePolicy } from '../../src/policy/parse.ts';
@@ -28,6 +28,8 @@ export interface BrokerEnvOptions {
   namespaces?: string[];
   /** Runs as the administrator after the namespaces exist and before the policy is applied. */
   beforeApply?: (admin: KubeApis) => Promise<void>;
+  /** How to start the cluster (e.g. `full: true`, an audit webhook). Default: the API server alone. */
+  cluster?: LocalClusterOptions;
 }
 
 export class BrokerEnv {
@@ -52,7 +54,7 @@ export class BrokerEnv {
     const dir = mkdtempSync(join(tmpdir(), 'tb-env-'));
     let cluster: LocalCluster | undefined;
     try {
-      cluster = await LocalCluster.start();
+      cluster = await LocalCluster.start(options.cluster);
       const admin = kubeApis(adminConfig(cluster));
       const text = options.policyText ?? readFileSync(POLICY_FILE, 'utf8');
       const policyFile = join(dir, 'policy.yaml');
@@ -98,7 +100,7 @@ export class BrokerEnv {
   }
 
   async startBroker(
-    options: { auditLog?: string; extraArgs?: string[]; env?: NodeJS.ProcessEnv; shellPrefix?: string; tls?: { cert: string; key: string } } = {},
+    options: { auditLog?: string; extraArgs?: string[]; env?: NodeJS.ProcessEnv; shellPrefix?: string; tls?: { cert: string; key: string }; listen?: string } = {},
   ): Promise<BrokerProcess> {
     const auditLog = options.auditLog ?? join(this.dir, 'audit.jsonl');
     const args = [
@@ -111,7 +113,7 @@ export class BrokerEnv {
       '--kubeconfig',
       this.brokerKubeconfig,
       '--listen',
-      '127.0.0.1:0',
+      options.listen ?? '127.0.0.1:0',
       ...(options.tls ? ['--tls-cert', options.tls.cert, '--tls-key', options.tls.key] : ['--insecure-http']),
       '--sweep-interval',
       '1s',

@@ -33,20 +33,26 @@ export interface RunResult {
   stderr: string;
 }
 
-/** Runs a command to completion, capturing its output; never throws for a non-zero exit. */
-export function run(cmd: string, args: string[], env: NodeJS.ProcessEnv = process.env, timeoutMs = 60_000): Promise<RunResult> {
+/**
+ * Runs a command to completion, capturing its output; never throws for a non-zero exit. With `input`,
+ * that is its standard input (then closed), e.g. for `kubectl exec -i`; without, stdin is /dev/null.
+ */
+export function run(cmd: string, args: string[], env: NodeJS.ProcessEnv = process.env, timeoutMs = 60_000, input?: string): Promise<RunResult> {
   return new Promise((done, fail) => {
-    const child = spawn(cmd, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(cmd, args, { env, stdio: [input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
     const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
     child.on('error', fail);
     child.on('close', (code) => {
       clearTimeout(timer);
       done({ code, stdout, stderr });
     });
+    // A command that exits without reading all of it closes the pipe: EPIPE is its business, not ours.
+    child.stdin?.on('error', () => {});
+    child.stdin?.end(input);
   });
 }
 

@@ -7,12 +7,11 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { alive, kubectlPath, LocalCluster, NODE_NAME, readProcessGroups } from '../../src/cluster/local-cluster.ts';
-import { kubectl, type RunResult } from '../helpers/kube.ts';
+import { alive, freePort, kubectlPath, LocalCluster, NODE_NAME, readProcessGroups } from '../../src/cluster/local-cluster.ts';
+import { kubectl, run } from '../helpers/kube.ts';
 
 interface PodJson {
   metadata: { name: string; uid: string };
@@ -27,27 +26,6 @@ interface PodJson {
       lastState: { terminated?: { exitCode: number } };
     }>;
   };
-}
-
-/** kubectl with standard input, e.g. for `exec -i` and `attach -i`. */
-function kubectlWithInput(kubeconfig: string, input: string, args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 60_000): Promise<RunResult> {
-  return new Promise((done, fail) => {
-    const child = spawn(kubectlPath(), ['--kubeconfig', kubeconfig, ...args], {
-      env: { PATH: process.env['PATH'] ?? '/usr/bin:/bin', HOME: process.env['HOME'] ?? '/tmp', ...env },
-      stdio: ['pipe', 'pipe', 'pipe'],
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-    child.on('error', fail);
-    child.on('close', (code) => {
-      clearTimeout(timer);
-      done({ code, stdout, stderr });
-    });
-    child.stdin.end(input);
-  });
 }
 
 /** Starts a long-running kubectl (logs -f, port-forward) and resolves once its stdout matches `pattern`. */
@@ -73,17 +51,6 @@ function kubectlUntil(kubeconfig: string, args: string[], pattern: RegExp, timeo
     child.on('exit', () => {
       clearTimeout(timer);
       fail(new Error(`kubectl ${args.join(' ')} exited; stdout: ${out}; stderr: ${err}`));
-    });
-  });
-}
-
-function freePort(): Promise<number> {
-  return new Promise((done, fail) => {
-    const srv = createServer();
-    srv.once('error', fail);
-    srv.listen(0, '127.0.0.1', () => {
-      const address = srv.address();
-      srv.close(() => (typeof address === 'object' && address ? done(address.port) : fail(new Error('no port'))));
     });
   });
 }
@@ -118,6 +85,9 @@ describe('full local cluster', () => {
   let kc: string;
   let scratch: string;
 
+  /** kubectl with standard input, e.g. for `exec -i` and `attach -i`. */
+  const kubectlWithInput = (input: string, args: string[], env: NodeJS.ProcessEnv = {}) =>
+    run(kubectlPath(), ['--kubeconfig', kc, ...args], { PATH: process.env['PATH'] ?? '/usr/bin:/bin', HOME: process.env['HOME'] ?? '/tmp', ...env }, 60_000, input);
   const k = async (...args: string[]) => {
     const res = await kubectl(kc, ...args);
     assert.equal(res.code, 0, `kubectl ${args.join(' ')}: ${res.stderr}`);
@@ -242,7 +212,7 @@ describe('full local cluster', () => {
     await k('run', 'shell', '-n', 'io', '--image=busybox', '--env=GREETING=hello from the pod', '--command', '--', 'sleep', '3600');
     await runningPod('io', 'shell');
     for (const env of [{}, { KUBECTL_REMOTE_COMMAND_WEBSOCKETS: 'false' }]) {
-      const res = await kubectlWithInput(kc, 'world\n', ['exec', '-i', 'shell', '-n', 'io', '--', 'sh', '-c', 'read x; echo got $x'], env);
+      const res = await kubectlWithInput('world\n', ['exec', '-i', 'shell', '-n', 'io', '--', 'sh', '-c', 'read x; echo got $x'], env);
       assert.equal(res.code, 0, `${JSON.stringify(env)}: ${res.stderr}`);
       assert.equal(res.stdout, 'got world\n', JSON.stringify(env));
     }
@@ -270,7 +240,7 @@ describe('full local cluster', () => {
     );
     await k('apply', '-f', join(scratch, 'echo.json'));
     await runningPod('io', 'echo');
-    const res = await kubectlWithInput(kc, 'one\ntwo\n', ['attach', '-i', 'echo', '-n', 'io']);
+    const res = await kubectlWithInput('one\ntwo\n', ['attach', '-i', 'echo', '-n', 'io']);
     assert.equal(res.code, 0, res.stderr);
     assert.match(res.stdout, /echo: one\necho: two\nbye\n/);
     await until('echo Succeeded', async () => ((await pod('io', 'echo')).status.phase === 'Succeeded' ? true : undefined));
