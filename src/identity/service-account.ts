@@ -132,13 +132,16 @@ export class ServiceAccountAuthenticator implements Authenticator {
 }
 
 /**
- * `authenticate`'s answer when it is already known without any work: the first authenticator asked
- * (the one whose answer would win) accepted exactly this request's credential on its connection, and
- * its cache entry still holds. Undefined otherwise (then `authenticate` decides).
+ * `authenticate`'s answer when it is already known without any work: the ServiceAccount authenticator
+ * accepted exactly this request's credential on its connection, and its cache entry still holds.
+ * Undefined otherwise (then `authenticate` decides). Sound while every authenticator before it passes
+ * on a ServiceAccount token whatever the connection (the OIDC one leaves any token with a
+ * `kubernetes.io` claim to it; an agent proof is not a bearer token): a credential accepted here
+ * would be accepted again.
  */
 export function acceptedBefore(authenticators: readonly Authenticator[], req: ConnectionRequest): Caller | undefined {
-  const first = authenticators[0];
-  return first instanceof ServiceAccountAuthenticator ? first.acceptedOnConnection(req) : undefined;
+  for (const a of authenticators) if (a instanceof ServiceAccountAuthenticator) return a.acceptedOnConnection(req);
+  return undefined;
 }
 
 /** Asks each authenticator in turn; a request that none recognises is unauthenticated. */
@@ -147,5 +150,11 @@ export async function authenticate(authenticators: readonly Authenticator[], req
     const caller = await a.authenticate(req);
     if (caller) return caller;
   }
-  throw new BrokerError('unauthenticated', 'no credential: send "Authorization: Bearer <ServiceAccount token with the broker audience>"');
+  throw new BrokerError('unauthenticated', `no credential: send ${authenticators.map((a) => CREDENTIAL_FORM[a.method]).join(', or ')}`);
+}
+
+const CREDENTIAL_FORM: Record<Authenticator['method'], string> = {
+  serviceAccount: '"Authorization: Bearer <ServiceAccount token with the broker audience>"',
+  oidc: '"Authorization: Bearer <OIDC token of an issuer in the policy>"',
+  agentKey: '"Authorization: AgentProof <signed proof>" (broker agent enroll)',
 }

@@ -15,7 +15,9 @@ import type {
   ApprovalRequirement,
   ApproverGroup,
   BrokerSettings,
+  ClaimConditions,
   Identity,
+  OidcIssuer,
   Person,
   Policy,
   PolicyIssue,
@@ -28,6 +30,9 @@ export { POLICY_API_VERSION, POLICY_KIND } from './schema.ts';
 
 /** TokenRequest's minimum `expirationSeconds`, and so the least `broker.tokenTTL`. */
 export const MIN_TOKEN_TTL = 600;
+
+/** An issuer's algorithms when the policy names none: the common asymmetric ones. */
+export const DEFAULT_ALGORITHMS = ['RS256', 'PS256', 'ES256', 'EdDSA'] as const;
 
 export const BROKER_DEFAULTS = {
   namespace: 'task-broker-system',
@@ -266,6 +271,12 @@ function reportSchemaError(issues: IssueList, data: unknown, err: ErrorObject): 
     case 'minimum':
       issues.add(path, `${field} must be at least ${String(params['limit'])}, got ${got}`);
       return;
+    case 'minProperties':
+      issues.add(path, `${field} must not be empty`);
+      return;
+    case 'enum':
+      issues.add(path, `${field} must be one of ${(params['allowedValues'] as unknown[]).map((v) => JSON.stringify(v)).join(', ')}, got ${got}`);
+      return;
     default:
       issues.add(path, `${field} ${err.message ?? 'is not valid'}`);
   }
@@ -462,6 +473,18 @@ function semanticChecks(issues: IssueList, data: Obj): void {
     }
   }
 
+  // issuers: https URLs (http on loopback only), each listed once
+  const seenIssuers = new Map<string, number>();
+  list(data['issuers']).forEach((iss, i) => {
+    if (!isObject(iss) || typeof iss['issuer'] !== 'string') return;
+    const url = iss['issuer'];
+    const problem = issuerProblem(url);
+    if (problem) issues.add(['issuers', i, 'issuer'], problem);
+    const prev = seenIssuers.get(url);
+    if (prev !== undefined) issues.add(['issuers', i, 'issuer'], `issuer ${JSON.stringify(url)} is already listed at issuers[${prev}] (line ${issues.line(['issuers', prev, 'issuer'])})`);
+    else seenIssuers.set(url, i);
+  });
+
   // agents: unique names, each identity in at most one agent
   const agents = list(data['agents']);
   const agentNames = uniqueNames(issues, 'agents', agents);
@@ -631,8 +654,17 @@ function semanticChecks(issues: IssueList, data: Obj): void {
 
 interface RawIdentity {
   serviceAccount?: string;
-  oidc?: { issuer: string; subject: string };
+  oidc?: { issuer: string; subject: string; claims?: RawClaims };
   oidcGroup?: { issuer: string; group: string };
+}
+type RawClaims = Record<string, string | string[]>;
+interface RawIssuer {
+  issuer: string;
+  audience: string | string[];
+  subjectClaim?: string;
+  groupsClaim?: string;
+  algorithms?: string[];
+  claims?: RawClaims;
 }
 interface RawApproval {
   approvers?: string[];
@@ -668,6 +700,22 @@ interface RawPolicy {
   gated?: Obj[];
   approvers?: { name: string; members: RawMember[] }[];
   approvals?: RawApproval;
+  issuers?: RawIssuer[];
+}
+
+function toClaims(raw: RawClaims | undefined): ClaimConditions {
+  return Object.fromEntries(Object.entries(raw ?? {}).map(([k, v]) => [k, typeof v === 'string' ? [v] : [...v]]));
+}
+
+function toIssuer(raw: RawIssuer): OidcIssuer {
+  return {
+    issuer: raw.issuer,
+    audiences: typeof raw.audience === 'string' ? [raw.audience] : [...raw.audience],
+    subjectClaim: raw.subjectClaim ?? 'sub',
+    ...(raw.groupsClaim === undefined ? {} : { groupsClaim: raw.groupsClaim }),
+    algorithms: raw.algorithms ? [...new Set(raw.algorithms)] : [...DEFAULT_ALGORITHMS],
+    claims: toClaims(raw.claims),
+  };
 }
 
 function toIdentity(raw: RawIdentity): Identity {
@@ -675,7 +723,10 @@ function toIdentity(raw: RawIdentity): Identity {
     const [namespace = '', name = ''] = raw.serviceAccount.split('/');
     return { kind: 'serviceAccount', namespace, name, username: `system:serviceaccount:${namespace}:${name}` };
   }
-  if (raw.oidc !== undefined) return { kind: 'oidc', issuer: raw.oidc.issuer, subject: raw.oidc.subject };
+  if (raw.oidc !== undefined) {
+    const { issuer, subject, claims } = raw.oidc;
+    return { kind: 'oidc', issuer, subject, ...(claims === undefined ? {} : { claims: toClaims(claims) }) };
+  }
   const g = raw.oidcGroup!;
   return { kind: 'oidcGroup', issuer: g.issuer, group: g.group };
 }
@@ -733,5 +784,6 @@ function build(raw: RawPolicy): Policy {
       : { approval: { approvers: t.approval.approvers ?? [...defaultApproval.approvers], required: t.approval.required ?? defaultApproval.required } }),
   }));
   const gated = raw.gated === undefined ? DEFAULT_GATED.map((p) => ({ ...p })) : expandGated(raw.gated);
-  return { broker, agents, people, templates, gated, approverGroups, defaultApproval };
+  const issuers = (raw.issuers ?? []).map(toIssuer);
+  return { broker, agents, people, templates, gated, approverGroups, defaultApproval, issuers };
 }

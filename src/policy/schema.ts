@@ -7,6 +7,9 @@
 import { Ajv, type ErrorObject, type ValidateFunction } from 'ajv';
 import { DURATION_PATTERN } from './duration.ts';
 
+/** The JWS algorithms an issuer may use: asymmetric only (never `none`, never an HMAC algorithm). */
+export const ASYMMETRIC_ALGORITHMS = ['RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'ES256', 'ES384', 'ES512', 'EdDSA', 'Ed25519'];
+
 export const POLICY_API_VERSION = 'task-broker/v1alpha1';
 export const POLICY_KIND = 'Policy';
 
@@ -50,6 +53,7 @@ export const POLICY_SCHEMA = {
       gated: arrayOf(ref('gated')),
       approvers: arrayOf(ref('approverGroup')),
       approvals: ref('approval'),
+      issuers: arrayOf(ref('issuer')),
     },
     ['apiVersion', 'kind', 'broker', 'agents', 'templates'],
   ),
@@ -60,7 +64,21 @@ export const POLICY_SCHEMA = {
     duration: { title: 'duration', type: 'string', pattern: DURATION_PATTERN },
     positiveInteger: { title: 'positiveInteger', type: 'integer', minimum: 1 },
     serviceAccountRef: { title: 'serviceAccountRef', type: 'string', pattern: `^${LABEL}/${LABEL}$` },
-    oidc: closed({ issuer: ref('text'), subject: ref('text') }, ['issuer', 'subject']),
+    oidc: closed({ issuer: ref('text'), subject: ref('text'), claims: ref('claims') }, ['issuer', 'subject']),
+    // Claim conditions: claim name -> the value, or a list of values one of which it must equal.
+    claims: { type: 'object', minProperties: 1, additionalProperties: { anyOf: [ref('text'), arrayOf(ref('text'), 1)] } },
+    algorithm: { title: 'algorithm', type: 'string', enum: ASYMMETRIC_ALGORITHMS },
+    issuer: closed(
+      {
+        issuer: ref('text'),
+        audience: { anyOf: [ref('text'), arrayOf(ref('text'), 1)] },
+        subjectClaim: ref('text'),
+        groupsClaim: ref('text'),
+        algorithms: arrayOf(ref('algorithm'), 1),
+        claims: ref('claims'),
+      },
+      ['issuer', 'audience'],
+    ),
     oidcGroup: closed({ issuer: ref('text'), group: ref('text') }, ['issuer', 'group']),
     identity: {
       title: 'identity',

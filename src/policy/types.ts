@@ -8,10 +8,36 @@
 export type Identity =
   /** A Kubernetes ServiceAccount, checked with TokenReview; YAML: `serviceAccount: NAMESPACE/NAME`. */
   | { kind: 'serviceAccount'; namespace: string; name: string; username: string }
-  /** An OIDC subject (people, CI); YAML: `oidc: { issuer: URL, subject: SUB }`. */
-  | { kind: 'oidc'; issuer: string; subject: string }
+  /**
+   * An OIDC subject (people, CI); YAML: `oidc: { issuer: URL, subject: SUB, claims?: {...} }`. The
+   * subject is the value of the issuer's `subjectClaim`; `claims`, when given, must all hold too
+   * (a token of that subject whose claims do not is refused 403).
+   */
+  | { kind: 'oidc'; issuer: string; subject: string; claims?: ClaimConditions }
   /** Everyone in an OIDC group claim (approvers only); YAML: `oidcGroup: { issuer: URL, group: NAME }`. */
   | { kind: 'oidcGroup'; issuer: string; group: string };
+
+/** Claim conditions: each named claim must be a string equal to one of the values listed. */
+export type ClaimConditions = Record<string, string[]>;
+
+/**
+ * An OIDC issuer whose tokens the broker accepts (YAML `issuers:`): ID tokens of people, tokens a CI
+ * system hands its jobs, JWT access tokens of the client credentials grant.
+ */
+export interface OidcIssuer {
+  /** The `iss` claim, and where `/.well-known/openid-configuration` is found. */
+  issuer: string;
+  /** Accepted `aud` values: a token must carry at least one of them. */
+  audiences: string[];
+  /** The claim that names the subject (default `sub`): GitHub Actions' `sub`, or `email`, ... */
+  subjectClaim: string;
+  /** The claim that lists groups (an array of strings), for `oidcGroup` approvers; none by default. */
+  groupsClaim?: string;
+  /** Signing algorithms accepted: asymmetric only, never `none` nor HMAC. */
+  algorithms: string[];
+  /** Conditions every token of this issuer must meet (for a CI issuer: `repository_owner`, ...). */
+  claims: ClaimConditions;
+}
 
 export interface Agent {
   name: string;
@@ -127,6 +153,8 @@ export interface Policy {
   /** The gated set; the defaults of docs/policy.md when the policy has none. */
   gated: GatedPair[];
   approverGroups: ApproverGroup[];
+  /** OIDC issuers whose tokens prove `oidc` and `oidcGroup` identities (YAML `issuers:`). */
+  issuers: OidcIssuer[];
   /** Default approval requirement for gated templates that name none. */
   defaultApproval: ApprovalRequirement;
 }

@@ -41,6 +41,7 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   approval_closed: 409,
   audit_unavailable: 503,
   cluster_unavailable: 503,
+  identity_provider_unavailable: 503,
   internal: 500,
 };
 
@@ -352,6 +353,7 @@ function publicError(err: BrokerError, status: number): { code: ErrorCode; messa
   if (err instanceof ApprovalRequiredError) return { code: err.code, message: err.message, requestId: err.requestId };
   if (err.code === 'unauthenticated') return { code: err.code, message: 'authentication failed: the broker did not accept the caller\'s credential' };
   if (err.code === 'audit_unavailable') return { code: err.code, message: 'the audit log cannot be written; the broker refuses to act without recording' };
+  if (err.code === 'identity_provider_unavailable') return { code: err.code, message: 'the identity provider could not be reached to check the caller\'s token' };
   if (err.code === 'cluster_unavailable') return { code: err.code, message: 'the Kubernetes API server could not complete the broker\'s request' };
   if (status >= 500) return { code: err.code, message: 'internal error' };
   return { code: err.code, message: err.message, ...(err.field ? { field: err.field } : {}) };

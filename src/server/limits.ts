@@ -125,6 +125,7 @@ export function categorize(err: unknown, req: FastifyRequest): FailureCategory {
   if (!isBrokerError(err)) return 'error';
   if (err.code === 'rate_limited') return 'rate_limited';
   if (err.code === 'unauthenticated') return req.headers.authorization === undefined ? 'no_credential' : 'rejected';
+  if (err.code === 'forbidden') return 'rejected'; // a valid OIDC token whose claims do not meet its identity's conditions
   return 'error';
 }
 

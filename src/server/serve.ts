@@ -21,7 +21,8 @@ import type { FastifyInstance } from 'fastify';
 import { openCheckedAuditLog, type AuditCheckpointer } from '../audit/head.ts';
 import type { AuditLog } from '../audit/log.ts';
 import { BrokerError, isBrokerError } from '../errors.ts';
-import { ServiceAccountAuthenticator } from '../identity/service-account.ts';
+import { authenticatorsFor } from '../identity/authenticators.ts';
+import { identitySummary } from '../identity/summary.ts';
 import { clusterError, kubeApis, loadKubeConfig, type KubeApis } from '../kube/config.ts';
 import { loadPolicyFile } from '../policy/parse.ts';
 import type { Policy } from '../policy/types.ts';
@@ -210,7 +211,7 @@ async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<R
       const view = listeners.view(store);
       const approvals = new ApprovalService(kube, next, audit, { keys, signer });
       const tasks = new TaskService(kube, next, audit, view.store, { approvals, signer, onMinted: kubeAudit?.recent.minted });
-      return { tasks, approvals, authenticators: [new ServiceAccountAuthenticator(authn, next)], activate: view.activate };
+      return { tasks, approvals, authenticators: authenticatorsFor(next, authn), activate: view.activate };
     },
   }));
   // The sweeper and the routes read the services through the holder at each use.
@@ -347,8 +348,7 @@ function summary(
   const { policy, credential, limits } = s;
   const names = policy.templates.map((t) => t.name);
   const shown = names.length > 8 ? `${names.slice(0, 8).join(', ')}, ...` : names.join(', ');
-  const saIdentities = [...policy.agents, ...policy.people].flatMap((x) => x.identities).filter((i) => i.kind === 'serviceAccount').length;
-  const oidc = [...policy.agents, ...policy.people].flatMap((x) => x.identities).filter((i) => i.kind !== 'serviceAccount').length;
+  const identity = identitySummary(policy);
   const ms = (v: number) => (v > 0 ? `${v / 1000}s` : 'off');
   const count = (v: number) => (v > 0 ? String(v) : 'no cap');
   const credentialLine =
@@ -363,12 +363,7 @@ function summary(
       level: 'info',
       text: `audit log ${opts.auditLog}: ${s.audit.nextSeq} record${s.audit.nextSeq === 1 ? '' : 's'}${s.audit.created ? ' (a new file)' : ''}, locked by this process (pid ${process.pid}, ${s.audit.lock?.path ?? 'no lock'})`,
     },
-    {
-      level: 'info',
-      text:
-        `identity: Kubernetes ServiceAccount tokens with audience "${policy.broker.identityAudience}", checked with TokenReview (${saIdentities} ServiceAccount identit${saIdentities === 1 ? 'y' : 'ies'} in the policy)` +
-        (oidc > 0 ? `; ${oidc} OIDC identit${oidc === 1 ? 'y' : 'ies'} in the policy cannot sign in to this broker yet` : ''),
-    },
+    { level: 'info', text: identity.text },
     { level: credential.broad.length + credential.extra.length > 0 ? 'warn' : 'info', text: credentialLine },
     ...(credential.unchecked.length > 0 ? [{ level: 'warn' as const, text: `credential: not checked: ${credential.unchecked.join('; ')}` }] : []),
     { level: 'info', text: `namespaces: tasks in ${policy.broker.taskNamespace}, the broker's own state in ${policy.broker.namespace}` },
@@ -387,7 +382,7 @@ function summary(
     tls: !opts.insecureHttp,
     policy: { path: opts.config, sha256: s.holder.sha256, templates: names },
     auditLog: { path: opts.auditLog, records: s.audit.nextSeq, created: s.audit.created, lock: s.audit.lock?.path },
-    identity: { serviceAccountTokens: { audience: policy.broker.identityAudience, identities: saIdentities }, ...(oidc > 0 ? { oidcNotAccepted: oidc } : {}) },
+    identity: identity.facts,
     credential,
     namespaces: { tasks: policy.broker.taskNamespace, broker: policy.broker.namespace },
     auditWebhook: s.webhook,
