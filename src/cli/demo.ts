@@ -1,11 +1,13 @@
 /**
- * `broker demo`: the three checks task-broker exists for, end to end on the embedded control plane
- * (DESIGN.md sections 1, 7, 8), with real kubectl and real broker commands, each printed with its
- * result:
+ * `broker demo`: the checks task-broker exists for, end to end on the whole local cluster (API
+ * server, controllers, scheduler, a node whose containers are local processes; DESIGN.md sections 1,
+ * 6, 7, 8), with real kubectl and real broker commands, each printed with its result:
  *   1. allowed path: a task's kubectl commands are in the recording, from the API server's side;
  *   2. denied path: a command outside the task's scope is denied and still recorded, as DENY;
  *   3. no resting access: once the task has ended kubectl is refused by the exec plugin, and the API
- *      server's own audit log shows that no request of a task identity reached it.
+ *      server's own audit log shows that no request of a task identity reached it;
+ *   4. gated exec: a task granting pods/exec is refused without an approval, approved by another
+ *      identity, then `kubectl exec` runs in a pod and the recording holds it.
  * `broker demo down` stops what `--keep` left running (processes by pid, then the directory).
  */
 import { spawn } from 'node:child_process';
@@ -18,6 +20,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { Command } from 'commander';
 import { BrokerError } from '../errors.ts';
 import type { AuditRecord } from '../audit/types.ts';
+import type { ClusterComponent } from '../cluster/local-cluster.ts';
 import { outputOption, printJson, style, type OutputFormat } from './output.ts';
 
 interface DemoOptions {
@@ -36,6 +39,8 @@ interface DemoState {
   dir: string;
   clusterDir: string;
   apiserverPid?: number;
+  /** The cluster's processes (API server, controller-manager, scheduler, node), once started. */
+  components?: ClusterComponent[];
   brokerPid?: number;
   brokerUrl?: string;
 }
@@ -47,10 +52,16 @@ const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const POLICY = join(ROOT, 'docs/examples/demo-policy.yaml');
 const AGENT = 'demo-agent';
 const TEMPLATE = 'read-pods';
+/** The gated template of check 4 (create pods/exec), and who approves it. */
+const EXEC_TEMPLATE = 'exec-web';
+const APPROVER = 'demo-approver';
+/** What check 4 runs in the pod, and what it must print. */
+const EXEC_COMMAND = ['sh', '-c', 'echo hello-$((1+1))'];
+const EXEC_OUTPUT = 'hello-2';
 
 export function demoCommand(): Command {
   const cmd = new Command('demo')
-    .description('the three checks end to end on a local control plane: allowed commands recorded, a denied one recorded as DENY, no access once the task ends')
+    .description('the four checks end to end on a local cluster: allowed commands recorded, a denied one recorded as DENY, no access once the task ends, exec only once approved by someone else')
     .option('--keep', 'leave the control plane and the broker running, and print how to explore them (stop with: broker demo down)')
     .option('--dir <dir>', 'directory for everything the demo creates (must be missing or empty); default: a new temporary directory')
     .addOption(outputOption())
@@ -58,7 +69,7 @@ export function demoCommand(): Command {
       'after',
       [
         '',
-        'Needs the local control plane that ./install.sh builds when Go is installed. Exit status 0 only when all three checks hold.',
+        'Needs the local cluster that ./install.sh builds when Go is installed. Exit status 0 only when all four checks hold.',
         'With -o json the walk-through goes to stderr and stdout gets {"ok", "checks": [{"name", "ok", "detail"}], "dir"?, "pids"?}.',
         '',
         'Example:',
@@ -69,7 +80,7 @@ export function demoCommand(): Command {
     .action((opts: DemoOptions) => runDemo(opts));
   cmd
     .command('down')
-    .description('stop what `broker demo --keep` left running (broker and kube-apiserver, by pid) and remove its directory')
+    .description('stop what `broker demo --keep` left running (the broker and the cluster\'s processes, by pid) and remove its directory')
     .option('--dir <dir>', 'the directory `demo --keep` printed (default: $TASK_BROKER_DEMO_DIR, else the only demo directory in the temporary directory)')
     .addOption(outputOption())
     .addHelpText('after', '\nExample:\n  broker demo down --dir /tmp/task-broker-demo-Ab12Cd')
@@ -118,6 +129,8 @@ async function runDemo(opts: DemoOptions): Promise<void> {
       brokerKubeconfig: join(dir, 'broker.kubeconfig'),
       agentToken: join(dir, 'agent.token'),
       agentKubeconfig: join(dir, 'agent.kubeconfig'),
+      approverToken: join(dir, 'approver.token'),
+      execKubeconfig: join(dir, 'exec.kubeconfig'),
     };
     const home = join(dir, 'home');
     mkdirSync(home, { mode: 0o700 });
@@ -129,42 +142,64 @@ async function runDemo(opts: DemoOptions): Promise<void> {
     const exe = (argv: string[]) => (argv[0] === 'broker' ? [...broker, ...argv.slice(1)] : argv[0] === 'kubectl' ? [kubectl, ...argv.slice(1)] : argv);
 
     // ---- set-up, as an administrator
-    say.section('an administrator: a local control plane that reports every request to the broker');
+    say.section('an administrator: a local cluster that reports every request to the broker');
     const port = await freePort();
     const brokerUrl = `https://127.0.0.1:${port}`;
     const webhookUrl = `${brokerUrl}/v1/audit/kubernetes`;
-    say.step(`kube-apiserver with an embedded etcd, its audit webhook pointed at the broker (${webhookUrl})`);
+    say.step(`kube-apiserver with an embedded etcd, its audit webhook pointed at the broker (${webhookUrl}); controllers, scheduler, and a node whose containers are local processes`);
     say.note(`as \`broker dev-cluster up --dir $DEMO/cluster --audit-webhook ${webhookUrl}\` would:`);
     // Attached unless kept: it then dies with this process, however this process ends.
-    cluster = await say.waiting('starting kube-apiserver', () =>
-      LocalCluster.start({ dir: state.clusterDir, detached: opts.keep === true, auditWebhook: { url: webhookUrl, token: randomBytes(32).toString('base64url') } }),
+    cluster = await say.waiting('starting the cluster', () =>
+      LocalCluster.start({ dir: state.clusterDir, detached: opts.keep === true, full: true, auditWebhook: { url: webhookUrl, token: randomBytes(32).toString('base64url') } }),
     );
     state.apiserverPid = cluster.pid;
+    state.components = cluster.components.map((c) => ({ ...c }));
     saveState();
     const webhookTokenFile = cluster.auditWebhookTokenFile;
     if (webhookTokenFile === undefined) throw new BrokerError('internal', 'the local control plane wrote no audit webhook token');
-    say.result(`kube-apiserver ${cluster.state.version} at ${cluster.server} (pid ${cluster.pid}); its own audit log: $DEMO/cluster/audit.log`);
+    say.result(`kube-apiserver ${cluster.state.version} at ${cluster.server}; its own audit log: $DEMO/cluster/audit.log`);
+    say.result(cluster.components.map((c) => `${c.name} (pid ${c.pid})`).join(', '));
 
     const run = async (argv: string[], env: NodeJS.ProcessEnv, options: { maxLines?: number; secret?: boolean } = {}) => {
       say.command(shellLine(argv));
       const res = await say.waiting(shellLine(argv), () => capture(exe(argv), env));
+      show(res, options);
+      return res;
+    };
+    const show = (res: Captured, options: { maxLines?: number; secret?: boolean }) => {
       if (options.secret) say.result(`(${res.stdout.trim().length} characters, not shown)${res.code === 0 ? '' : ` ${res.stderr.trim()}`}`);
       else say.output(res, options.maxLines);
-      return res;
     };
     const must = async (argv: string[], env: NodeJS.ProcessEnv, options: { maxLines?: number; secret?: boolean } = {}) => {
       const res = await run(argv, env, options);
       if (res.code !== 0) throw new BrokerError('internal', `${shellLine(argv)} failed (exit ${res.code}): ${lastLine(res.stderr || res.stdout)}`);
       return res;
     };
+    /** `must`, tried again (quietly, for up to 30 s) while it fails with `transient`; printed once. */
+    const mustSoon = async (argv: string[], env: NodeJS.ProcessEnv, transient: RegExp) => {
+      say.command(shellLine(argv));
+      const res = await say.waiting(shellLine(argv), async () => {
+        for (let i = 0; ; i++) {
+          const r = await capture(exe(argv), env);
+          if (r.code === 0 || !transient.test(r.stderr) || i >= 150) return r;
+          await sleep(200);
+        }
+      });
+      show(res, {});
+      if (res.code !== 0) throw new BrokerError('internal', `${shellLine(argv)} failed (exit ${res.code}): ${lastLine(res.stderr || res.stdout)}`);
+      return res;
+    };
 
-    say.step('namespaces: demo (where the task may act), other (where it may not), the agent\'s, the broker\'s two');
-    for (const ns of ['demo', 'other', 'agents', 'task-broker', 'task-broker-system']) await must(['kubectl', 'create', 'namespace', ns], admin);
-    say.step('something to look at in demo, and in other');
-    await must(['kubectl', 'run', 'web-1', '--image=nginx', '--restart=Never', '-n', 'demo'], admin);
+    say.step('namespaces: demo (where the task may act), other (where it may not), the agent\'s, the approver\'s, the broker\'s two');
+    for (const ns of ['demo', 'other', 'agents', 'approvers', 'task-broker', 'task-broker-system']) await must(['kubectl', 'create', 'namespace', ns], admin);
+    say.step('something to look at in demo, and in other: a pod in each, running on the node');
+    const pod = (ns: string) => ['kubectl', 'run', 'web-1', '--image=busybox', '--restart=Never', '-n', ns, '--command', '--', 'sh', '-c', 'sleep 3600'];
+    // The controller-manager gives a new namespace its default ServiceAccount a moment later; until
+    // then the ServiceAccount admission plugin refuses pods there.
+    for (const ns of ['demo', 'other']) await mustSoon(pod(ns), admin, /serviceaccount "default" not found/);
     await must(['kubectl', 'create', 'configmap', 'web-config', '--from-literal=color=blue', '-n', 'demo'], admin);
-    await must(['kubectl', 'run', 'web-1', '--image=nginx', '--restart=Never', '-n', 'other'], admin);
-    say.note('(no node runs them: these pods are API objects only)');
+    await must(['kubectl', 'wait', '--for=jsonpath={.status.phase}=Running', 'pod/web-1', '-n', 'demo', '--timeout=60s'], admin);
+    say.note("(the image is only a name here: the node runs each container's command as a process on this machine)");
     say.step('the policy: templates become ClusterRoles; the broker may bind exactly those (docs/examples/demo-policy.yaml)');
     await must(['broker', 'policy', 'apply', POLICY, '--kubeconfig', paths.adminKubeconfig], admin, { maxLines: 3 });
     // The API server's RBAC authorizer learns new roles from its informers, a moment later.
@@ -280,6 +315,37 @@ async function runDemo(opts: DemoOptions): Promise<void> {
     say.result(`${reached.length} request${reached.length === 1 ? '' : 's'} from a task or agent identity (${before.length} while the tasks were active)`);
     checks.push(checkNoResting(after, reached.length, before.length, leftovers, bindings));
 
+    // ---- check 4
+    say.section('check 4, gated exec: refused without an approval, approved by someone else, run, recorded');
+    say.step(`an approver: another identity, in the policy's approver group sre (a ServiceAccount here; a person's OIDC login elsewhere)`);
+    await must(['kubectl', 'create', 'serviceaccount', APPROVER, '-n', 'approvers'], admin);
+    const approverToken = await must(['kubectl', 'create', 'token', APPROVER, '-n', 'approvers', '--audience', 'task-broker', '--duration', '1h'], admin, { secret: true });
+    writeFileSync(paths.approverToken, approverToken.stdout.trim() + '\n', { mode: 0o600 });
+    say.result('-> $DEMO/approver.token');
+    const { KUBECONFIG: _, ...asAgent } = agent;
+    const approver = { ...asAgent, BROKER_IDENTITY_TOKEN_FILE: paths.approverToken };
+    say.step(`the agent asks for ${EXEC_TEMPLATE} (kubectl exec in demo's pods: create pods/exec is gated), without an approval`);
+    await must(['broker', 'kubeconfig', '--task', EXEC_TEMPLATE, '--output', paths.execKubeconfig], agent);
+    const execStart = ['broker', 'task', 'start', EXEC_TEMPLATE, '--namespace', 'demo', '--ttl', '10m', '--reason', 'check 4: look inside web-1'];
+    const refused = await run(execStart, agent);
+    const requestId = /request (ar-[0-9a-f]+)/.exec(refused.stderr)?.[1];
+    const execArgv = ['kubectl', '--kubeconfig', paths.execKubeconfig, 'exec', 'web-1', '-n', 'demo', '--', ...EXEC_COMMAND];
+    say.step('kubectl exec meanwhile: the exec plugin gets no credential for a task that waits for approval');
+    const early = await run(execArgv, agent, { maxLines: 2 });
+    say.step('the agent approving its own request is refused; the approver approves it');
+    const selfApproved = requestId === undefined ? undefined : await run(['broker', 'approve', requestId], agent);
+    const approved = requestId === undefined ? undefined : await run(['broker', 'approve', requestId, '--reason', 'check 4: the demo approves'], approver);
+    say.step('the agent starts the task with the approval (--wait collects it), runs kubectl exec in web-1, ends the task');
+    const execTask = await startTask(must, agent, [...execStart, '--wait']);
+    const ran = await run(execArgv, agent);
+    await must(['broker', 'task', 'end', execTask.id], agent);
+    const story4 = await say.waiting("the API server's audit webhook delivering the exec", () =>
+      waitForStory(paths.audit, execTask.id, (story) => story.some(isExecRecord) && story.some((r) => r.type === 'approval.granted')),
+    );
+    say.step('the recording of the task: who asked, who approved, the exec as the API server saw it');
+    const shown4 = await run(['broker', 'audit', 'show', '--task', execTask.id, paths.audit], baseEnv);
+    checks.push(checkExec({ refused, requestId, early, selfApproved, approved, ran, story: story4, shown: shown4.stdout }));
+
     if (interrupted) return;
     // ---- verdict
     say.section('result');
@@ -292,7 +358,7 @@ async function runDemo(opts: DemoOptions): Promise<void> {
       keep = true;
       say.explore(state, { ...paths, brokerCa: cluster.caFile }, kubectl);
     }
-    if (json) printJson({ ok, checks, ...(keep ? { dir, pids: { broker: state.brokerPid, apiserver: state.apiserverPid } } : {}) });
+    if (json) printJson({ ok, checks, ...(keep ? { dir, pids: { broker: state.brokerPid, ...Object.fromEntries(cluster.components.map((c) => [c.name, c.pid])) } } : {}) });
   } catch (err) {
     // Interrupted: a step failed because the processes are being stopped; the handler exits (130).
     if (interrupted) return new Promise<void>(() => {});
@@ -311,13 +377,14 @@ async function runDemo(opts: DemoOptions): Promise<void> {
   }
 }
 
-/** `broker task start` (text output), parsed for the task id. */
+/** `broker task start` (text output; by default the read-pods task, with this reason), parsed for the task id. */
 async function startTask(
   must: (argv: string[], env: NodeJS.ProcessEnv) => Promise<Captured>,
   agent: NodeJS.ProcessEnv,
-  reason: string,
+  reasonOrArgv: string | string[],
 ): Promise<{ id: string }> {
-  const res = await must(['broker', 'task', 'start', TEMPLATE, '--namespace', 'demo', '--ttl', '10m', '--reason', reason], agent);
+  const argv = typeof reasonOrArgv === 'string' ? ['broker', 'task', 'start', TEMPLATE, '--namespace', 'demo', '--ttl', '10m', '--reason', reasonOrArgv] : reasonOrArgv;
+  const res = await must(argv, agent);
   const id = /\(([a-z0-9-]+)\)/.exec(res.stdout)?.[1];
   if (!id) throw new BrokerError('internal', `broker task start printed no task id: ${res.stdout}`);
   return { id };
@@ -338,6 +405,9 @@ async function waitForStory(auditLog: string, taskId: string, complete: (story: 
     await sleep(200);
   }
 }
+
+const isExecRecord = (r: AuditRecord) =>
+  r.type === 'k8s.request' && r.outcome === 'allowed' && r.details?.['subresource'] === 'exec' && r.details?.['name'] === 'web-1' && r.namespace === 'demo';
 
 const isDeniedDelete = (r: AuditRecord) => r.type === 'k8s.request' && r.outcome === 'denied' && r.details?.['verb'] === 'delete' && r.namespace === 'other';
 
@@ -392,6 +462,41 @@ function checkNoResting(kubectl: Captured, reached: number, before: number, left
   const none = (r: Captured) => r.code === 0 && /No resources found/.test(r.stdout + r.stderr);
   if (!none(leftovers) || !none(bindings)) return { name, ok: false, detail: 'ServiceAccounts, Secrets or RoleBindings of the ended tasks are still in the cluster' };
   return { name, ok: true, detail: `after the tasks ended kubectl got the plugin's "no active task", and the API server's own audit log shows no request of a task or agent identity since (${before} while the tasks were active); no task object is left` };
+}
+
+function checkExec(o: {
+  refused: Captured;
+  requestId: string | undefined;
+  early: Captured;
+  selfApproved: Captured | undefined;
+  approved: Captured | undefined;
+  ran: Captured;
+  story: AuditRecord[];
+  shown: string;
+}): Check {
+  const name = '4, gated exec';
+  if (o.refused.code !== 3 || !/\[approval_required\]/.test(o.refused.stderr) || o.requestId === undefined) {
+    return { name, ok: false, detail: `\`broker task start ${EXEC_TEMPLATE}\` without an approval was not refused with approval_required (exit ${o.refused.code})` };
+  }
+  if (o.early.code === 0) return { name, ok: false, detail: 'kubectl exec worked before the approval' };
+  if (!o.early.stderr.includes(`needs approval (request ${o.requestId})`)) return { name, ok: false, detail: `kubectl exec failed before the approval, but not with the plugin's "needs approval": ${lastLine(o.early.stderr)}` };
+  if (o.selfApproved?.code === 0 || !/\[forbidden\]/.test(o.selfApproved?.stderr ?? '')) return { name, ok: false, detail: 'the agent approving its own request was not refused' };
+  if (o.approved?.code !== 0) return { name, ok: false, detail: `the approver could not approve ${o.requestId}: ${lastLine(o.approved?.stderr ?? '')}` };
+  if (o.ran.code !== 0 || o.ran.stdout.trim() !== EXEC_OUTPUT) return { name, ok: false, detail: `kubectl exec in the approved task did not print ${EXEC_OUTPUT} (exit ${o.ran.code}): ${lastLine(o.ran.stderr || o.ran.stdout)}` };
+  const granted = o.story.find((r) => r.type === 'approval.granted');
+  if (!granted || granted.actor === `agent:${AGENT}`) return { name, ok: false, detail: 'the recording does not hold the approval by another identity' };
+  if (!o.story.some((r) => r.type === 'approval.used')) return { name, ok: false, detail: 'the recording does not show the approval used to start the task' };
+  const minted = new Set(o.story.filter((r) => r.type === 'credential.minted' && r.jti).map((r) => r.jti));
+  const exec = o.story.find(isExecRecord);
+  if (!exec) return { name, ok: false, detail: 'kubectl exec ran, but the recording does not hold it' };
+  if (exec.agent !== AGENT || !exec.jti || !minted.has(exec.jti)) return { name, ok: false, detail: 'the recorded exec is not tied to the agent and a credential the broker minted for the task' };
+  const line = new RegExp(`ALLOW ${String(exec.details?.['verb'])} pods/web-1/exec -n demo`);
+  if (!line.test(o.shown)) return { name, ok: false, detail: '`broker audit show` does not print the exec' };
+  return {
+    name,
+    ok: true,
+    detail: `without an approval \`task start\` was refused (exit 3, request ${o.requestId}) and kubectl exec got no credential; the agent could not approve it, ${granted.actor} did; \`kubectl exec web-1\` printed ${EXEC_OUTPUT}; the recording holds the approval and the exec (${String(exec.details?.['verb'])} pods/web-1/exec, ${String(exec.details?.['code'])}) with agent ${AGENT} and JTI ${exec.jti}`,
+  };
 }
 
 /** Events in an API server audit log (JSON Lines) made by task ServiceAccounts, or by the agent's own identity. */
@@ -466,22 +571,27 @@ async function startBroker(broker: string[], args: string[], dir: string, env: N
   }
 }
 
-/** Stops the broker (first: it hands its Lease back to the API server) and the API server, by pid; removes the directory. */
-async function teardown(state: DemoState, cluster?: { pid: number; stop(): Promise<void> }): Promise<string[]> {
+/**
+ * Stops the broker (first: it hands its Lease back to the API server), then the cluster (the node,
+ * which ends its containers, the controllers, then the API server), by pid; removes the directory.
+ */
+async function teardown(state: DemoState, cluster?: { components: ClusterComponent[]; stop(): Promise<void> }): Promise<string[]> {
   const stopped: string[] = [];
   if (state.brokerPid !== undefined && ownedBy(state.brokerPid, state.dir)) {
     await stopPid(state.brokerPid, 10_000);
     stopped.push(`broker (pid ${state.brokerPid})`);
   }
+  const named = (c: { name: string; pid: number }) => `${c.name} (pid ${c.pid})`;
   if (cluster) {
     await cluster.stop();
-    stopped.push(`kube-apiserver (pid ${cluster.pid})`);
+    stopped.push(...cluster.components.map(named));
   } else if (existsSync(join(state.clusterDir, 'cluster.json'))) {
     const { LocalCluster } = await import('../cluster/local-cluster.ts');
-    const pid = LocalCluster.readState(state.clusterDir).pid;
-    if (ownedBy(pid, state.clusterDir)) {
+    const cs = LocalCluster.readState(state.clusterDir);
+    const running = (cs.components ?? [{ name: 'kube-apiserver', pid: cs.pid }]).filter((c) => ownedBy(c.pid, state.clusterDir));
+    if (running.length > 0) {
       await LocalCluster.stopDir(state.clusterDir);
-      stopped.push(`kube-apiserver (pid ${pid})`);
+      stopped.push(...running.map(named));
     }
   } else if (state.apiserverPid !== undefined && ownedBy(state.apiserverPid, state.clusterDir)) {
     await stopPid(state.apiserverPid, 15_000);
@@ -679,13 +789,17 @@ class Narrator {
   }
 
   /** After --keep: what is running and how to explore it. */
-  explore(state: DemoState, paths: { adminKubeconfig: string; audit: string; agentToken: string; agentKubeconfig: string; brokerCa: string }, kubectl: string): void {
+  explore(
+    state: DemoState,
+    paths: { adminKubeconfig: string; audit: string; agentToken: string; agentKubeconfig: string; approverToken: string; execKubeconfig: string; brokerCa: string },
+    kubectl: string,
+  ): void {
     const q = shellQuote;
     const bin = join(ROOT, 'bin');
     this.section('still running (--keep)');
     this.#out.write(
       [
-        `kube-apiserver pid ${state.apiserverPid}, broker pid ${state.brokerPid} at ${state.brokerUrl}; everything is in ${state.dir}`,
+        `${(state.components ?? []).map((c) => `${c.name} pid ${c.pid}`).join(', ')}, broker pid ${state.brokerPid} at ${state.brokerUrl}; everything is in ${state.dir}`,
         'the tokens last one hour. To explore, as the agent:',
         '',
         `  export PATH=${q(bin)}:${q(dirname(kubectl))}:"$PATH" TASK_BROKER_DEMO_DIR=${q(state.dir)}`,
@@ -695,6 +809,13 @@ class Narrator {
         '  kubectl get secrets -n demo                  # denied: not in the template',
         `  broker task end ${TEMPLATE}`,
         `  broker audit show --task ${TEMPLATE} ${q(paths.audit)}    # or --follow in another shell`,
+        '',
+        'a gated exec: the agent waits, the approver (another shell, the same exports) approves:',
+        '',
+        `  broker task start ${EXEC_TEMPLATE} --namespace demo --reason "exploring" --wait    # prints the request id`,
+        `  BROKER_IDENTITY_TOKEN_FILE=${q(paths.approverToken)} broker approve ar-...    # the approver`,
+        `  kubectl --kubeconfig ${q(paths.execKubeconfig)} exec web-1 -n demo -- sh -c 'echo hello from $HOSTNAME'`,
+        `  broker task end ${EXEC_TEMPLATE}`,
         '',
         'as the administrator:',
         '',
