@@ -8,7 +8,7 @@ import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { alive, KUBERNETES_VERSION, readProcessGroups, type ClusterComponent } from '../../src/cluster/local-cluster.ts';
+import { alive, KUBERNETES_VERSION, LocalCluster, readProcessGroups, type ClusterComponent } from '../../src/cluster/local-cluster.ts';
 import { kubectl, run } from '../helpers/kube.ts';
 
 const broker = new URL('../../bin/broker', import.meta.url).pathname;
@@ -54,15 +54,23 @@ test('dev-cluster up --api-server-only starts a v1.36 server that kubectl reache
   assert.deepEqual(readdirSync(parent), []);
 });
 
-test('dev-cluster up prints shell exports by default', async (t) => {
+test('dev-cluster up prints shell exports by default; down leaves no process of it', async (t) => {
   const up = await run(broker, ['dev-cluster', 'up', '--api-server-only']);
   assert.equal(up.code, 0, up.stderr);
   const dir = /export TASK_BROKER_CLUSTER_DIR=(\S+)/.exec(up.stdout)?.[1];
   const kubeconfig = /export KUBECONFIG=(\S+)/.exec(up.stdout)?.[1];
   assert.ok(dir && kubeconfig, up.stdout);
-  t.after(() => run(broker, ['dev-cluster', 'down', '--dir', dir]));
+  const pids = (LocalCluster.readState(dir).components ?? []).map((c) => c.pid);
+  t.after(async () => {
+    if (existsSync(dir)) await run(broker, ['dev-cluster', 'down', '--dir', dir]);
+    for (const pid of pids) if (alive(pid)) process.kill(pid, 'SIGKILL');
+  });
   const res = await kubectl(kubeconfig, 'auth', 'can-i', 'create', 'serviceaccounts/token', '-n', 'default');
   assert.equal(res.stdout.trim(), 'yes');
+  assert.equal(pids.length, 1, 'the API server alone');
+  const down = await run(broker, ['dev-cluster', 'down', '--dir', dir]);
+  assert.equal(down.code, 0, down.stderr);
+  for (const pid of pids) assert.equal(alive(pid), false, `process ${pid} is gone`);
 });
 
 test('dev-cluster down on a directory without a cluster fails with cluster_not_found and exit 1', async () => {
