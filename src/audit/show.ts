@@ -8,7 +8,10 @@
  * agents), so every field that reaches text output goes through `printable`, which escapes control
  * characters: a log line must never be able to drive the reader's terminal.
  */
+import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { open, stat } from 'node:fs/promises';
+import { join } from 'node:path';
 import { ChainVerifier } from './verify.ts';
 import type { AuditRecord, JsonValue, VerifyResult } from './types.ts';
 import { leftBehind, leftBehindLine } from './left-behind.ts';
@@ -307,6 +310,8 @@ export function summarize(records: readonly AuditRecord[]): Summary {
   let denied = 0;
   for (const r of records) {
     if (!REQUEST_TYPES.has(r.type)) continue;
+    // A stream (watch, logs -f, exec) through the proxy is one request with a start and an end record.
+    if (detail(r, 'phase') === 'end') continue;
     requests++;
     if (r.outcome === 'denied') denied++;
   }
@@ -390,8 +395,20 @@ export function requestLine(r: AuditRecord): string {
   const code = detail(r, 'code');
   const why = r.outcome === 'denied' ? (r.reason || detail(r, 'decision')) : r.outcome === 'allowed' ? undefined : r.reason;
   const ok = code !== undefined && /^2\d\d$/.test(code);
-  const note = why ? ` (${code ? `${code}: ` : ''}${why})` : code && !ok ? ` (${code})` : '';
-  return printable(`${label} ${requestCommand(r)}${note}`);
+  const note = why ? ` (${code ? `${code}: ` : ''}${why})` : code && !ok && code !== '101' ? ` (${code})` : '';
+  return printable(`${label} ${requestCommand(r)}${note}${streamNote(r)}`);
+}
+
+/** ` [stream opened]`, ` [stream closed: 2.1 KiB in, 14 KiB out, 3.2 s]` for a proxy stream's records; else nothing. */
+function streamNote(r: AuditRecord): string {
+  const phase = detail(r, 'phase');
+  const stream = r.details?.['stream'];
+  const command = stream && typeof stream === 'object' && !Array.isArray(stream) && Array.isArray(stream['command']) ? ` ${stream['command'].map(String).join(' ')}` : '';
+  if (phase === 'start') return ` [opened${command ? `:${command}` : ''}]`;
+  if (phase !== 'end') return '';
+  const size = (n: string | undefined) => (n === undefined ? '?' : Number(n) < 1024 ? `${n} B` : `${(Number(n) / 1024).toFixed(1)} KiB`);
+  const ms = detail(r, 'durationMs');
+  return ` [closed: ${size(detail(r, 'bytesIn'))} in, ${size(detail(r, 'bytesOut'))} out${ms === undefined ? '' : `, ${(Number(ms) / 1000).toFixed(1)} s`}]`;
 }
 
 /** One line for a broker record: what happened, escaped, not coloured. */
@@ -449,6 +466,75 @@ export function summaryLine(s: Summary): string {
   return `${s.requests} request${s.requests === 1 ? '' : 's'}, ${s.denied} denied`;
 }
 
+/**
+ * A story's records as timeline lines. Requests the proxy saw from one kubectl invocation (its
+ * `Kubectl-Session` header, KEP 859) are grouped under the command (`$ kubectl delete`), and an exec
+ * or attach session's end is followed by its transcript, read from the session recording in
+ * `recordings` (the directory `broker serve --session-recordings` names) and checked against the hash
+ * on the chain.
+ */
+export function formatStoryRecords(records: readonly AuditRecord[], paint: Paint = NO_PAINT, recordings?: string): string[] {
+  const out: string[] = [];
+  let session: string | undefined;
+  for (const r of records) {
+    const kubectl = REQUEST_TYPES.has(r.type) ? detail(r, 'kubectlSession') : undefined;
+    if (kubectl === undefined) session = undefined;
+    else if (kubectl !== session) {
+      session = kubectl;
+      const at = new Date(Math.floor(eventMicros(r) / 1000)).toISOString();
+      out.push(`  ${paint.dim(at)}  ${printable(`$ ${detail(r, 'kubectlCommand') ?? 'kubectl'}`)}`);
+    }
+    out.push(formatRecord(r, paint, kubectl === undefined ? '  ' : '    '));
+    if (REQUEST_TYPES.has(r.type) && detail(r, 'phase') === 'end') out.push(...formatStreamEnd(r, recordings, kubectl === undefined ? '      ' : '        '));
+  }
+  return out;
+}
+
+/** What a stream's end record adds: its size and length, and an exec or attach session's transcript. */
+function formatStreamEnd(r: AuditRecord, recordings: string | undefined, indent: string): string[] {
+  const lines: string[] = [];
+  const stream = r.details?.['stream'];
+  const kind = stream && typeof stream === 'object' && !Array.isArray(stream) ? stream['kind'] : undefined;
+  const rec = r.details?.['recording'];
+  if ((kind === 'exec' || kind === 'attach') && rec && typeof rec === 'object' && !Array.isArray(rec)) {
+    const file = typeof rec['file'] === 'string' ? rec['file'] : undefined;
+    const sha256 = typeof rec['sha256'] === 'string' ? rec['sha256'] : undefined;
+    if (!recordings || !file || !sha256) lines.push(`${indent}(session recording ${file ?? '?'}: pass --recordings DIR to replay it)`);
+    else lines.push(...transcript(recordings, file, sha256).map((l) => `${indent}${l}`));
+  }
+  return lines;
+}
+
+/** An exec or attach session's recording as lines: `> ` what was sent (stdin), `< ` what came back; escaped. */
+export function transcript(dir: string, file: string, sha256: string): string[] {
+  if (!/^[\w-]+\.jsonl$/.test(file)) return [printable(`(session recording ${file}: not a recording's name)`)];
+  let raw: Buffer;
+  try {
+    raw = readFileSync(join(dir, file));
+  } catch (err) {
+    return [printable(`(session recording ${file}: cannot be read: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`)];
+  }
+  if (createHash('sha256').update(raw).digest('hex') !== sha256) return [printable(`(session recording ${file}: its SHA-256 does not match the audit log: it was changed)`)];
+  const out: string[] = [];
+  const text = { in: '', out: '' };
+  const flush = (d: 'in' | 'out') => {
+    for (const l of text[d].split('\n')) if (l !== '') out.push(printable(`${d === 'in' ? '> ' : '< '}${l}`));
+    text[d] = '';
+  };
+  for (const line of raw.toString('utf8').split('\n').slice(1)) {
+    if (line === '') continue;
+    const m = JSON.parse(line) as { d?: string; ch?: string | null; b64?: string };
+    const d = m.d === 'in' ? 'in' : 'out';
+    if (m.ch === 'resize' || m.ch === 'close') continue;
+    if (d === 'in' && text.out) flush('out');
+    if (d === 'out' && text.in) flush('in');
+    text[d] += Buffer.from(m.b64 ?? '', 'base64').toString('utf8');
+  }
+  flush('in');
+  flush('out');
+  return out;
+}
+
 /** One record as a timeline line: time, then what happened (denials painted). */
 export function formatRecord(r: AuditRecord, paint: Paint = NO_PAINT, indent = '  '): string {
   const at = new Date(Math.floor(eventMicros(r) / 1000)).toISOString();
@@ -487,11 +573,11 @@ export function formatLeftBehind(s: Story, paint: Paint = NO_PAINT): string[] {
  * The text output of `audit show`: each story under its header, its lines, its summary (with
  * `leftBehind`, as `--task` asks, then what it left behind); then a total.
  */
-export function formatSelection(sel: Selection, paint: Paint = NO_PAINT, options: { leftBehind?: boolean } = {}): string {
+export function formatSelection(sel: Selection, paint: Paint = NO_PAINT, options: { leftBehind?: boolean; recordings?: string | undefined } = {}): string {
   const out: string[] = [];
   for (const s of sel.stories) {
     out.push(formatHeader(s));
-    for (const r of s.records) out.push(formatRecord(r, paint));
+    out.push(...formatStoryRecords(s.records, paint, options.recordings));
     const sum = summarize(s.records);
     out.push(`  ${sum.denied > 0 ? paint.denied(summaryLine(sum)) : summaryLine(sum)}`);
     if (options.leftBehind && s.id !== undefined) out.push(...formatLeftBehind(s, paint));

@@ -138,6 +138,7 @@ interface ShowCommandOptions {
   since?: string;
   follow?: boolean;
   output: OutputFormat;
+  recordings?: string;
 }
 
 function showCommand(): Command {
@@ -148,6 +149,7 @@ function showCommand(): Command {
     .option('--agent <name>', "only this agent's tasks and records")
     .option('--since <when>', 'only events this long ago or later (e.g. 10m, 2h) or since an ISO 8601 time')
     .option('-f, --follow', 'keep reading the log and print matching records as they are appended (until Ctrl-C)')
+    .option('--recordings <dir>', "where the proxy's exec and attach session recordings are, to print what was typed and what came back (default: FILE.sessions)")
     .addOption(outputOption())
     .addHelpText(
       'after',
@@ -193,7 +195,7 @@ async function show(file: string, opts: ShowCommandOptions): Promise<void> {
     const chain = reader.result(true);
     const selection = select(records, filter);
     if (opts.output === 'json') process.stdout.write(safeJson(selectionJson(selection, chain), 2) + '\n');
-    else process.stdout.write(formatSelection(selection, paint, { leftBehind: opts.task !== undefined }));
+    else process.stdout.write(formatSelection(selection, paint, { leftBehind: opts.task !== undefined, recordings: opts.recordings ?? `${file}.sessions` }));
     if (!chain.ok) throw broken(chain);
     if (opts.task !== undefined && selection.stories.length === 0) {
       throw new BrokerError('not_found', `no task with id or name "${opts.task}"${opts.agent ? ` of agent "${opts.agent}"` : ''} in ${file}`, { field: '--task' });

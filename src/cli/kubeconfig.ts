@@ -14,6 +14,7 @@ interface Flags {
   execApiVersion: ExecApiVersion;
   command?: string;
   plugin: 'auto' | PluginKind;
+  via?: 'direct' | 'proxy';
 }
 
 export function kubeconfigCommand(): Command {
@@ -31,17 +32,37 @@ export function kubeconfigCommand(): Command {
         .choices(['auto', 'native', 'node'])
         .default('auto'),
     )
+    .addOption(
+      new Option('--via <mode>', 'proxy: kubectl talks to the broker\'s Kubernetes API proxy with session tokens (the task token stays in the broker); direct: to the API server with the task token (default: proxy when the broker has one)').choices([
+        'proxy',
+        'direct',
+      ]),
+    )
     .option('--command <cmd>', 'run `CMD credential ...` instead (e.g. a `broker` found on PATH)')
     .addHelpText('after', '\nExample:\n  broker kubeconfig --task read-pods --output ~/.kube/task-broker\n  KUBECONFIG=~/.kube/task-broker kubectl get pods')
     .action(async (flags: Flags, cmd: Command) => {
       const globals = cmd.optsWithGlobals<BrokerFlags>();
       let caData = flags.certificateAuthority ? readCa(flags.certificateAuthority) : undefined;
       let server: string;
-      if (flags.server) server = flags.server;
-      else {
+      let via = flags.via;
+      if (flags.server) {
+        server = flags.server;
+        via ??= 'direct';
+      } else {
         const cluster = await withClient(cmd, (client) => client.cluster());
-        server = cluster.server;
-        caData ??= cluster.certificateAuthorityData;
+        via ??= cluster.proxy ? 'proxy' : 'direct';
+        if (via === 'proxy') {
+          if (!cluster.proxy) {
+            throw new BrokerError('invalid_argument', 'the broker has no Kubernetes API proxy (`broker serve --proxy-listen`): use --via direct', { field: '--via' });
+          }
+          // The proxy serves with the broker's own certificate: the CA that verifies the broker verifies it.
+          server = cluster.proxy.server;
+          const brokerCa = globals.brokerCa ?? process.env['BROKER_CA'];
+          caData ??= brokerCa ? readCa(brokerCa, '--broker-ca') : undefined;
+        } else {
+          server = cluster.server;
+          caData ??= cluster.certificateAuthorityData;
+        }
       }
       const { execKubeconfig, defaultPlugin } = await import('../client/kubeconfig.ts');
       if (flags.plugin === 'native' && defaultPlugin() !== 'native') {
@@ -58,16 +79,17 @@ export function kubeconfigCommand(): Command {
         command: flags.command,
         apiVersion: flags.execApiVersion,
         interactive: flags.interactive ?? false,
+        via,
       });
       if (flags.output) writeFileSync(flags.output, text, { mode: 0o600 });
       else process.stdout.write(text);
     });
 }
 
-export function readCa(path: string): string {
+export function readCa(path: string, field = '--certificate-authority'): string {
   try {
     return readFileSync(path).toString('base64');
   } catch (err) {
-    throw new BrokerError('invalid_argument', `cannot read ${path}: ${(err as NodeJS.ErrnoException).code}`, { field: '--certificate-authority' });
+    throw new BrokerError('invalid_argument', `cannot read ${path}: ${(err as NodeJS.ErrnoException).code}`, { field });
   }
 }

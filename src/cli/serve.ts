@@ -3,6 +3,7 @@ import { parseDuration } from '../policy/duration.ts';
 import { DEFAULT_LIMITS, formatRate, parseRate, type Limits, type Rate } from '../server/limits.ts';
 // Types only: the request log module loads fastify, which a CLI command must not pay for until it serves.
 import type { LogFormat, LogLevel } from '../server/request-log.ts';
+import type { ProxyServeOptions } from '../server/serve.ts';
 
 const LOG_FORMATS: readonly LogFormat[] = ['json', 'text'];
 const LOG_LEVELS: readonly LogLevel[] = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
@@ -36,6 +37,10 @@ interface ServeFlags {
   allowBroadCredentials?: boolean;
   logFormat?: LogFormat;
   logLevel: LogLevel;
+  proxyListen?: string;
+  proxyPublicUrl?: string;
+  sessionRecordings?: string;
+  proxyUpstreamTimeout?: number;
 }
 
 function duration(value: string): number {
@@ -60,6 +65,10 @@ export function serveCommand(): Command {
     .option('--public-ca <file>', 'CA of --public-server (PEM)')
     .option('--accept-audit-reset', 'start even if the audit log does not match its checkpoint in the cluster (removed, replaced or cut); recorded as audit.reset')
     .option('--audit-webhook-token-file <file>', "take the API server's audit webhook (POST /v1/audit/kubernetes) from posts bearing the token in this file (mode 0600; docs/recording.md)")
+    .option('--proxy-listen <host:port>', 'also serve the Kubernetes API proxy here, with the broker\'s TLS (plain HTTP only with --insecure-http on loopback); docs/proxy.md')
+    .option('--proxy-public-url <url>', 'the URL agents reach the proxy at (kubeconfigs and session tokens name it; default: the --proxy-listen address)')
+    .option('--session-recordings <dir>', 'where the proxy keeps exec and attach session recordings (default: the audit log\'s path + .sessions)')
+    .addOption(new Option('--proxy-upstream-timeout <duration>', 'the API server must start answering a proxied request within this').argParser(duration).default(60_000, '60s'))
     .option('--allow-broad-credentials', 'start even when the broker\'s own credential can do far more than `policy apply` grants it (cluster-admin, escalate, ...); recorded')
     .addOption(new Option('--log-format <format>', 'request log and start-up summary on stderr: json (pino) or text').choices(LOG_FORMATS).default(undefined, 'text on a terminal, else json'))
     .addOption(new Option('--log-level <level>', 'least level logged; every request is logged at info (5xx at error, 429s of the limits at debug)').choices(LOG_LEVELS).default('info'))
@@ -91,6 +100,20 @@ export function serveCommand(): Command {
       process.on('SIGHUP', earlyHup);
       const host = m[1]!.replace(/^\[(.*)\]$/, '$1');
       const port = Number(m[2]);
+      let proxy: ProxyServeOptions | undefined;
+      if (flags.proxyListen) {
+        const pm = /^(.*):(\d+)$/.exec(flags.proxyListen);
+        if (!pm) throw new InvalidArgumentError('--proxy-listen must be HOST:PORT');
+        proxy = {
+          host: pm[1]!.replace(/^\[(.*)\]$/, '$1'),
+          port: Number(pm[2]),
+          publicUrl: flags.proxyPublicUrl?.replace(/\/+$/, ''),
+          recordings: flags.sessionRecordings,
+          upstreamTimeoutMs: flags.proxyUpstreamTimeout,
+        };
+      } else if (flags.proxyPublicUrl || flags.sessionRecordings) {
+        throw new InvalidArgumentError('--proxy-public-url and --session-recordings need --proxy-listen');
+      }
       let broker: Awaited<ReturnType<typeof import('../server/serve.ts').serve>>;
       try {
         // A port in use is refused before the server's modules are even loaded: at once.
@@ -116,6 +139,7 @@ export function serveCommand(): Command {
           ...(flags.logFormat ? { logFormat: flags.logFormat } : {}),
           logLevel: flags.logLevel,
           limits: limitsFrom(flags),
+          proxy,
         });
       } catch (err) {
         process.off('SIGHUP', earlyHup);

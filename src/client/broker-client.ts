@@ -49,6 +49,8 @@ export class BrokerClient {
   readonly #dispatcher: Agent;
   readonly #deadlineMs: number;
 
+  /** The broker's Kubernetes API proxy, when it has one (`broker serve --proxy-listen`). */
+  proxy?: { server: string };
   constructor(options: ClientOptions = {}) {
     const env = options.env ?? process.env;
     const url = options.broker ?? env['BROKER_URL'];

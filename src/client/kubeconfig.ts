@@ -30,6 +30,8 @@ export interface ExecKubeconfigOptions {
   apiVersion?: ExecApiVersion;
   /** interactiveMode IfAvailable instead of Never. */
   interactive?: boolean;
+  /** `proxy`: `server` is the broker's proxy and the plugin asks for session tokens (`--via proxy`). */
+  via?: 'direct' | 'proxy' | undefined;
 }
 
 /** The plugin's compiled Node entry in this installation. */
@@ -51,6 +53,7 @@ export function execKubeconfig(o: ExecKubeconfigOptions): string {
   const args = ['--task', o.task];
   if (o.broker) args.push('--broker', o.broker);
   if (o.brokerCa) args.push('--broker-ca', o.brokerCa);
+  if (o.via === 'proxy') args.push('--via', 'proxy');
   const exec: Record<string, unknown> = {
     apiVersion: `client.authentication.k8s.io/${o.apiVersion ?? 'v1'}`,
     ...(o.command

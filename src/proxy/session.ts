@@ -41,7 +41,8 @@ export interface IssuedSession {
 export class SessionTokens {
   readonly #signer: StateSigner;
   readonly #now: () => number;
-  readonly audience: string;
+  /** The proxy's public URL: set once it listens (before the broker serves), then fixed. */
+  audience: string;
   readonly #verified = new Map<string, SessionClaims>();
   #lastRefresh = 0;
 

@@ -60,7 +60,7 @@ export interface AppDeps {
   bodyLimit?: number;
   https?: { key: Buffer; cert: Buffer };
   /** What `GET /v1/cluster` tells clients: the API server their kubeconfigs should point at. */
-  cluster?: { server: string; certificateAuthorityData?: string };
+  cluster?: { server: string; certificateAuthorityData?: string; proxy?: { server: string } };
   /** Where server-side failures are logged (never to the client). Default stderr. */
   log?: (line: string) => void;
   /** Rate limits, connection caps and timeouts (src/server/limits.ts); each one not given takes its default. */

@@ -32,6 +32,8 @@ import { StateSigner } from '../state-signature.ts';
 import { TaskService } from '../tasks/service.ts';
 import { TaskStore } from '../tasks/store.ts';
 import { Sweeper } from '../tasks/sweeper.ts';
+import { KubeProxy } from '../proxy/server.ts';
+import { SessionTokens } from '../proxy/session.ts';
 import { buildApp, type AppDeps } from './app.ts';
 import { checkOwnCredential, type CredentialReport } from './credential-check.ts';
 import { capTokenReviews, DEFAULT_LIMITS, formatRate, type Limits } from './limits.ts';
@@ -75,6 +77,19 @@ export interface ServeOptions {
   watchPolicy?: boolean;
   /** Where the request log and summary go; default stderr. */
   write?: (line: string) => void;
+  /** The Kubernetes API proxy (src/proxy/server.ts): where it listens, with the broker's TLS (or plain HTTP on loopback). */
+  proxy?: ProxyServeOptions | undefined;
+}
+
+export interface ProxyServeOptions {
+  host: string;
+  port: number;
+  /** The URL agents reach it at (the session tokens' audience); default: its listen address. */
+  publicUrl?: string | undefined;
+  /** Where exec and attach recordings go; default: the audit log's path + `.sessions`. */
+  recordings?: string | undefined;
+  /** How long an upstream answer's headers may take; default 60 s. */
+  upstreamTimeoutMs?: number | undefined;
 }
 
 export interface RunningBroker {
@@ -101,6 +116,9 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
       throw new BrokerError('invalid_argument', `plain HTTP is only allowed on a loopback address, not ${opts.host}`, { field: '--insecure-http' });
     }
     if (opts.tlsCert || opts.tlsKey) throw new BrokerError('invalid_argument', '--insecure-http and --tls-cert/--tls-key exclude each other', { field: '--insecure-http' });
+    if (opts.proxy && !isLoopback(opts.proxy.host)) {
+      throw new BrokerError('invalid_argument', `plain HTTP is only allowed on a loopback address, not ${opts.proxy.host} (the proxy shares the broker's TLS: give --tls-cert and --tls-key)`, { field: '--proxy-listen' });
+    }
   } else {
     if (!opts.tlsCert || !opts.tlsKey) {
       throw new BrokerError('invalid_argument', 'TLS needs --tls-cert and --tls-key (or --insecure-http on a loopback address)', {
@@ -114,6 +132,7 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
   const kube = kubeApis(readKubeconfig(opts.kubeconfig, policy));
   const cluster = clusterInfo(kube, opts);
   await probeListen(opts.host, opts.port);
+  if (opts.proxy) await probeListen(opts.proxy.host, opts.proxy.port);
   const format = opts.logFormat ?? defaultLogFormat();
   const write = opts.write ?? ((line: string) => process.stderr.write(line));
 
@@ -130,6 +149,7 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
     return await start(opts, { policy, policyText, kube, cluster, https, webhookToken, format, write }, opened);
   } catch (err) {
     await opened.holder?.close().catch(() => undefined);
+    await opened.proxy?.close().catch(() => undefined);
     await opened.app?.close().catch(() => undefined);
     await opened.sweeper?.stop().catch(() => undefined);
     await opened.store?.stop().catch(() => undefined);
@@ -145,6 +165,7 @@ interface Opened {
   checkpoint: AuditCheckpointer;
   store?: TaskStore;
   app?: FastifyInstance;
+  proxy?: KubeProxy;
   sweeper?: Sweeper;
   holder?: PolicyHolder;
 }
@@ -153,7 +174,7 @@ interface Prepared {
   policy: Policy;
   policyText: string;
   kube: KubeApis;
-  cluster: { server: string; certificateAuthorityData?: string };
+  cluster: { server: string; certificateAuthorityData?: string; proxy?: { server: string } };
   https: { key: Buffer; cert: Buffer } | undefined;
   webhookToken: string | undefined;
   format: LogFormat;
@@ -201,6 +222,8 @@ async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<R
   const limits: Limits = { ...DEFAULT_LIMITS, ...opts.limits };
   // TokenReviews in flight are capped, so a flood of random tokens cannot pile up on the API server.
   const authn = capTokenReviews(kube.authn, limits, metrics);
+  // Proxy session tokens name the proxy's URL as audience: known once it listens, before anything is served.
+  const sessions = opts.proxy ? new SessionTokens(signer, opts.proxy.publicUrl ?? '') : undefined;
   const listeners = new StoreListeners(store);
   const holder = (opened.holder = new PolicyHolder({
     path: opts.config,
@@ -210,7 +233,7 @@ async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<R
     build: (next) => {
       const view = listeners.view(store);
       const approvals = new ApprovalService(kube, next, audit, { keys, signer });
-      const tasks = new TaskService(kube, next, audit, view.store, { approvals, signer, onMinted: kubeAudit?.recent.minted });
+      const tasks = new TaskService(kube, next, audit, view.store, { approvals, signer, onMinted: kubeAudit?.recent.minted, sessions });
       return { tasks, approvals, authenticators: authenticatorsFor(next, authn), activate: view.activate };
     },
   }));
@@ -281,6 +304,34 @@ async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<R
   } catch (err) {
     throw listenError(opts.host, opts.port, err);
   }
+  let proxyUrl: string | undefined;
+  if (opts.proxy && sessions) {
+    const own = kube.config.getCurrentCluster()!;
+    const proxy = (opened.proxy = new KubeProxy({
+      upstream: { server: own.server, ca: own.caData ? Buffer.from(own.caData, 'base64') : own.caFile ? readFlagFile(own.caFile, '--kubeconfig') : undefined },
+      https: p.https,
+      sessions,
+      tasks: {
+        active: (id) => {
+          const t = store.get(id);
+          return t && t.state === 'active' && t.expiresAt.getTime() > Date.now() ? t : undefined;
+        },
+        upstreamToken: (id) => holder.tasks.upstreamToken(id),
+      },
+      audit,
+      recordings: opts.proxy.recordings ?? `${opts.auditLog}.sessions`,
+      upstreamTimeoutMs: opts.proxy.upstreamTimeoutMs,
+      ready: started,
+    }));
+    try {
+      proxyUrl = await proxy.listen(opts.proxy.host, opts.proxy.port);
+    } catch (err) {
+      throw listenError(opts.proxy.host, opts.proxy.port, err);
+    }
+    sessions.audience ||= proxyUrl;
+    p.cluster.proxy = { server: sessions.audience };
+    app.log.info(`Kubernetes API proxy listening on ${proxyUrl} (${p.https ? 'TLS' : 'plain HTTP, loopback only'}); session audience ${sessions.audience}; forwarding to ${own.server}`);
+  }
   try {
     await audit.append({
       type: 'broker.started',
@@ -297,6 +348,7 @@ async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<R
           .slice(0, 100),
         pid: process.pid,
         listen: url,
+        ...(proxyUrl ? { proxy: { listen: proxyUrl, audience: sessions!.audience } } : {}),
         credential: {
           subject: credential.subject ?? 'unknown',
           ...(credential.broad.length > 0 ? { broad: credential.broad, allowedBy: '--allow-broad-credentials' } : {}),
@@ -325,6 +377,7 @@ async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<R
     close: () =>
       (closing ??= (async () => {
         await holder.close();
+        await opened.proxy?.close();
         await app.close();
         await sweeper.stop();
         await store.stop();

@@ -1,0 +1,511 @@
+/**
+ * The Kubernetes API proxy (`broker serve --proxy-listen`): the agent connects to the broker, the
+ * broker connects to the cluster. kubectl comes with a session token (src/proxy/session.ts); the proxy
+ * checks it and that its task is still active on every request, drops the client's credential,
+ * refuses impersonation, and forwards with the task's TokenRequest token, which never leaves broker
+ * memory. RBAC still decides upstream.
+ *
+ * Recording: one `k8s.request` record per request (src/proxy/record.ts), durable before the answer is
+ * relayed, so the agent never sees a result that was not recorded. An answer that is a stream (watch,
+ * `logs -f`) or too big to hold (over `bufferBytes`) is recorded at its start, with its status, and
+ * again at its end, with the bytes and the duration. WebSocket upgrades (exec, attach, cp,
+ * port-forward) go to src/proxy/stream-session.ts, which records what crosses them.
+ *
+ * Plumbing: node:http(s) parses requests (llhttp, with its header size bound and its request-smuggling
+ * checks), undici carries them upstream (a pool per API server, streaming both ways), ws does the
+ * WebSocket handshakes and framing. Nothing here parses HTTP by hand. The proxy is not a fastify
+ * route: it shares the task store, the task service and the audit log with the broker API, not its
+ * hooks (DESIGN.md section 9).
+ */
+import { once } from 'node:events';
+import { createServer as createHttpServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
+import type { Socket } from 'node:net';
+import { pipeline, Transform, type Duplex } from 'node:stream';
+import { Pool, errors as undiciErrors, type Dispatcher } from 'undici';
+import type { AuditEventInput } from '../audit/types.ts';
+import { isBrokerError } from '../errors.ts';
+import { AuthFailureLog } from '../server/auth-failures.ts';
+import { outcomeOfStatus, proxyRecord, statusBody, statusMessage, statusReason, type ProxiedRequest, type SessionTask } from './record.ts';
+import { isStreaming, requestInfo, targetProblem } from './request-info.ts';
+import type { SessionTokens } from './session.ts';
+import { relayWebSocket, writeRaw } from './stream-session.ts';
+
+/** What the proxy needs of tasks: the active task by id, and its upstream token (src/tasks/service.ts). */
+export interface ProxyTasks {
+  active(id: string): { id: string; agent: string; name: string; template: string; expiresAt: Date } | undefined;
+  upstreamToken(id: string): Promise<string | undefined>;
+}
+
+/** What the proxy needs of the audit log. */
+export interface ProxyAudit {
+  readonly healthy: boolean;
+  append(event: AuditEventInput): Promise<unknown>;
+}
+
+export interface ProxyOptions {
+  /** The API server: its URL and the CA that verifies it (PEM). */
+  upstream: { server: string; ca?: string | Buffer | undefined };
+  /** TLS for the listener; absent: plain HTTP (the caller allows that on loopback only). */
+  https?: { key: Buffer; cert: Buffer } | undefined;
+  sessions: SessionTokens;
+  tasks: ProxyTasks;
+  audit: ProxyAudit;
+  /** Where exec and attach session recordings go (a directory, made 0700). */
+  recordings: string;
+  /** An upstream answer's headers must come within this; default 60 s. A request body or a non-stream answer may pause this long. */
+  upstreamTimeoutMs?: number | undefined;
+  /** Request headers larger than this are refused (431); default 16 KiB. */
+  maxHeaderBytes?: number | undefined;
+  /** Answers up to this size are recorded once, complete; larger ones at start and end. Default 1 MiB. */
+  bufferBytes?: number | undefined;
+  /** An exec or attach session is closed when its recording would pass this; default 64 MiB. */
+  maxRecordingBytes?: number | undefined;
+  /** Where failures the client does not see are logged. */
+  log?: (line: string) => void;
+  /** Requests wait for this before anything is checked (the broker's start being on the log). */
+  ready?: Promise<void> | undefined;
+}
+
+/** Request headers never forwarded: hop-by-hop ones, and the client's own credential. */
+const DROPPED_REQUEST_HEADERS = new Set(['authorization', 'connection', 'keep-alive', 'proxy-authorization', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'host', 'expect']);
+/** Answer headers never relayed: hop-by-hop ones. */
+const DROPPED_RESPONSE_HEADERS = new Set(['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'upgrade', 'trailer', 'te']);
+
+/** A request the proxy accepted: whose it is, what it is, and the token to forward it with. */
+interface Admitted {
+  task: SessionTask;
+  req: ProxiedRequest;
+  token: string;
+  started: number;
+}
+
+/** A refusal: the answer, and how it is recorded (`record`: one k8s.request record; else counted in the summary). */
+interface Refusal {
+  code: number;
+  message: string;
+  record?: { task: SessionTask; req: ProxiedRequest } | undefined;
+  summary?: { category: 'no_credential' | 'rejected'; actor?: string | undefined; agent?: string | undefined } | undefined;
+}
+
+export class KubeProxy {
+  readonly #o: ProxyOptions;
+  readonly #server: Server;
+  readonly #pool: Pool;
+  readonly #failures: AuthFailureLog;
+  readonly #upstreamTimeoutMs: number;
+  readonly #bufferBytes: number;
+  readonly #upstreamUrl: URL;
+  readonly #sockets = new Set<Socket | Duplex>();
+  #url: string | undefined;
+  #ready = false;
+
+  constructor(options: ProxyOptions) {
+    this.#o = options;
+    this.#upstreamUrl = new URL(options.upstream.server);
+    this.#upstreamTimeoutMs = options.upstreamTimeoutMs ?? 60_000;
+    this.#bufferBytes = options.bufferBytes ?? 1024 * 1024;
+    this.#pool = new Pool(this.#upstreamUrl.origin, {
+      connect: { ...(options.upstream.ca ? { ca: options.upstream.ca } : {}), rejectUnauthorized: true },
+      connections: null,
+      pipelining: 1,
+      headersTimeout: this.#upstreamTimeoutMs,
+      bodyTimeout: this.#upstreamTimeoutMs,
+    });
+    this.#failures = new AuthFailureLog({ append: (e) => options.audit.append({ ...e, details: { ...e.details, listener: 'proxy' } }), intervalMs: 10_000, maxSources: 100 });
+    const serverOptions = { maxHeaderSize: options.maxHeaderBytes ?? 16 * 1024, requestTimeout: 0, headersTimeout: 10_000, keepAliveTimeout: 5_000 };
+    this.#server = options.https ? createHttpsServer({ ...serverOptions, key: options.https.key, cert: options.https.cert }) : createHttpServer(serverOptions);
+    this.#server.on('request', (req: IncomingMessage, res: ServerResponse) => {
+      this.#onRequest(req, res).catch((err: unknown) => this.#internal(res, err));
+    });
+    this.#server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+      socket.on('error', () => undefined);
+      this.#onUpgrade(req, socket, head).catch((err: unknown) => {
+        this.#log(`proxy: upgrade failed: ${(err as Error).message}`);
+        writeRaw(socket, 500, statusBody(500, 'InternalError', 'the proxy failed to relay this request'));
+      });
+    });
+    this.#server.on('connect', (req: IncomingMessage, socket: Duplex) => {
+      socket.on('error', () => undefined);
+      this.#onConnect(req, socket).catch(() => socket.destroy());
+    });
+    this.#server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
+      const source = (socket as Socket).remoteAddress ?? 'unknown';
+      if (err.code === 'HPE_HEADER_OVERFLOW') {
+        this.#failures.note({ source: normalise(source), category: 'rejected' }, 'proxy: request headers over the size bound (431)');
+        writeRaw(socket, 431, statusBody(431, 'RequestHeaderFieldsTooLarge', 'request headers are larger than the proxy accepts'));
+        return;
+      }
+      if (err.code !== 'ECONNRESET') this.#failures.note({ source: normalise(source), category: 'rejected' }, `proxy: malformed request (${err.code ?? 'error'})`);
+      writeRaw(socket, 400, statusBody(400, 'BadRequest', 'malformed HTTP request'));
+    });
+    this.#server.on('connection', (socket: Socket) => {
+      this.#sockets.add(socket);
+      socket.once('close', () => this.#sockets.delete(socket));
+    });
+  }
+
+  /** The URL clients reach the proxy at, once listening. */
+  get url(): string {
+    if (!this.#url) throw new Error('the proxy is not listening');
+    return this.#url;
+  }
+
+  async listen(host: string, port: number): Promise<string> {
+    this.#server.listen(port, host);
+    await once(this.#server, 'listening');
+    const address = this.#server.address();
+    const actual = typeof address === 'object' && address ? address.port : port;
+    const shownHost = host.includes(':') ? `[${host}]` : host;
+    this.#failures.start();
+    return (this.#url = `${this.#o.https ? 'https' : 'http'}://${shownHost}:${actual}`);
+  }
+
+  async close(): Promise<void> {
+    this.#server.close();
+    for (const s of this.#sockets) s.destroy();
+    await this.#pool.close().catch(() => undefined);
+    await this.#failures.close();
+  }
+
+  #log(line: string): void {
+    (this.#o.log ?? ((l: string) => process.stderr.write(`broker: ${l}\n`)))(line);
+  }
+
+  // --- admission: who, what, and whether it may go on ---
+
+  async #admit(req: IncomingMessage): Promise<{ ok: true; admitted: Admitted } | { ok: false; refusal: Refusal }> {
+    const started = performance.now();
+    if (this.#o.ready && !this.#ready) {
+      await this.#o.ready;
+      this.#ready = true;
+    }
+    const source = normalise(req.socket.remoteAddress ?? 'unknown');
+    const auths: string[] = [];
+    let impersonation: string | undefined;
+    for (let i = 0; i < req.rawHeaders.length; i += 2) {
+      const name = req.rawHeaders[i]!.toLowerCase();
+      if (name === 'authorization') auths.push(req.rawHeaders[i + 1]!);
+      else if (name.startsWith('impersonate-')) impersonation ??= req.rawHeaders[i]!;
+    }
+    if (auths.length === 0) {
+      return { ok: false, refusal: { code: 401, message: 'no session token: the proxy takes the token `broker credential --via proxy` hands kubectl (use a kubeconfig from `broker kubeconfig --via proxy`)', summary: { category: 'no_credential' } } };
+    }
+    const bearer = /^Bearer\s+(\S+)\s*$/i.exec(auths[0]!)?.[1];
+    let claims;
+    try {
+      if (!bearer) throw new Error('not a bearer token');
+      claims = await this.#o.sessions.verify(bearer);
+    } catch (err) {
+      const why = isBrokerError(err) ? err.message : 'the Authorization header is not a bearer session token';
+      return { ok: false, refusal: { code: 401, message: `the proxy did not accept the session token: ${why}`, summary: { category: 'rejected' } } };
+    }
+    const task = this.#o.tasks.active(claims.task);
+    if (!task || task.agent !== claims.agent) {
+      return {
+        ok: false,
+        refusal: {
+          code: 401,
+          message: `task ${claims.task} is not active: it has ended, expired or been revoked (start a task, and kubectl asks the exec plugin again)`,
+          summary: { category: 'rejected', actor: `agent:${claims.agent}`, agent: claims.agent },
+        },
+      };
+    }
+    const url = req.url ?? '';
+    const problem = targetProblem(url);
+    const info = requestInfo(req.method ?? 'GET', problem ? '/' : url);
+    const s: SessionTask = { id: task.id, agent: task.agent, name: task.name, template: task.template, sid: claims.sid };
+    const proxied: ProxiedRequest = {
+      method: req.method ?? 'GET',
+      url,
+      info,
+      userAgent: headerValue(req.headers['user-agent']),
+      source,
+      kubectlCommand: headerValue(req.headers['kubectl-command']),
+      kubectlSession: headerValue(req.headers['kubectl-session']),
+    };
+    const refuse = (code: number, message: string) => ({ ok: false as const, refusal: { code, message, record: { task: s, req: proxied } } });
+    if (auths.length > 1) return refuse(400, 'more than one Authorization header: refused, nothing was forwarded');
+    if (impersonation) return refuse(403, `${impersonation} headers are refused: through the proxy a request acts only as its task`);
+    if (req.method === 'CONNECT') return refuse(405, 'CONNECT is refused: the proxy forwards Kubernetes API requests only');
+    if (problem) return refuse(400, `refused: ${problem}; the proxy forwards plain API paths only`);
+    if (!this.#o.audit.healthy) return { ok: false, refusal: { code: 503, message: 'the broker cannot record requests now (its audit log cannot be written): nothing is forwarded' } };
+    let token: string | undefined;
+    try {
+      token = await this.#o.tasks.upstreamToken(task.id);
+    } catch (err) {
+      this.#log(`proxy: no upstream token for task ${task.id}: ${(err as Error).message}`);
+      return refuse(503, 'the broker could not get this task\'s credential from the API server: try again');
+    }
+    if (!token) return { ok: false, refusal: { code: 401, message: `task ${task.id} is not active: it has ended`, summary: { category: 'rejected', actor: `agent:${task.agent}`, agent: task.agent } } };
+    return { ok: true, admitted: { task: s, req: proxied, token, started } };
+  }
+
+  /** Records a refusal (durably when it is a k8s.request record); false when it could not be recorded. */
+  async #recordRefusal(r: Refusal, source: string): Promise<boolean> {
+    if (r.record) {
+      try {
+        await this.#o.audit.append(proxyRecord(r.record.task, r.record.req, { code: r.code, outcome: r.code >= 500 ? 'error' : 'denied', reason: r.message, refused: true }));
+      } catch {
+        return false;
+      }
+    } else if (r.summary) {
+      this.#failures.note({ source, category: r.summary.category, actor: r.summary.actor, agent: r.summary.agent }, `proxy: ${r.message}`);
+    }
+    return true;
+  }
+
+  async #refuse(req: IncomingMessage, res: ServerResponse, r: Refusal): Promise<void> {
+    const recorded = await this.#recordRefusal(r, normalise(req.socket.remoteAddress ?? 'unknown'));
+    const [code, message] = recorded ? [r.code, r.message] : [503, 'the broker cannot record requests now (its audit log cannot be written): nothing is forwarded'];
+    sendStatus(res, code, message);
+    req.resume();
+  }
+
+  // --- plain requests ---
+
+  async #onRequest(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const a = await this.#admit(req);
+    if (!a.ok) return this.#refuse(req, res, a.refusal);
+    const { admitted } = a;
+    const { task, req: proxied } = admitted;
+    const streaming = isStreaming(proxied.info, proxied.url);
+    const counter = { bytesIn: 0 };
+    const hasBody = req.headers['content-length'] !== undefined ? req.headers['content-length'] !== '0' : req.headers['transfer-encoding'] !== undefined;
+    const abort = new AbortController();
+    res.on('close', () => {
+      if (!res.writableFinished) abort.abort();
+    });
+    let upstream: Dispatcher.ResponseData;
+    try {
+      upstream = await this.#pool.request({
+        path: proxied.url,
+        method: req.method as Dispatcher.HttpMethod,
+        headers: forwardHeaders(req.rawHeaders, admitted.token),
+        body: hasBody ? counted(req, counter) : null,
+        signal: abort.signal,
+        headersTimeout: this.#upstreamTimeoutMs,
+        bodyTimeout: streaming ? 0 : this.#upstreamTimeoutMs,
+      });
+    } catch (err) {
+      const timedOut = err instanceof undiciErrors.HeadersTimeoutError;
+      const gone = abort.signal.aborted;
+      const code = timedOut ? 504 : 502;
+      const message = timedOut
+        ? `the API server did not answer within ${this.#upstreamTimeoutMs / 1000} s`
+        : gone
+          ? 'the client closed the connection before the API server answered'
+          : `the proxy could not reach the API server (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`;
+      const recorded = await this.#append(proxyRecord(task, proxied, { code: gone ? undefined : code, outcome: 'error', reason: message, bytesIn: counter.bytesIn, durationMs: performance.now() - admitted.started }));
+      if (!gone) sendStatus(res, recorded ? code : 503, recorded ? message : 'the broker cannot record requests now: nothing is relayed');
+      return;
+    }
+    const code = upstream.statusCode;
+    const auditID = headerValue(upstream.headers['audit-id']);
+    const headers = relayHeaders(upstream.headers);
+    const body = upstream.body;
+    // Held until it ends or passes the bound: a complete answer is recorded once, with its size.
+    const held: Buffer[] = [];
+    let heldBytes = 0;
+    const iterator = body[Symbol.asyncIterator]() as AsyncIterator<Buffer>;
+    let ended = false;
+    if (!streaming) {
+      try {
+        for (;;) {
+          const next = await iterator.next();
+          if (next.done) {
+            ended = true;
+            break;
+          }
+          held.push(next.value);
+          heldBytes += next.value.length;
+          if (heldBytes > this.#bufferBytes) break;
+        }
+      } catch (err) {
+        body.destroy();
+        const message = `the API server's answer broke off (${(err as Error).message})`;
+        const recorded = await this.#append(proxyRecord(task, proxied, { code: 502, auditID, outcome: 'error', reason: message, bytesIn: counter.bytesIn, durationMs: performance.now() - admitted.started }));
+        if (!abort.signal.aborted) sendStatus(res, recorded ? 502 : 503, recorded ? message : 'the broker cannot record requests now: nothing is relayed');
+        return;
+      }
+    }
+    const outcome = outcomeOfStatus(code);
+    if (ended) {
+      const whole = held.length === 1 ? held[0]! : Buffer.concat(held);
+      const reason = outcome === 'allowed' ? undefined : statusMessage(whole);
+      const recorded = await this.#append(
+        proxyRecord(task, proxied, { code, auditID, outcome, reason, bytesIn: counter.bytesIn, bytesOut: whole.length, durationMs: performance.now() - admitted.started }),
+      );
+      if (!recorded) return sendStatus(res, 503, 'the broker cannot record requests now (its audit log cannot be written): the answer is not relayed');
+      res.writeHead(code, headers);
+      res.end(whole);
+      return;
+    }
+    // A stream, or an answer bigger than the bound: recorded at its start, relayed, recorded at its end.
+    const recorded = await this.#append(proxyRecord(task, proxied, { code, auditID, outcome, bytesIn: counter.bytesIn, phase: 'start' }));
+    if (!recorded) {
+      body.destroy();
+      return sendStatus(res, 503, 'the broker cannot record requests now (its audit log cannot be written): the answer is not relayed');
+    }
+    res.writeHead(code, headers);
+    if (streaming) res.flushHeaders();
+    let bytesOut = 0;
+    let failure: string | undefined;
+    try {
+      for (const chunk of held) {
+        bytesOut += chunk.length;
+        if (!res.write(chunk)) await drained(res);
+      }
+      held.length = 0;
+      for (;;) {
+        const next = await iterator.next();
+        if (next.done) break;
+        bytesOut += next.value.length;
+        if (!res.write(next.value)) await drained(res);
+      }
+      res.end();
+    } catch (err) {
+      failure = abort.signal.aborted || res.destroyed ? 'the client closed the connection' : `broke off: ${(err as Error).message}`;
+      body.destroy();
+      res.destroy();
+    }
+    await this.#append(
+      proxyRecord(task, proxied, { code, auditID, outcome: failure && !failure.startsWith('the client') ? 'error' : outcome, reason: failure, bytesIn: counter.bytesIn, bytesOut, durationMs: performance.now() - admitted.started, phase: 'end' }),
+    );
+  }
+
+  /** Appends; false when the log refused (then nothing may be relayed). */
+  async #append(event: AuditEventInput): Promise<boolean> {
+    try {
+      await this.#o.audit.append(event);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  #internal(res: ServerResponse, err: unknown): void {
+    this.#log(`proxy: request failed: ${(err as Error).message}`);
+    if (!res.headersSent) sendStatus(res, 500, 'the proxy failed to relay this request');
+    else res.destroy();
+  }
+
+  // --- upgrades (exec, attach, cp, port-forward) and CONNECT ---
+
+  async #onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): Promise<void> {
+    const a = await this.#admit(req);
+    if (!a.ok) {
+      const recorded = await this.#recordRefusal(a.refusal, normalise(req.socket.remoteAddress ?? 'unknown'));
+      writeRaw(socket, recorded ? a.refusal.code : 503, statusBody(recorded ? a.refusal.code : 503, statusReason(a.refusal.code), a.refusal.message));
+      return;
+    }
+    const { admitted } = a;
+    const protocol = (headerValue(req.headers['upgrade']) ?? '').toLowerCase();
+    if (protocol !== 'websocket') {
+      const message =
+        `the proxy records exec, attach and port-forward sessions over WebSocket only, and refuses the ${protocol || 'unnamed'} upgrade (SPDY) it cannot record: ` +
+        'use kubectl 1.30 or newer, and do not set KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false or KUBECTL_PORT_FORWARD_WEBSOCKETS=false';
+      const recorded = await this.#recordRefusal({ code: 400, message, record: { task: admitted.task, req: admitted.req } }, admitted.req.source);
+      writeRaw(socket, recorded ? 400 : 503, statusBody(400, 'BadRequest', message));
+      return;
+    }
+    await relayWebSocket({
+      req,
+      socket,
+      head,
+      upstream: { url: this.#upstreamUrl, ca: this.#o.upstream.ca, token: admitted.token, timeoutMs: this.#upstreamTimeoutMs },
+      headers: forwardedPlain(req.rawHeaders),
+      task: admitted.task,
+      request: admitted.req,
+      started: admitted.started,
+      append: (e) => this.#append(e),
+      recordings: this.#o.recordings,
+      maxRecordingBytes: this.#o.maxRecordingBytes ?? 64 * 1024 * 1024,
+      isActive: () => this.#o.tasks.active(admitted.task.id) !== undefined,
+      log: (l) => this.#log(l),
+    });
+  }
+
+  async #onConnect(req: IncomingMessage, socket: Duplex): Promise<void> {
+    const a = await this.#admit(req);
+    const refusal = a.ok ? { code: 405, message: 'CONNECT is refused: the proxy forwards Kubernetes API requests only', record: { task: a.admitted.task, req: a.admitted.req } } : a.refusal;
+    const recorded = await this.#recordRefusal(refusal, normalise(req.socket.remoteAddress ?? 'unknown'));
+    writeRaw(socket, recorded ? refusal.code : 503, statusBody(refusal.code, statusReason(refusal.code), refusal.message));
+  }
+}
+
+/** The client's headers to forward: all but the hop-by-hop ones and its credential, plus the task's token. */
+function forwardHeaders(raw: string[], token: string): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < raw.length; i += 2) {
+    if (!DROPPED_REQUEST_HEADERS.has(raw[i]!.toLowerCase())) out.push(raw[i]!, raw[i + 1]!);
+  }
+  out.push('authorization', `Bearer ${token}`);
+  return out;
+}
+
+/** The client's headers a WebSocket upgrade forwards (ws makes its own handshake headers). */
+function forwardedPlain(raw: string[]): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (let i = 0; i < raw.length; i += 2) {
+    const name = raw[i]!.toLowerCase();
+    if (DROPPED_REQUEST_HEADERS.has(name) || name.startsWith('sec-websocket-') || name === 'content-length') continue;
+    out[name] = out[name] === undefined ? raw[i + 1]! : `${out[name]}, ${raw[i + 1]!}`;
+  }
+  return out;
+}
+
+function relayHeaders(headers: Record<string, string | string[] | undefined>): Record<string, string | string[]> {
+  const out: Record<string, string | string[]> = {};
+  for (const [name, value] of Object.entries(headers)) {
+    if (value !== undefined && !DROPPED_RESPONSE_HEADERS.has(name)) out[name] = value;
+  }
+  return out;
+}
+
+/** The request body as it streams upstream, counted. */
+function counted(req: IncomingMessage, counter: { bytesIn: number }): Transform {
+  const counting = new Transform({
+    transform(chunk: Buffer, _encoding, done) {
+      counter.bytesIn += chunk.length;
+      done(null, chunk);
+    },
+  });
+  pipeline(req, counting, () => undefined);
+  return counting;
+}
+
+function drained(res: ServerResponse): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const done = () => {
+      res.off('drain', done);
+      res.off('close', closed);
+      resolve();
+    };
+    const closed = () => {
+      res.off('drain', done);
+      reject(new Error('the client closed the connection'));
+    };
+    res.once('drain', done);
+    res.once('close', closed);
+  });
+}
+
+function sendStatus(res: ServerResponse, code: number, message: string): void {
+  if (res.headersSent) {
+    res.destroy();
+    return;
+  }
+  const body = statusBody(code, statusReason(code), message);
+  res.writeHead(code, { 'content-type': 'application/json', 'cache-control': 'no-store', 'content-length': Buffer.byteLength(body) });
+  res.end(body);
+}
+
+function headerValue(v: string | string[] | undefined): string | undefined {
+  return Array.isArray(v) ? v[0] : v;
+}
+
+/** IPv4-mapped IPv6 addresses as IPv4. */
+function normalise(address: string): string {
+  return address.startsWith('::ffff:') ? address.slice(7) : address;
+}
