@@ -39,6 +39,8 @@ export interface StartTask {
 export interface ClusterInfo {
   server: string;
   certificateAuthorityData?: string;
+  /** The broker's Kubernetes API proxy, when it has one (`broker serve --proxy-listen`). */
+  proxy?: { server: string };
 }
 
 export class BrokerClient {
@@ -49,8 +51,6 @@ export class BrokerClient {
   readonly #dispatcher: Agent;
   readonly #deadlineMs: number;
 
-  /** The broker's Kubernetes API proxy, when it has one (`broker serve --proxy-listen`). */
-  proxy?: { server: string };
   constructor(options: ClientOptions = {}) {
     const env = options.env ?? process.env;
     const url = options.broker ?? env['BROKER_URL'];
