@@ -39,6 +39,8 @@ export const ERROR_CODES = {
     'At start the audit log does not hold the record its cluster checkpoint names (missing, replaced or cut); the message names expected and found. `broker serve --accept-audit-reset` starts anyway and records audit.reset.',
   listen_failed: 'broker serve could not listen on its address (in use, not an address of this machine, or a privileged port): the message says what to do.',
   cluster_unavailable: 'The Kubernetes API server could not be reached or refused the broker\'s request.',
+  keychain_unavailable:
+    'The OS keychain (Secret Service, macOS Keychain, Windows Credential Manager) cannot be used; nothing is written elsewhere instead. The message names the alternatives: BROKER_AGENT_KEY, BROKER_IDENTITY_TOKEN(_FILE).',
   identity_provider_unavailable:
     'An OIDC issuer the policy lists could not be reached (discovery or JWKS): the broker cannot check its tokens now, and refuses them (503) until it can.',
   broker_unreachable: 'The broker could not be reached at the URL given (--broker / BROKER_URL).',

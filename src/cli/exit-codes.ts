@@ -24,10 +24,12 @@ export function exitCodeFor(code: ErrorCode | 'approval_required'): number {
     case 'approval_required':
       return EXIT.approval_required;
     case 'unauthenticated':
+    case 'keychain_unavailable':
       return EXIT.unauthenticated;
     case 'broker_unreachable':
     case 'audit_unavailable':
     case 'cluster_unavailable':
+    case 'identity_provider_unavailable':
     case 'rate_limited':
       return EXIT.unavailable;
     default:

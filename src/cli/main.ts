@@ -8,6 +8,7 @@ import { Command, CommanderError } from 'commander';
 import type { PluginModule } from '../credential/main.cts';
 import { BrokerError, isBrokerError } from '../errors.ts';
 import { EXIT, exitCodeFor } from './exit-codes.ts';
+import { agentCommand } from './agent.ts';
 import { approvalCommands } from './approvals.ts';
 import { auditCommand } from './audit.ts';
 import { devClusterCommand } from './dev-cluster.ts';
@@ -33,6 +34,7 @@ export function buildProgram(): Command {
     .addHelpText('after', '\nExample:\n  eval "$(broker dev-cluster up)"   # a local kube-apiserver to try task-broker against\n\nExit codes (docs/cli.md): 0 ok, 1 error, 2 usage, 3 approval required, 4 not authenticated, 5 unavailable.');
   addBrokerOptions(program);
   program.addCommand(whoamiCommand());
+  program.addCommand(agentCommand());
   program.addCommand(templatesCommand());
   program.addCommand(taskCommand());
   program.addCommand(runCommand());

@@ -14,6 +14,7 @@ import type { ApprovalView } from '../approvals/model.ts';
 import type { TaskView } from '../tasks/model.ts';
 import type { TaskStateView } from '../tasks/history.ts';
 import type { TemplateView, WhoamiView } from '../server/routes-info.ts';
+import { resolveIdentity, type ClientIdentity } from '../identity/client-identity.ts';
 
 /** The whole of one request, from connecting to the last byte of the answer. */
 export const REQUEST_DEADLINE_MS = 30_000;
@@ -26,6 +27,8 @@ export interface ClientOptions {
   env?: NodeJS.ProcessEnv;
   /** The deadline of each request. Default REQUEST_DEADLINE_MS. */
   deadlineMs?: number;
+  /** The identity to present; default: the environment's, else the keychain's. null: none. */
+  identity?: ClientIdentity | null;
 }
 
 export interface StartTask {
@@ -34,6 +37,13 @@ export interface StartTask {
   name?: string | undefined;
   ttl?: string | undefined;
   reason?: string | undefined;
+}
+
+export interface AgentView {
+  name: string;
+  key: { fingerprint: string; enrolledAt: string } | null;
+  enrolment: { expiresAt: string; createdBy: string } | null;
+  activeTasks: number;
 }
 
 export interface ClusterInfo {
@@ -47,7 +57,7 @@ export class BrokerClient {
   readonly url: string;
   readonly brokerCa: string | undefined;
   readonly identitySource: string;
-  readonly #token: string;
+  readonly #identity: ClientIdentity | null;
   readonly #dispatcher: Agent;
   readonly #deadlineMs: number;
 
@@ -83,9 +93,9 @@ export class BrokerClient {
         throw new BrokerError('invalid_argument', `cannot read ${this.brokerCa}: ${(err as NodeJS.ErrnoException).code}`, { field: '--broker-ca' });
       }
     }
-    const { token, source } = readIdentity(env);
-    this.#token = token;
-    this.identitySource = source;
+    // null: no identity at all (`broker agent enroll` authenticates with its code alone).
+    this.#identity = options.identity === undefined ? readIdentity(env, this.url) : options.identity;
+    this.identitySource = this.#identity?.source ?? 'none';
     this.#dispatcher = new Agent({ connect: ca ? { ca } : {} });
   }
 
@@ -139,11 +149,32 @@ export class BrokerClient {
     return this.#call('POST', `/v1/approvals/${encodeURIComponent(id)}/${decision}`, reason ? { reason } : {});
   }
 
+  /** Administrators: a one-time enrolment code for agent `name`. */
+  registerAgent(name: string): Promise<{ agent: string; code: string; expiresAt: string }> {
+    return this.#call('POST', `/v1/agents/${encodeURIComponent(name)}/enrolment`, {});
+  }
+
+  /** Enrols `publicKey` (raw Ed25519, base64url) with an enrolment code, which is used up. */
+  enrolAgent(code: string, publicKey: string): Promise<{ agent: string; fingerprint: string; enrolledAt: string }> {
+    return this.#call('POST', '/v1/agents/enroll', { publicKey }, `Enrolment ${code}`);
+  }
+
+  listAgents(): Promise<{ agents: AgentView[] }> {
+    return this.#call('GET', '/v1/agents');
+  }
+
+  /** Administrators: removes the agent's key at once and ends its tasks. */
+  revokeAgent(name: string): Promise<{ agent: string; fingerprint: string; tasksEnded: TaskView[] }> {
+    return this.#call('DELETE', `/v1/agents/${encodeURIComponent(name)}/key`);
+  }
+
   cluster(): Promise<ClusterInfo> {
     return this.#call<ClusterInfo>('GET', '/v1/cluster');
   }
 
-  async #call<T>(method: 'GET' | 'POST' | 'DELETE', path: string, body?: unknown): Promise<T> {
+  async #call<T>(method: 'GET' | 'POST' | 'DELETE', path: string, body?: unknown, authorization?: string): Promise<T> {
+    // An agent proof is made for exactly this method and URL; a login may refresh its token first.
+    authorization ??= this.#identity ? await this.#identity.authorization(method, this.url + path) : undefined;
     const signal = AbortSignal.timeout(this.#deadlineMs);
     let res;
     let text: string;
@@ -154,7 +185,7 @@ export class BrokerClient {
         dispatcher: this.#dispatcher,
         signal,
         headers: {
-          authorization: `Bearer ${this.#token}`,
+          ...(authorization === undefined ? {} : { authorization }),
           accept: 'application/json',
           ...(body === undefined ? {} : { 'content-type': 'application/json' }),
         },
@@ -232,25 +263,7 @@ export class BrokerApiError extends BrokerError {
   }
 }
 
-/** BROKER_IDENTITY_TOKEN_FILE (e.g. a projected ServiceAccount token), else BROKER_IDENTITY_TOKEN. */
-export function readIdentity(env: NodeJS.ProcessEnv): { token: string; source: string } {
-  const file = env['BROKER_IDENTITY_TOKEN_FILE'];
-  if (file) {
-    let token: string;
-    try {
-      token = readFileSync(file, 'utf8').trim();
-    } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code;
-      const what = code === 'ENOENT' ? 'which does not exist' : code === 'EACCES' ? 'which you may not read' : `which cannot be read (${code})`;
-      throw new BrokerError('unauthenticated', `BROKER_IDENTITY_TOKEN_FILE points at ${file}, ${what}; ${GET_IDENTITY}`);
-    }
-    if (!token) throw new BrokerError('unauthenticated', `BROKER_IDENTITY_TOKEN_FILE points at ${file}, which is empty; ${GET_IDENTITY}`);
-    return { token, source: `BROKER_IDENTITY_TOKEN_FILE=${file}` };
-  }
-  const token = env['BROKER_IDENTITY_TOKEN']?.trim();
-  if (token) return { token, source: 'BROKER_IDENTITY_TOKEN' };
-  throw new BrokerError('unauthenticated', `no identity: set BROKER_IDENTITY_TOKEN_FILE to a file holding a token, or BROKER_IDENTITY_TOKEN; ${GET_IDENTITY}`);
+/** The identity the CLI presents to `brokerUrl` (src/identity/client-identity.ts: environment, then keychain). */
+export function readIdentity(env: NodeJS.ProcessEnv, brokerUrl = env['BROKER_URL'] ?? ''): ClientIdentity {
+  return resolveIdentity(env, brokerUrl);
 }
-
-const GET_IDENTITY =
-  "an identity is a ServiceAccount token with the broker's audience for a ServiceAccount the policy names: in a pod, a projected token (serviceAccountToken volume, audience = the policy's broker.identityAudience); elsewhere ask your administrator for one (kubectl create token NAME --namespace NS --audience AUDIENCE > FILE)";

@@ -157,4 +157,5 @@ const CREDENTIAL_FORM: Record<Authenticator['method'], string> = {
   serviceAccount: '"Authorization: Bearer <ServiceAccount token with the broker audience>"',
   oidc: '"Authorization: Bearer <OIDC token of an issuer in the policy>"',
   agentKey: '"Authorization: AgentProof <signed proof>" (broker agent enroll)',
+  enrolmentCode: '"Authorization: Enrolment <code>" (to POST /v1/agents/enroll only)',
 }

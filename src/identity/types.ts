@@ -5,7 +5,8 @@
 
 import type { Principal } from '../policy/types.ts';
 
-export type IdentityMethod = 'serviceAccount' | 'oidc' | 'agentKey';
+/** `enrolmentCode`: a one-time code that proves nothing but the right to enrol a key for one agent (POST /v1/agents/enroll only). */
+export type IdentityMethod = 'serviceAccount' | 'oidc' | 'agentKey' | 'enrolmentCode';
 
 export interface Caller {
   /** The policy's agent name; empty for a caller who is only an approver. */

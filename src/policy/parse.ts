@@ -568,6 +568,14 @@ function semanticChecks(issues: IssueList, data: Obj): void {
     });
   });
 
+  // administrators: approver groups
+  list(data['administrators']).forEach((name, i) => {
+    if (typeof name === 'string' && !groups.has(name) && DNS_LABEL.test(name)) {
+      const known = [...groups.keys()];
+      issues.add(['administrators', i], `approver group ${JSON.stringify(name)} is not declared in "approvers"${known.length ? ` (declared: ${known.join(', ')})` : ''}`);
+    }
+  });
+
   // default approval requirement
   const approvalsRaw = isObject(data['approvals']) ? data['approvals'] : {};
   const defaultApprovers = Array.isArray(approvalsRaw['approvers']) ? strings(approvalsRaw['approvers']) : [...groups.keys()];
@@ -701,6 +709,7 @@ interface RawPolicy {
   approvers?: { name: string; members: RawMember[] }[];
   approvals?: RawApproval;
   issuers?: RawIssuer[];
+  administrators?: string[];
 }
 
 function toClaims(raw: RawClaims | undefined): ClaimConditions {
@@ -785,5 +794,5 @@ function build(raw: RawPolicy): Policy {
   }));
   const gated = raw.gated === undefined ? DEFAULT_GATED.map((p) => ({ ...p })) : expandGated(raw.gated);
   const issuers = (raw.issuers ?? []).map(toIssuer);
-  return { broker, agents, people, templates, gated, approverGroups, defaultApproval, issuers };
+  return { broker, agents, people, templates, gated, approverGroups, defaultApproval, issuers, administrators: [...(raw.administrators ?? [])] };
 }

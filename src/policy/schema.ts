@@ -54,6 +54,7 @@ export const POLICY_SCHEMA = {
       approvers: arrayOf(ref('approverGroup')),
       approvals: ref('approval'),
       issuers: arrayOf(ref('issuer')),
+      administrators: arrayOf(ref('dnsLabel')),
     },
     ['apiVersion', 'kind', 'broker', 'agents', 'templates'],
   ),

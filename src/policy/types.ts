@@ -153,6 +153,11 @@ export interface Policy {
   /** The gated set; the defaults of docs/policy.md when the policy has none. */
   gated: GatedPair[];
   approverGroups: ApproverGroup[];
+  /**
+   * Approver groups whose members administer agent keys (`broker agent register`, `list`, `revoke`);
+   * YAML `administrators:`. Empty: nobody can.
+   */
+  administrators: string[];
   /** OIDC issuers whose tokens prove `oidc` and `oidcGroup` identities (YAML `issuers:`). */
   issuers: OidcIssuer[];
   /** Default approval requirement for gated templates that name none. */

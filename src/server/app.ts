@@ -20,6 +20,7 @@ import { DEFAULT_LIMITS, guardConnections, httpServerOptions, RateLimitedError, 
 import { Metrics } from './metrics.ts';
 import { KUBE_AUDIT_PATH, leftBehindReport, registerKubeAuditRoute, type KubeAuditConfig } from './kube-audit.ts';
 import { errorHint, registerInfoRoutes } from './routes-info.ts';
+import { registerAgentRoutes } from './routes-agents.ts';
 
 /** HTTP status of each error code the API can return. */
 const STATUS: Partial<Record<ErrorCode, number>> = {
@@ -232,6 +233,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     return deps.cluster;
   });
 
+  registerAgentRoutes(app, deps); // /v1/agents: enrolment codes, enrolment, list, revoke (src/server/routes-agents.ts)
   registerInfoRoutes(app, deps); // GET /v1/whoami, /v1/templates, /v1/tasks[/:ref] (src/server/routes-info.ts)
 
   // The ended task, and what it left behind as far as this broker's audit webhook recorded (kube-audit.ts).

@@ -21,6 +21,7 @@ import type { FastifyInstance } from 'fastify';
 import { openCheckedAuditLog, type AuditCheckpointer } from '../audit/head.ts';
 import type { AuditLog } from '../audit/log.ts';
 import { BrokerError, isBrokerError } from '../errors.ts';
+import { AgentKeyStore } from '../identity/agent-keys.ts';
 import { authenticatorsFor } from '../identity/authenticators.ts';
 import { identitySummary } from '../identity/summary.ts';
 import { clusterError, kubeApis, loadKubeConfig, type KubeApis } from '../kube/config.ts';
@@ -208,9 +209,11 @@ async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<R
   const keys = new ApprovalKeys(kube, policy.broker.namespace);
   const signer = new StateSigner(keys);
   const store = (opened.store = new TaskStore({ signer }));
+  const agentKeys = new AgentKeyStore(kube, policy.broker.namespace, signer);
   try {
     await keys.signingKey();
     await store.watch(kube.config, policy.broker.taskNamespace);
+    await agentKeys.watch(kube.config);
   } catch (err) {
     if (err instanceof BrokerError) throw err;
     throw clusterError(`reading the signing key in ${policy.broker.namespace} and watching tasks in ${policy.broker.taskNamespace} (was \`broker policy apply\` run?)`, err);
@@ -234,7 +237,7 @@ async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<R
       const view = listeners.view(store);
       const approvals = new ApprovalService(kube, next, audit, { keys, signer });
       const tasks = new TaskService(kube, next, audit, view.store, { approvals, signer, onMinted: kubeAudit?.recent.minted, sessions });
-      return { tasks, approvals, authenticators: authenticatorsFor(next, authn), activate: view.activate };
+      return { tasks, approvals, authenticators: authenticatorsFor(next, authn, agentKeys), activate: view.activate };
     },
   }));
   // The sweeper and the routes read the services through the holder at each use.
@@ -381,6 +384,7 @@ async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<R
         await app.close();
         await sweeper.stop();
         await store.stop();
+        await agentKeys.stop();
         await audit.append({ type: 'broker.stopped', actor: 'system:broker', outcome: 'ok' }).catch(() => undefined);
         await audit.close();
         await checkpoint.close();

@@ -85,8 +85,9 @@ describe('OIDC identities (issue 14)', () => {
   });
 
   test('the API server refuses the OIDC token itself (401): it proves who calls the broker, nothing more', async () => {
-    const kc = writeTokenKubeconfig(join(env.dir, 'oidc.kubeconfig'), env.cluster, await idp.ciToken(main));
-    const res = await kubectl(kc, 'get', 'pods', '-n', 'team-a');
+    // The token on kubectl's command line, never in a file.
+    const kc = writeTokenKubeconfig(join(env.dir, 'no-token.kubeconfig'), env.cluster, 'none');
+    const res = await kubectl(kc, '--token', await idp.ciToken(main), 'get', 'pods', '-n', 'team-a');
     assert.notEqual(res.code, 0);
     assert.match(res.stderr, /Unauthorized|must be logged in/);
   });

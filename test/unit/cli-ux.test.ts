@@ -84,13 +84,14 @@ test('a missing identity file names the variable that pointed at it and how to g
   try {
     assert.throws(() => readIdentity({ BROKER_IDENTITY_TOKEN_FILE: join(dir, 'nope') }), (err: Error & { code?: string }) => {
       assert.equal(err.code, 'unauthenticated');
-      assert.match(err.message, /BROKER_IDENTITY_TOKEN_FILE points at .*nope, which does not exist; an identity is a ServiceAccount token/);
-      assert.match(err.message, /kubectl create token NAME --namespace NS --audience AUDIENCE/);
+      assert.match(err.message, /BROKER_IDENTITY_TOKEN_FILE points at .*nope, which does not exist; an identity is one of: an agent key/);
+      assert.match(err.message, /broker agent enroll CODE.*BROKER_IDENTITY_TOKEN or BROKER_IDENTITY_TOKEN_FILE/);
       return true;
     });
     writeFileSync(join(dir, 'empty'), '\n');
     assert.throws(() => readIdentity({ BROKER_IDENTITY_TOKEN_FILE: join(dir, 'empty') }), /points at .*empty, which is empty/);
-    assert.throws(() => readIdentity({}), /no identity: set BROKER_IDENTITY_TOKEN_FILE/);
+    // No keychain to ask here (no session bus): said, with the alternatives.
+    assert.throws(() => readIdentity({}, 'http://127.0.0.1:1'), /no identity: none of BROKER_IDENTITY_TOKEN_FILE, BROKER_IDENTITY_TOKEN, BROKER_AGENT_KEY is set, and the keychain holds no agent key or login for http:\/\/127.0.0.1:1/);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
