@@ -9,6 +9,7 @@ import type { PluginModule } from '../credential/main.cts';
 import { BrokerError, isBrokerError } from '../errors.ts';
 import { EXIT, exitCodeFor } from './exit-codes.ts';
 import { agentCommand } from './agent.ts';
+import { loginCommands } from './login.ts';
 import { approvalCommands } from './approvals.ts';
 import { auditCommand } from './audit.ts';
 import { devClusterCommand } from './dev-cluster.ts';
@@ -35,6 +36,7 @@ export function buildProgram(): Command {
   addBrokerOptions(program);
   program.addCommand(whoamiCommand());
   program.addCommand(agentCommand());
+  for (const cmd of loginCommands()) program.addCommand(cmd);
   program.addCommand(templatesCommand());
   program.addCommand(taskCommand());
   program.addCommand(runCommand());

@@ -42,11 +42,35 @@ export class AgentKeyIdentity implements ClientIdentity {
   }
 }
 
-/** A stored login that yields a fresh ID token per request (src/identity/login.ts), set by `broker login`. */
-export type LoginIdentityFactory = (stored: string, brokerUrl: string) => ClientIdentity;
-let loginFactory: LoginIdentityFactory | undefined;
-export function setLoginIdentityFactory(factory: LoginIdentityFactory): void {
-  loginFactory = factory;
+/** A person's login (`broker login`): openid-client is loaded only when a request needs its ID token (src/identity/login.ts). */
+class StoredLoginIdentity implements ClientIdentity {
+  readonly source: string;
+  readonly #text: string;
+  readonly #brokerUrl: string;
+  #inner: Promise<ClientIdentity> | undefined;
+
+  constructor(text: string, brokerUrl: string) {
+    this.#text = text;
+    this.#brokerUrl = brokerUrl;
+    let issuer = 'an unreadable issuer';
+    try {
+      issuer = String((JSON.parse(text) as { issuer?: unknown }).issuer);
+    } catch {
+      // said when it is used
+    }
+    this.source = `keychain (login at ${issuer})`;
+  }
+
+  async authorization(method: string, url: string): Promise<string> {
+    this.#inner ??= import('./login.ts').then(({ LoginIdentity, parseStoredLogin }) => {
+      try {
+        return new LoginIdentity(parseStoredLogin(this.#text), this.#brokerUrl);
+      } catch {
+        throw new BrokerError('unauthenticated', `the keychain's login for ${this.#brokerUrl} is unreadable: run broker logout, then broker login`);
+      }
+    });
+    return (await this.#inner).authorization(method, url);
+  }
 }
 
 export const GET_IDENTITY =
@@ -96,7 +120,7 @@ export function resolveIdentity(env: NodeJS.ProcessEnv, brokerUrl: string): Clie
     const key = keychainGet(agentKeyAccount(brokerUrl));
     if (key) return agentKeyFrom(key, 'keychain (agent key)');
     const login = keychainGet(loginAccount(brokerUrl));
-    if (login && loginFactory) return loginFactory(login, brokerUrl);
+    if (login) return new StoredLoginIdentity(login, brokerUrl);
   } catch (err) {
     if (!(err instanceof BrokerError && err.code === 'keychain_unavailable')) throw err;
     keychainProblem = ` (the OS keychain could not be asked: ${err.message.split(';')[0]!.replace(/^the OS keychain cannot be used: /, '')})`;

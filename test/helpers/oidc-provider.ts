@@ -81,6 +81,7 @@ export class TestProvider {
       features: {
         clientCredentials: { enabled: true },
         deviceFlow: { enabled: true },
+        revocation: { enabled: true },
         devInteractions: { enabled: true },
         resourceIndicators: {
           enabled: true,
@@ -100,7 +101,7 @@ export class TestProvider {
       },
       scopes: ['openid', 'offline_access', 'profile', 'broker'],
       pkce: { required: () => true },
-      ttl: { IdToken: 600, AccessToken: 600, ClientCredentials: 600, DeviceCode: 600, RefreshToken: 3600 },
+      ttl: { IdToken: 600, AccessToken: 600, ClientCredentials: 600, DeviceCode: 600, RefreshToken: 3600, Interaction: 600, Session: 3600, Grant: 3600 },
       // A public native client gets refresh tokens with offline_access (the default asks for consent to it).
       issueRefreshToken: () => true,
     } as never);
@@ -144,4 +145,61 @@ async function newKey(): Promise<jose.JWK> {
   const { privateKey } = await jose.generateKeyPair('RS256', { extractable: true });
   const jwk = await jose.exportJWK(privateKey);
   return { ...jwk, kid: crypto.randomUUID(), alg: 'RS256', use: 'sig' };
+}
+
+/**
+ * A test user agent: opens `url` and, page after page, submits the first form as `account` would
+ * (its hidden fields, `login`/`password`, a prefilled `user_code`), following redirects with its own
+ * cookies, until a redirect leaves the provider (a loopback redirect_uri: fetched, so the CLI waiting
+ * there receives it) or a page has no form (the device flow's success page). Returns the last page.
+ */
+export async function signInAs(url: string, account: string): Promise<string> {
+  const jar = new Map<string, string>();
+  let next = new URL(url);
+  const origin = next.origin;
+  let method = 'GET';
+  let body: URLSearchParams | undefined;
+  for (let step = 0; step < 20; step++) {
+    if (next.origin !== origin) {
+      const res = await fetch(next);
+      return res.text();
+    }
+    const res = await fetch(next, {
+      method,
+      redirect: 'manual',
+      headers: { cookie: [...jar].map(([k, v]) => `${k}=${v}`).join('; '), ...(body ? { 'content-type': 'application/x-www-form-urlencoded' } : {}) },
+      ...(body ? { body } : {}),
+    });
+    for (const c of res.headers.getSetCookie()) {
+      const [pair] = c.split(';');
+      const eq = pair!.indexOf('=');
+      jar.set(pair!.slice(0, eq).trim(), pair!.slice(eq + 1).trim());
+    }
+    if (res.status >= 300 && res.status < 400) {
+      next = new URL(res.headers.get('location')!, next);
+      method = 'GET';
+      body = undefined;
+      continue;
+    }
+    const html = await res.text();
+    const form = /<form\b([^>]*)>([\s\S]*?)<\/form>/i.exec(html);
+    if (!form) return html;
+    const action = /action="([^"]*)"/.exec(form[1]!)?.[1];
+    if (!action) throw new Error(`a form without action at ${next.href}`);
+    const fields = new URLSearchParams();
+    for (const m of form[2]!.matchAll(/<input\b([^>]*)>/gi)) {
+      const name = /name="([^"]*)"/.exec(m[1]!)?.[1];
+      if (!name) continue;
+      const value = unescapeHtml(/value="([^"]*)"/.exec(m[1]!)?.[1] ?? '');
+      fields.set(name, name === 'login' ? account : name === 'password' ? 'any-password' : value);
+    }
+    next = new URL(unescapeHtml(action), next);
+    method = 'POST';
+    body = fields;
+  }
+  throw new Error('the sign-in did not end in 20 steps');
+}
+
+function unescapeHtml(s: string): string {
+  return s.replaceAll('&amp;', '&').replaceAll('&quot;', '"').replaceAll('&#x3D;', '=').replaceAll('&#39;', "'").replaceAll('&lt;', '<').replaceAll('&gt;', '>');
 }
