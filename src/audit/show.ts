@@ -505,7 +505,7 @@ function formatStreamEnd(r: AuditRecord, recordings: string | undefined, indent:
   return lines;
 }
 
-/** An exec or attach session's recording as lines: `> ` what was sent (stdin), `< ` what came back; escaped. */
+/** An exec or attach session's recording as lines: `> ` what was sent (stdin), `< ` and `! ` what came back (stdout, stderr); escaped. */
 export function transcript(dir: string, file: string, sha256: string): string[] {
   if (!/^[\w-]+\.jsonl$/.test(file)) return [printable(`(session recording ${file}: not a recording's name)`)];
   let raw: Buffer;
@@ -515,23 +515,42 @@ export function transcript(dir: string, file: string, sha256: string): string[] 
     return [printable(`(session recording ${file}: cannot be read: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`)];
   }
   if (createHash('sha256').update(raw).digest('hex') !== sha256) return [printable(`(session recording ${file}: its SHA-256 does not match the audit log: it was changed)`)];
+  // Consecutive data of one channel is joined and cut into lines: `> ` stdin, `< ` stdout, `! ` stderr.
   const out: string[] = [];
-  const text = { in: '', out: '' };
-  const flush = (d: 'in' | 'out') => {
-    for (const l of text[d].split('\n')) if (l !== '') out.push(printable(`${d === 'in' ? '> ' : '< '}${l}`));
-    text[d] = '';
+  const prefix: Record<string, string> = { stdin: '> ', stdout: '< ', stderr: '! ' };
+  let channel: string | undefined;
+  let text = '';
+  const flush = () => {
+    if (channel !== undefined) for (const l of text.split('\n')) if (l !== '') out.push(printable(`${prefix[channel]}${l}`));
+    text = '';
   };
   for (const line of raw.toString('utf8').split('\n').slice(1)) {
     if (line === '') continue;
-    const m = JSON.parse(line) as { d?: string; ch?: string | null; b64?: string };
-    const d = m.d === 'in' ? 'in' : 'out';
-    if (m.ch === 'resize' || m.ch === 'close') continue;
-    if (d === 'in' && text.out) flush('out');
-    if (d === 'out' && text.in) flush('in');
-    text[d] += Buffer.from(m.b64 ?? '', 'base64').toString('utf8');
+    const m = JSON.parse(line) as { ch?: string | null; b64?: string };
+    const data = Buffer.from(m.b64 ?? '', 'base64').toString('utf8');
+    if (m.ch === 'error') {
+      // The status of the command at its end: shown unless it is plain success.
+      let status: { status?: string; message?: string } = {};
+      try {
+        status = JSON.parse(data) as typeof status;
+      } catch {
+        status = { message: data };
+      }
+      if (status.status !== 'Success') {
+        flush();
+        out.push(printable(`(ended: ${status.message ?? data})`));
+      }
+      continue;
+    }
+    const ch = m.ch ?? 'stdout';
+    if (!(ch in prefix)) continue; // resize, close
+    if (ch !== channel) {
+      flush();
+      channel = ch;
+    }
+    text += data;
   }
-  flush('in');
-  flush('out');
+  flush();
   return out;
 }
 

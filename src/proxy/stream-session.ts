@@ -18,7 +18,8 @@
 import { createHash, randomUUID } from 'node:crypto';
 import { mkdirSync } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
-import { STATUS_CODES, type IncomingMessage } from 'node:http';
+import { request as httpRequest, STATUS_CODES, type IncomingMessage } from 'node:http';
+import { request as httpsRequest } from 'node:https';
 import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import { WebSocket, WebSocketServer, type RawData } from 'ws';
@@ -55,6 +56,10 @@ type Kind = 'exec' | 'attach' | 'portforward' | 'other';
 export async function relayWebSocket(o: RelayOptions): Promise<void> {
   const info = o.request.info;
   const kind: Kind = info.resource === 'pods' && (info.subresource === 'exec' || info.subresource === 'attach' || info.subresource === 'portforward') ? info.subresource : 'other';
+  // Only exec and attach are read message by message (their recording); the rest is a tunnel whose
+  // bytes are counted. (Port-forward's `SPDY/3.1+portforward.k8s.io` is not even a valid WebSocket
+  // subprotocol token, which ws rightly refuses: a tunnel does not need to understand it.)
+  if (kind !== 'exec' && kind !== 'attach') return tunnel(o, kind);
   const offered = (headerValue(o.req.headers['sec-websocket-protocol']) ?? '')
     .split(',')
     .map((p) => p.trim())
@@ -73,7 +78,11 @@ export async function relayWebSocket(o: RelayOptions): Promise<void> {
   let auditID: string | undefined;
   up.once('upgrade', (res: IncomingMessage) => (auditID = headerValue(res.headers['audit-id'])));
   const opened = await new Promise<{ ok: true } | { ok: false; code: number; body: string; reason: string; auditID?: string | undefined }>((resolve) => {
-    up.once('open', () => resolve({ ok: true }));
+    up.once('open', () => {
+      // Nothing the API server sends is read until the relay is in place (and the start recorded).
+      up.pause();
+      resolve({ ok: true });
+    });
     up.once('unexpected-response', (_r, res: IncomingMessage) => {
       const chunks: Buffer[] = [];
       let size = 0;
@@ -132,7 +141,12 @@ export async function relayWebSocket(o: RelayOptions): Promise<void> {
     return;
   }
   const wss = new WebSocketServer({ noServer: true, perMessageDeflate: false, maxPayload: 16 * 1024 * 1024, handleProtocols: () => protocol || false });
-  const client = await new Promise<WebSocket>((resolve) => wss.handleUpgrade(o.req, o.socket, o.head, resolve));
+  const client = await new Promise<WebSocket>((resolve) =>
+    wss.handleUpgrade(o.req, o.socket, o.head, (ws) => {
+      ws.pause();
+      resolve(ws);
+    }),
+  );
   client.on('error', () => undefined);
 
   const counts = { in: 0, out: 0, stdin: 0, stdout: 0, stderr: 0 };
@@ -206,7 +220,117 @@ export async function relayWebSocket(o: RelayOptions): Promise<void> {
   };
   relay(client, up, 'in');
   relay(up, client, 'out');
+  client.resume();
+  up.resume();
   if (!o.isActive()) closeBoth(1008, `task ${o.task.id} has ended`);
+}
+
+/**
+ * A WebSocket upgrade passed through whole (port-forward and anything else that is not exec or
+ * attach): node:http(s) makes the upstream request with kubectl's own handshake headers and the
+ * task's token, so the handshake is kubectl's with the API server; after the 101 the two sockets are
+ * joined and their bytes counted. A refusal upstream is relayed as given, and recorded.
+ */
+async function tunnel(o: RelayOptions, kind: Kind): Promise<void> {
+  const up = o.upstream.url;
+  const headers: Record<string, string | string[]> = {};
+  for (let i = 0; i < o.req.rawHeaders.length; i += 2) {
+    const name = o.req.rawHeaders[i]!.toLowerCase();
+    if (name === 'authorization' || name === 'host' || name === 'proxy-authorization' || name === 'content-length') continue;
+    const prev = headers[name];
+    headers[name] = prev === undefined ? o.req.rawHeaders[i + 1]! : [...(Array.isArray(prev) ? prev : [prev]), o.req.rawHeaders[i + 1]!];
+  }
+  headers['authorization'] = `Bearer ${o.upstream.token}`;
+  const request = (up.protocol === 'https:' ? httpsRequest : httpRequest)({
+    host: up.hostname.replace(/^\[(.*)\]$/, '$1'),
+    port: up.port || (up.protocol === 'https:' ? 443 : 80),
+    path: o.request.url,
+    method: 'GET',
+    headers,
+    agent: false,
+    ...(o.upstream.ca ? { ca: o.upstream.ca } : {}),
+  });
+  const facts = sessionFacts(kind, o.request, headerValue(o.req.headers['sec-websocket-protocol']) ?? '', randomUUID());
+  const refuse = async (code: number, reason: string, body: string, auditID?: string) => {
+    const recorded = await o.append(proxyRecord(o.task, o.request, { code, auditID, outcome: outcomeOfStatus(code), reason, durationMs: performance.now() - o.started, extra: { stream: facts } }));
+    writeRaw(o.socket, recorded ? code : 503, recorded ? body : statusBody(503, 'ServiceUnavailable', 'the broker cannot record requests now: the answer is not relayed'));
+  };
+  const timer = setTimeout(() => request.destroy(new Error('timeout')), o.upstream.timeoutMs);
+  request.on('response', (res: IncomingMessage) => {
+    clearTimeout(timer);
+    const chunks: Buffer[] = [];
+    let size = 0;
+    res.on('data', (c: Buffer) => {
+      if (size < 64 * 1024) chunks.push(c);
+      size += c.length;
+    });
+    res.on('end', () => {
+      const body = Buffer.concat(chunks);
+      const code = res.statusCode ?? 502;
+      void refuse(code, statusMessage(body) ?? `the API server answered ${code}`, body.toString('utf8'), headerValue(res.headers['audit-id']));
+    });
+  });
+  request.on('error', (err: NodeJS.ErrnoException) => {
+    clearTimeout(timer);
+    const timedOut = err.message === 'timeout';
+    const reason = timedOut ? `the API server did not answer within ${o.upstream.timeoutMs / 1000} s` : `the proxy could not reach the API server (${err.code ?? err.message})`;
+    void refuse(timedOut ? 504 : 502, reason, statusBody(timedOut ? 504 : 502, timedOut ? 'Timeout' : 'BadGateway', reason));
+  });
+  request.on('upgrade', (res: IncomingMessage, upSocket: Duplex, upHead: Buffer) => {
+    clearTimeout(timer);
+    void (async () => {
+      const auditID = headerValue(res.headers['audit-id']);
+      if (!o.isActive() || !(await o.append(proxyRecord(o.task, o.request, { code: 101, auditID, outcome: 'allowed', phase: 'start', extra: { stream: facts } })))) {
+        upSocket.destroy();
+        writeRaw(o.socket, o.isActive() ? 503 : 401, statusBody(o.isActive() ? 503 : 401, o.isActive() ? 'ServiceUnavailable' : 'Unauthorized', o.isActive() ? 'the broker cannot record requests now: the session is not opened' : `task ${o.task.id} is not active: it has ended`));
+        return;
+      }
+      // The API server's 101, as it gave it, then the two byte streams joined.
+      const lines = [`HTTP/1.1 101 ${res.statusMessage || 'Switching Protocols'}`];
+      for (let i = 0; i < res.rawHeaders.length; i += 2) lines.push(`${res.rawHeaders[i]}: ${res.rawHeaders[i + 1]}`);
+      o.socket.write(`${lines.join('\r\n')}\r\n\r\n`);
+      const counts = { in: 0, out: 0 };
+      let endReason: string | undefined;
+      upSocket.on('data', (d: Buffer) => (counts.out += d.length));
+      o.socket.on('data', (d: Buffer) => (counts.in += d.length));
+      if (upHead.length > 0) {
+        counts.out += upHead.length;
+        o.socket.write(upHead);
+      }
+      if (o.head.length > 0) {
+        counts.in += o.head.length;
+        upSocket.write(o.head);
+      }
+      upSocket.on('error', () => undefined);
+      o.socket.pipe(upSocket);
+      upSocket.pipe(o.socket);
+      const watch = setInterval(() => {
+        if (!o.isActive()) {
+          endReason = `task ${o.task.id} has ended`;
+          upSocket.destroy();
+          o.socket.destroy();
+        }
+      }, TASK_CHECK_MS);
+      watch.unref();
+      const closed = (x: Duplex) => (x.destroyed ? Promise.resolve() : new Promise<void>((r) => x.once('close', () => r())));
+      // One side gone: the other is ended (what it still holds is flushed), then destroyed.
+      const follow = (a: Duplex, b: Duplex) =>
+        a.once('close', () => {
+          b.end();
+          setTimeout(() => b.destroy(), 2_000).unref();
+        });
+      follow(o.socket, upSocket);
+      follow(upSocket, o.socket);
+      await Promise.all([closed(o.socket), closed(upSocket)]);
+      clearInterval(watch);
+      await o.append(
+        proxyRecord(o.task, o.request, { code: 101, auditID, outcome: 'allowed', reason: endReason, bytesIn: counts.in, bytesOut: counts.out, durationMs: performance.now() - o.started, phase: 'end', extra: { stream: facts } }),
+      );
+    })();
+  });
+  // Either side closing ends the other.
+  o.socket.once('close', () => request.destroy());
+  request.end();
 }
 
 /** What a session is: kind, pod, container, command, protocol (each value cut to its bound). */
