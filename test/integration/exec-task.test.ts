@@ -55,7 +55,9 @@ describe('pods/exec in a gated task on the full cluster: refused, approved by an
     const port = await freePort();
     env = await BrokerEnv.start({
       policyText: readFileSync(POLICY, 'utf8'),
-      cluster: { full: true, auditWebhook: { url: `https://127.0.0.1:${port}/v1/audit/kubernetes`, token: randomBytes(32).toString('base64url') } },
+      // A short webhook retry back-off: at the end the API server's shutdown retries its last batch to
+      // the stopped broker (from 1 s: about 8 s).
+      cluster: { full: true, auditWebhook: { url: `https://127.0.0.1:${port}/v1/audit/kubernetes`, token: randomBytes(32).toString('base64url'), initialBackoff: '200ms' } },
     });
     for (const c of env.cluster.components) pids.set(c.pid, c.name);
     nodeDir = env.cluster.nodeDir!;
