@@ -68,8 +68,13 @@ export interface AppDeps {
   limits?: Partial<Limits>;
   /** The API server's audit webhook (src/server/kube-audit.ts); without it POST /v1/audit/kubernetes answers 404. */
   kubeAudit?: KubeAuditConfig | undefined;
-  /** fastify's `logger` and `logController` options (pino and the request log, src/server/request-log.ts); default no logging. */
-  logging?: { logger: Record<string, unknown>; logController: unknown } | undefined;
+  /** fastify's `logger`, `logController` and `childLoggerFactory` options (pino and the request log, src/server/request-log.ts); default no logging. */
+  logging?: { logger: Record<string, unknown>; logController: unknown; childLoggerFactory?: unknown } | undefined;
+  /**
+   * The start-up gate: while it returns a promise, every request waits for it after authentication
+   * (`broker serve` holds requests until `broker.started` is durable); undefined once open.
+   */
+  held?: () => Promise<void> | undefined;
 }
 
 declare module 'fastify' {
@@ -147,12 +152,32 @@ export function buildApp(deps: AppDeps): FastifyInstance {
   } as Parameters<typeof Fastify>[0]) as unknown as FastifyInstance;
 
   app.decorateRequest('caller', undefined);
+  app.decorateRequest('taskId', undefined);
   const guard = registerLimits(app, deps, limits, metrics);
 
-  // Hooks on every request are callback-style: no promise per request for what usually needs no I/O.
+  // One onRequest hook, callback-style, does what every request needs before its route: the
+  // per-source budget, authentication, the per-identity budget, then the start-up gate. fastify pays
+  // for each hook it runs, and a promise per request for what usually needs no I/O costs too
+  // (docs/benchmarks.md, "Speed margins").
+  const held = deps.held ?? (() => undefined);
   app.addHook('onRequest', (req, reply, done) => {
+    const proceed = (): void => {
+      try {
+        guard.checkIdentity(req);
+      } catch (err) {
+        return done(err as Error);
+      }
+      const gate = held();
+      if (gate === undefined) return done();
+      gate.then(() => done(), done);
+    };
+    try {
+      guard.checkSource(req);
+    } catch (err) {
+      return done(err as Error);
+    }
     reply.header('x-request-id', req.id);
-    if (!req.url.startsWith('/v1/') || isKubeAuditPath(req.url)) return done(); // the API server's webhook checks its own token (kube-audit.ts)
+    if (!req.url.startsWith('/v1/') || isKubeAuditPath(req.url)) return proceed(); // the API server's webhook checks its own token (kube-audit.ts)
     const authenticators = deps.authenticators;
     // The same credential as the request before on this keep-alive connection: known without any work.
     const known = acceptedBefore(authenticators, req);
@@ -162,14 +187,13 @@ export function buildApp(deps: AppDeps): FastifyInstance {
       } catch (err) {
         return done(err as Error);
       }
-      return done();
+      return proceed();
     }
     guard.authenticate(req, () => authenticate(authenticators, req)).then((caller) => {
       req.caller = caller;
-      done();
+      proceed();
     }, done);
   });
-  app.addHook('onRequest', guard.onIdentity);
 
   app.addHook('onResponse', (req, reply, done) => {
     metrics.observeRequest(req.routeOptions.url ?? 'unmatched', req.method, reply.statusCode, reply.elapsedTime / 1000);
@@ -221,6 +245,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
       req.id,
     );
     metrics.tasksStarted.inc();
+    req.taskId = task.id;
     return reply.code(201).send(toView(task));
   });
 
@@ -239,6 +264,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
   // The ended task, and what it left behind as far as this broker's audit webhook recorded (kube-audit.ts).
   app.delete<{ Params: { ref: string } }>('/v1/tasks/:ref', { schema: { params: { type: 'object', properties: { ref: taskRef } } } }, async (req) => {
     const task = await deps.tasks.end(req.caller!, req.params.ref, req.id);
+    req.taskId = task.id;
     return { ...toView(task), ...leftBehindReport(deps.kubeAudit, task.id) };
   });
 
@@ -254,6 +280,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
       const credential =
         req.query.via === 'proxy' ? await deps.tasks.sessionCredential(req.caller!, req.params.ref, req.id) : await deps.tasks.credential(req.caller!, req.params.ref, req.id);
       metrics.credentials.inc();
+      req.taskId = credential.taskId;
       return reply.type('application/json; charset=utf-8').send(credentialAnswer(credential));
     },
   );
@@ -262,9 +289,9 @@ export function buildApp(deps: AppDeps): FastifyInstance {
 }
 
 /**
- * Limits before work (src/server/limits.ts): connection caps on the server, the per-source budget as
- * the first onRequest hook, and the aggregated record of refused callers (flushed on a timer and on
- * close). The per-identity hook is added after authentication by the caller.
+ * Limits before work (src/server/limits.ts): connection caps on the server, and the aggregated record
+ * of refused callers (flushed on a timer and on close). The per-source and per-identity budgets are
+ * checked by the app's onRequest hook, before and after authentication.
  */
 function registerLimits(app: FastifyInstance, deps: AppDeps, limits: Limits, metrics: Metrics): RequestGuard {
   guardConnections(app.server, limits, metrics);
@@ -274,7 +301,6 @@ function registerLimits(app: FastifyInstance, deps: AppDeps, limits: Limits, met
     maxSources: limits.failureLogMaxSources,
   });
   const guard = new RequestGuard(limits, metrics, failureLog);
-  app.addHook('onRequest', guard.onSource);
   app.addHook('onReady', async () => failureLog.start());
   app.addHook('onClose', async () => failureLog.close());
   return guard;

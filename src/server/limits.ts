@@ -18,7 +18,7 @@
 import { createRequire } from 'node:module';
 import { isIPv6, type Server } from 'node:net';
 import type { AuthenticationV1Api } from '@kubernetes/client-node';
-import type { FastifyReply, FastifyRequest } from 'fastify';
+import type { FastifyRequest } from 'fastify';
 import { BrokerError, isBrokerError } from '../errors.ts';
 import { formatDuration, parseDuration } from '../policy/duration.ts';
 import { actorOf, type Caller } from '../identity/types.ts';
@@ -184,9 +184,10 @@ function distinctOthers(pending: readonly string[], credential: string, enough: 
 const per = (rate: Rate) => `at most ${rate.max} per ${formatDuration(rate.windowMs / 1000)}`;
 
 /**
- * The request-path limits of one app: `onSource` and `onIdentity` are onRequest hooks (before and after
- * authentication), `authenticate` wraps the authentication itself with the failure budget. The hooks
- * are callback-style and synchronous: no promise per request for a check that does no I/O.
+ * The request-path limits of one app: `checkSource` and `checkIdentity` run in the app's one onRequest
+ * hook (before and after authentication) and throw RateLimitedError, `authenticate` wraps the
+ * authentication itself with the failure budget. The checks are synchronous: no promise per request
+ * for a check that does no I/O.
  */
 export class RequestGuard {
   readonly #metrics: Metrics;
@@ -208,15 +209,15 @@ export class RequestGuard {
     this.#identity = limits.perIdentity && new Budget(limits.perIdentity);
   }
 
-  /** onRequest, before authentication: the per-source request budget, on every route. */
-  readonly onSource = (req: FastifyRequest, _reply: FastifyReply, done: (err?: Error) => void): void => {
-    if (!this.#source) return done();
+  /** Before authentication: the per-source request budget, on every route. Throws RateLimitedError. */
+  checkSource(req: FastifyRequest): void {
+    if (!this.#source) return;
     const source = sourceOf(req.ip);
     const r = this.#source.spend(source);
-    if (!r.over) return done();
+    if (!r.over) return;
     this.#refused('source', { source, category: 'rate_limited' });
-    done(new RateLimitedError(`too many requests from this address: ${per(this.#source.rate)}`, r.retryAfter));
-  };
+    throw new RateLimitedError(`too many requests from this address: ${per(this.#source.rate)}`, r.retryAfter);
+  }
 
   /**
    * Runs `authenticate` unless the source has spent its failure budget (counting the distinct
@@ -272,15 +273,15 @@ export class RequestGuard {
     }
   }
 
-  /** onRequest, after authentication: the per-identity budget (requests with no caller are not counted). */
-  readonly onIdentity = (req: FastifyRequest, _reply: FastifyReply, done: (err?: Error) => void): void => {
-    if (!this.#identity || !req.caller) return done();
+  /** After authentication: the per-identity budget (requests with no caller are not counted). Throws RateLimitedError. */
+  checkIdentity(req: FastifyRequest): void {
+    if (!this.#identity || !req.caller) return;
     const r = this.#identity.spend(req.caller.principal);
-    if (!r.over) return done();
+    if (!r.over) return;
     this.#metrics.rateLimited.inc({ limit: 'identity' });
     this.#failureLog.note({ source: sourceOf(req.ip), category: 'rate_limited', actor: actorOf(req.caller), agent: req.caller.agent || undefined });
-    done(new RateLimitedError(`too many requests from ${actorOf(req.caller)}: ${per(this.#identity.rate)}`, r.retryAfter));
-  };
+    throw new RateLimitedError(`too many requests from ${actorOf(req.caller)}: ${per(this.#identity.rate)}`, r.retryAfter);
+  }
 
   #refused(limit: RateLimitName, key: { source: string; category: FailureCategory }): void {
     this.#metrics.rateLimited.inc({ limit });

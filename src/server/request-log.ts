@@ -5,14 +5,26 @@
  * string or a body: the line is built from those fields only, and fastify's own serializers are
  * replaced by ones that keep the same few fields.
  *
- * It is fastify's own logger (pino) and its request-log hook (a LogController whose requestCompleted
- * writes this line instead of fastify's two default ones): JSON lines by default, for log collectors;
- * on a terminal a readable one-line form (`--log-format text`), written by `formatLogLine` from the
- * same JSON.
+ * It is fastify's request-log hook (a LogController whose requestCompleted writes this line instead
+ * of fastify's two default ones), in the JSON of fastify's own logger (pino), which writes every other
+ * line: JSON lines by default, for log collectors; on a terminal a readable one-line form
+ * (`--log-format text`), written by `formatLogLine` from the same JSON.
+ *
+ * Cheap on the request path (docs/benchmarks.md, "Speed margins"): the request line is built here,
+ * not by pino; a request's pino child logger is made only if something logs through it; and request
+ * lines to stderr leave in batches, one write(2) for what arrives within 10 ms, not one each.
  */
-import { LogController, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import { hostname } from 'node:os';
+import { LogController, type FastifyReply, type FastifyRequest } from 'fastify';
 import { actorOf } from '../identity/types.ts';
 import type { TaskStore } from '../tasks/store.ts';
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    /** The task the request started, ended or was served for, noted by its handler for the request log. */
+    taskId: string | undefined;
+  }
+}
 
 export type LogFormat = 'json' | 'text';
 export const LOG_FORMATS: readonly LogFormat[] = ['json', 'text'];
@@ -55,8 +67,13 @@ export function defaultLogFormat(stream: { isTTY?: boolean } = process.stderr): 
  * formatLogLine, with serializers that keep method and route of a request, status of a reply, type
  * and message of an error, whatever fastify itself logs; and the request log (RequestLog).
  */
-export function fastifyLogging(config: LoggerConfig, store: Pick<TaskStore, 'get' | 'findByName'>): { logger: Record<string, unknown>; logController: RequestLog } {
-  const write = config.write ?? ((line: string) => process.stderr.write(line));
+export function fastifyLogging(
+  config: LoggerConfig,
+  store: Pick<TaskStore, 'get' | 'findByName'>,
+): { logger: Record<string, unknown>; logController: RequestLog; childLoggerFactory: typeof lazyChildLogger } {
+  const write = config.write ?? stderrLines.write;
+  // The request lines to stderr are batched; every other line, and any other destination, at once.
+  const queue = write === stderrLines.write ? stderrLines.queue : write;
   return {
     logger: {
       level: config.level,
@@ -67,8 +84,98 @@ export function fastifyLogging(config: LoggerConfig, store: Pick<TaskStore, 'get
         err: (err: Error & { code?: string }) => ({ type: err.name, message: err.message, ...(err.code ? { code: err.code } : {}) }),
       },
     },
-    logController: new RequestLog(store),
+    childLoggerFactory: lazyChildLogger,
+    logController: new RequestLog(store, { ...config, write: queue }),
   };
+}
+
+/**
+ * Lines to stderr. `write` writes at once (what is queued first); `queue`, for the request lines,
+ * writes in batches: what arrives within 10 ms (at most 16 KiB) goes out in one write(2), not one
+ * each. Each write wakes whoever reads the pipe (journald, a container runtime) and, under load,
+ * cost the broker more than building its line (docs/benchmarks.md, "Speed margins"). What is queued
+ * is written when the process exits (stderr is synchronous for files and pipes on Linux), so only a
+ * SIGKILL loses the request lines of its last 10 ms. One per process.
+ */
+export const stderrLines: { write(line: string): void; queue(line: string): void } = (() => {
+  let pending = '';
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const flush = () => {
+    if (timer) clearTimeout(timer);
+    timer = undefined;
+    if (pending === '') return;
+    const text = pending;
+    pending = '';
+    process.stderr.write(text);
+  };
+  let hooked = false;
+  return {
+    write(line: string): void {
+      flush();
+      process.stderr.write(line);
+    },
+    queue(line: string): void {
+      pending += line;
+      if (pending.length >= 16_384) return flush();
+      if (timer) return;
+      timer = setTimeout(flush, 10);
+      timer.unref();
+      if (!hooked) {
+        hooked = true;
+        process.once('exit', flush);
+      }
+    },
+  };
+})();
+
+type PinoLike = Record<'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace', (...args: unknown[]) => void> & { child(bindings: object, options?: object): PinoLike };
+
+/**
+ * fastify's childLoggerFactory: a request's logger (`request.log`, bound to its reqId) that makes
+ * pino's child only when something logs through it. The request line does not (RequestLog writes
+ * it), so most requests never make one: pino's child() was 1.2 % of the broker's busy time.
+ */
+export function lazyChildLogger(this: unknown, parent: PinoLike, bindings: object, options: object): PinoLike {
+  return new LazyChild(parent, bindings, options) as unknown as PinoLike;
+}
+
+class LazyChild {
+  readonly #parent: PinoLike;
+  readonly #bindings: object;
+  readonly #options: object;
+  #child: PinoLike | undefined;
+
+  constructor(parent: PinoLike, bindings: object, options: object) {
+    this.#parent = parent;
+    this.#bindings = bindings;
+    this.#options = options;
+  }
+
+  get #real(): PinoLike {
+    return (this.#child ??= this.#parent.child(this.#bindings, this.#options));
+  }
+
+  fatal(...args: unknown[]): void {
+    this.#real.fatal(...args);
+  }
+  error(...args: unknown[]): void {
+    this.#real.error(...args);
+  }
+  warn(...args: unknown[]): void {
+    this.#real.warn(...args);
+  }
+  info(...args: unknown[]): void {
+    this.#real.info(...args);
+  }
+  debug(...args: unknown[]): void {
+    this.#real.debug(...args);
+  }
+  trace(...args: unknown[]): void {
+    this.#real.trace(...args);
+  }
+  child(bindings: object, options?: object): PinoLike {
+    return this.#real.child(bindings, options);
+  }
 }
 
 /**
@@ -125,22 +232,32 @@ export function requestFields(req: FastifyRequest, reply: FastifyReply, task: st
 }
 
 const TASK_ROUTE = /^\/v1\/tasks\/:ref/;
-const ID_IN_BODY = /^\{"id":"([a-z0-9]{1,64})"/;
+/** pino's level numbers. */
+const LEVEL_VALUES: Record<LogLevel, number> = { trace: 10, debug: 20, info: 30, warn: 40, error: 50, fatal: 60, silent: Infinity };
 
 /**
  * fastify's request logging, as this broker wants it: one line when a request completes (at `info`,
  * `error` for 5xx, `debug` for a 429 of the limits), none when it arrives, and no "route not found"
- * line with its URL. The task a request names by `:ref` (a name or an id) is looked up before the
- * handler runs, so a task that the request ends is still found; the id of a task just started is read
- * from the answer. `register` adds those two hooks to the app.
+ * line with its URL. The line is pino's JSON (level, time, pid, hostname, reqId, the fields, msg),
+ * built here: pino's generic serialisation of it, through a child logger made per request, cost
+ * more than the rest of the line (docs/benchmarks.md). The task of a request is the one its handler
+ * names (`request.taskId`: a task started, ended or served), else the one it names by `:ref` (a name
+ * or an id), looked up when the request completes, for an authenticated caller.
  */
 export class RequestLog extends LogController {
   readonly #store: Pick<TaskStore, 'get' | 'findByName'>;
-  readonly #task = new WeakMap<FastifyRequest, string>();
+  readonly #write: (line: string) => void;
+  readonly #text: boolean;
+  readonly #level: number;
+  /** `,"pid":N,"hostname":"H"`, as pino writes its base bindings. */
+  readonly #base = `,"pid":${process.pid},"hostname":${JSON.stringify(hostname())}`;
 
-  constructor(store: Pick<TaskStore, 'get' | 'findByName'>) {
+  constructor(store: Pick<TaskStore, 'get' | 'findByName'>, config: LoggerConfig = { format: 'json', level: 'info' }) {
     super({ disableRequestLogging: false });
     this.#store = store;
+    this.#write = config.write ?? stderrLines.queue;
+    this.#text = config.format === 'text';
+    this.#level = LEVEL_VALUES[config.level];
   }
 
   override incomingRequest(): void {}
@@ -148,32 +265,21 @@ export class RequestLog extends LogController {
   override routeNotFound(): void {}
 
   override requestCompleted(error: Error | null | undefined, request: FastifyRequest, reply: FastifyReply): void {
-    const fields = requestFields(request, reply, this.#task.get(request));
-    if (error || reply.statusCode >= 500) request.log.error(fields, 'request');
     // A flood refused by the limits is summarised in the audit log (auth.failed, request.throttled),
     // not written line by line: at debug only, so a flood cannot fill the disk through stderr either.
-    else if (reply.statusCode === 429) request.log.debug(fields, 'request');
-    else request.log.info(fields, 'request');
+    const level = error || reply.statusCode >= 500 ? 50 : reply.statusCode === 429 ? 20 : 30;
+    if (level < this.#level) return;
+    const fields = requestFields(request, reply, this.#taskOf(request));
+    const json = `{"level":${level},"time":${Date.now()}${this.#base},"reqId":${JSON.stringify(request.id)},${JSON.stringify(fields).slice(1, -1)},"msg":"request"}`;
+    this.#write(this.#text ? formatLogLine(json) + '\n' : json + '\n');
   }
 
-  register(app: FastifyInstance): void {
-    app.addHook('preHandler', (req, _reply, done) => {
-      const url = req.routeOptions.url;
-      if (url && TASK_ROUTE.test(url)) {
-        const ref = (req.params as { ref?: string }).ref;
-        if (ref) {
-          const id = this.#store.get(ref)?.id ?? (req.caller ? this.#store.findByName(req.caller.agent, ref)?.id : undefined);
-          if (id) this.#task.set(req, id);
-        }
-      }
-      done();
-    });
-    app.addHook('onSend', (req, reply, payload, done) => {
-      if (req.method === 'POST' && reply.statusCode === 201 && req.routeOptions.url === '/v1/tasks' && typeof payload === 'string') {
-        const id = ID_IN_BODY.exec(payload)?.[1];
-        if (id) this.#task.set(req, id);
-      }
-      done(null, payload);
-    });
+  #taskOf(req: FastifyRequest): string | undefined {
+    if (req.taskId !== undefined) return req.taskId;
+    const url = req.routeOptions.url;
+    if (!req.caller || !url || !TASK_ROUTE.test(url)) return undefined;
+    const ref = (req.params as { ref?: string } | undefined)?.ref;
+    if (!ref) return undefined;
+    return this.#store.get(ref)?.id ?? this.#store.findByName(req.caller.agent, ref)?.id;
   }
 }

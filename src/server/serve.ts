@@ -42,7 +42,7 @@ import { Metrics } from './metrics.ts';
 import { prepareKubeAudit, readWebhookToken } from './kube-audit.ts';
 import { listenError, probeListen } from './listen.ts';
 import { PolicyHolder, StoreListeners, type ReloadResult, type ReloadTrigger } from './reload.ts';
-import { defaultLogFormat, fastifyLogging, type LogFormat, type LogLevel } from './request-log.ts';
+import { defaultLogFormat, fastifyLogging, stderrLines, type LogFormat, type LogLevel } from './request-log.ts';
 
 export interface ServeOptions {
   config: string;
@@ -135,7 +135,7 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
   await probeListen(opts.host, opts.port);
   if (opts.proxy) await probeListen(opts.proxy.host, opts.proxy.port);
   const format = opts.logFormat ?? defaultLogFormat();
-  const write = opts.write ?? ((line: string) => process.stderr.write(line));
+  const write = opts.write ?? stderrLines.write;
 
   // 2. The audit log: locked, and checked against its checkpoint before anything is appended.
   const { audit, checkpoint } = await openCheckedAuditLog({
@@ -262,6 +262,15 @@ async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<R
   }));
   metrics.watchSweeperLease(() => sweeper.leaseAgeSeconds());
   const logging = fastifyLogging({ format, level: opts.logLevel ?? 'info', write }, store);
+  // The gate of step 5: every request waits here (after authentication) until broker.started is durable.
+  let gateOpen = false;
+  let openGate!: () => void;
+  let failGate!: (err: Error) => void;
+  const started = new Promise<void>((resolve, reject) => {
+    openGate = resolve;
+    failGate = reject;
+  });
+  started.catch(() => undefined);
   const deps: AppDeps = {
     get tasks() {
       return holder.tasks;
@@ -279,27 +288,13 @@ async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<R
     limits,
     kubeAudit,
     logging,
+    // Checked in the app's one onRequest hook: no hook of its own left installed after start-up.
+    held: () => (gateOpen ? undefined : started),
     ...(p.https ? { https: p.https } : {}),
   };
   const app = (opened.app = buildApp(deps));
-  logging.logController.register(app);
 
   // 5. Listen, holding every request at the gate until broker.started is durable.
-  let gateOpen = false;
-  let openGate!: () => void;
-  let failGate!: (err: Error) => void;
-  const started = new Promise<void>((resolve, reject) => {
-    openGate = resolve;
-    failGate = reject;
-  });
-  started.catch(() => undefined);
-  app.addHook('onRequest', (_req, _reply, done) => {
-    if (gateOpen) return done();
-    started.then(
-      () => done(),
-      (err: Error) => done(err),
-    );
-  });
   let url: string;
   try {
     // fastify logs this line (the first of the summary), once per address when listening on all of them.

@@ -71,7 +71,6 @@ describe('the request log', () => {
       (req as unknown as { caller: unknown }).caller = { subject: 'system:serviceaccount:agents:alpha', agent: 'alpha', principal: 'agent:alpha', method: 'serviceAccount' };
       done();
     });
-    logging.logController.register(app as never);
     app.post('/v1/tasks/:ref/credential', async () => ({ token: 'eyJsecret.token.value' }));
     app.get('/boom', async () => {
       throw new Error('kaput');
