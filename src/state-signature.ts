@@ -41,8 +41,22 @@ export class StateSigner {
   }
 
   async sign(kind: string, facts: Facts): Promise<string> {
-    const keys = await this.#current(true);
-    return `${keys.kid}.${sign(null, payload(kind, facts), keys.privateKey).toString('base64url')}`;
+    return this.startSigning(kind)(facts);
+  }
+
+  /**
+   * sign() in two steps: the read of the key Secret starts now, the signature is made when the facts
+   * are known (the returned function). The read then overlaps whatever the caller does in between
+   * (a task start: its checks, the ClusterRole read, the approval), and is as fresh as sign()'s: one
+   * read per signature, never a cached key.
+   */
+  startSigning(kind: string): (facts: Facts) => Promise<string> {
+    const loading = this.#current(true);
+    loading.catch(() => undefined); // observed by the returned function
+    return async (facts) => {
+      const keys = await loading;
+      return `${keys.kid}.${sign(null, payload(kind, facts), keys.privateKey).toString('base64url')}`;
+    };
   }
 
   /** Whether `signature` is this broker's over exactly these facts. Never throws for a bad signature. */

@@ -305,6 +305,9 @@ export class TaskService {
       throw err;
     }
     const { template, name, ttl } = checked;
+    // The task record's signature: the key Secret's read starts now, so it overlaps the checks below
+    // (the ClusterRole read, the approval) and the write-ahead record; the record is signed after them.
+    const signTask = this.#signer?.startSigning('task');
     let approvalId: string | undefined;
     let gate: Awaited<ReturnType<TaskService['gatedHits']>>;
     try {
@@ -356,8 +359,8 @@ export class TaskService {
     const facts = { ...base, task: task.id, taskName: name, expiresAt: task.expiresAt.toISOString() };
 
     // Write-ahead: the attempt is on record before anything exists; an unwritable log stops it here.
-    // The record is signed meanwhile (one read of the key Secret, overlapped with the fsync).
-    const signing = this.#signer?.sign('task', taskFacts(task));
+    // The record is signed meanwhile (the key Secret's read, started above, overlaps the fsync).
+    const signing = signTask?.(taskFacts(task));
     signing?.catch(() => undefined); // observed below, after the record
     await this.#audit.append({ ...facts, type: 'task.requested', outcome: 'ok', ...(req.reason ? { reason: req.reason } : {}) });
     try {
