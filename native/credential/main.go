@@ -2,7 +2,8 @@
 // plugin. kubectl runs the plugin before every request of every invocation, and a Node.js process
 // cannot start in less than ~25 ms; this one starts in a few. It behaves exactly as the Node plugin
 // (src/credential/main.cts): same flags, environment, messages and exit codes, checked by the same
-// tests. Standard library only.
+// tests. Standard library only, but for godbus (the OS keychain, read only when the environment names
+// no identity: identity.go).
 //
 // A failed run is run again: client-go keeps only a credential, never a failure, and kubectl's
 // discovery asks for one before each of its steps (five runs for one refused `kubectl get` without a
@@ -50,7 +51,8 @@ The kubectl exec credential plugin: prints an ExecCredential for the task NAME.
 --via proxy asks for a session token for the broker's Kubernetes API proxy (the task's own
 token then stays in the broker); --via direct (the default) for the task's token itself.
 Broker URL and CA also come from BROKER_URL and BROKER_CA; the caller's identity from
-BROKER_IDENTITY_TOKEN_FILE (e.g. a projected ServiceAccount token) or BROKER_IDENTITY_TOKEN.
+BROKER_IDENTITY_TOKEN_FILE (e.g. a projected ServiceAccount token) or BROKER_IDENTITY_TOKEN,
+else BROKER_AGENT_KEY, else the OS keychain (broker agent enroll, broker login).
 The broker URL must be https:// (http:// only to loopback); redirects are refused. The whole
 request must end within BROKER_CREDENTIAL_TIMEOUT seconds (default 10).
 
@@ -206,7 +208,7 @@ func identity() (token, source string, err error) {
 	if token = strings.TrimSpace(os.Getenv("BROKER_IDENTITY_TOKEN")); token != "" {
 		return checked(token, "BROKER_IDENTITY_TOKEN")
 	}
-	return "", "", fail(exitUnauthenticated, "no identity: set BROKER_IDENTITY_TOKEN_FILE (e.g. a projected ServiceAccount token) or BROKER_IDENTITY_TOKEN")
+	return "", "", fail(exitUnauthenticated, "no identity: set BROKER_IDENTITY_TOKEN_FILE (e.g. a projected ServiceAccount token) or BROKER_IDENTITY_TOKEN, or BROKER_AGENT_KEY; or keep an agent key or a login in the OS keychain (broker agent enroll, broker login)")
 }
 
 // A bearer token is printable ASCII without spaces; anything else could inject into the request.
@@ -345,7 +347,7 @@ func run(argv []string, stdout, stderr io.Writer, ppid int) int {
 		if err != nil {
 			return err
 		}
-		token, source, err := identity()
+		id, err := callerIdentity(o.broker)
 		if err != nil {
 			return err
 		}
@@ -384,8 +386,12 @@ func run(argv []string, stdout, stderr io.Writer, ppid int) int {
 			// Never follow a redirect: the identity token goes to the configured broker URL and nowhere else.
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 		}
+		authorization, err := id.authorization(http.MethodPost, target.String()) // an agent proof is for this method and URL only
+		if err != nil {
+			return err
+		}
 		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, target.String(), nil)
-		req.Header.Set("Authorization", "Bearer "+token)
+		req.Header.Set("Authorization", authorization)
 		req.Header.Set("Accept", "application/json")
 		res, reqErr := client.Do(req)
 		if reqErr != nil {
@@ -403,7 +409,7 @@ func run(argv []string, stdout, stderr io.Writer, ppid int) int {
 			return timedOut()
 		}
 		if res.StatusCode != http.StatusOK {
-			return explain(res.StatusCode, body, o, source)
+			return explain(res.StatusCode, body, o, id.source)
 		}
 		var credential struct {
 			Token               *string `json:"token"`

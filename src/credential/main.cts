@@ -22,6 +22,7 @@
 import type * as FsModule from 'node:fs';
 import type * as NetModule from 'node:net';
 import type * as TlsModule from 'node:tls';
+import type { IdentityModule, PluginIdentity } from './identity.cts';
 
 const fs = process.getBuiltinModule('node:fs') as typeof FsModule;
 
@@ -70,7 +71,8 @@ The kubectl exec credential plugin: prints an ExecCredential for the task NAME.
 --via proxy asks for a session token for the broker's Kubernetes API proxy (the task's own
 token then stays in the broker); --via direct (the default) for the task's token itself.
 Broker URL and CA also come from BROKER_URL and BROKER_CA; the caller's identity from
-BROKER_IDENTITY_TOKEN_FILE (e.g. a projected ServiceAccount token) or BROKER_IDENTITY_TOKEN.
+BROKER_IDENTITY_TOKEN_FILE (e.g. a projected ServiceAccount token) or BROKER_IDENTITY_TOKEN,
+else BROKER_AGENT_KEY, else the OS keychain (broker agent enroll, broker login).
 The broker URL must be https:// (http:// only to loopback); redirects are refused. The whole
 request must end within BROKER_CREDENTIAL_TIMEOUT seconds (default 10).
 
@@ -176,7 +178,21 @@ function identity(env: NodeJS.ProcessEnv): { token: string; source: string } {
   }
   const token = env['BROKER_IDENTITY_TOKEN']?.trim();
   if (token) return checked(token, 'BROKER_IDENTITY_TOKEN');
-  throw new PluginError('no identity: set BROKER_IDENTITY_TOKEN_FILE (e.g. a projected ServiceAccount token) or BROKER_IDENTITY_TOKEN', EXIT.unauthenticated);
+  throw new PluginError(
+    'no identity: set BROKER_IDENTITY_TOKEN_FILE (e.g. a projected ServiceAccount token) or BROKER_IDENTITY_TOKEN, or BROKER_AGENT_KEY; or keep an agent key or a login in the OS keychain (broker agent enroll, broker login)',
+    EXIT.unauthenticated,
+  );
+}
+
+/** A token in the environment, else an agent key or the keychain (src/credential/identity.cts, loaded only then). */
+function callerIdentity(env: NodeJS.ProcessEnv, broker: string): PluginIdentity {
+  if (!env['BROKER_IDENTITY_TOKEN_FILE'] && !env['BROKER_IDENTITY_TOKEN']?.trim()) {
+    const more = require(__filename.endsWith('.cts') ? './identity.cts' : './identity.cjs') as IdentityModule;
+    const found = more.fromAgentKeyOrKeychain(env, broker, (message) => new PluginError(message, EXIT.unauthenticated));
+    if (found) return found;
+  }
+  const { token, source } = identity(env);
+  return { source, authorization: async () => `Bearer ${token}` };
 }
 
 /** A bearer token is printable ASCII without spaces; anything else could inject into the request. */
@@ -199,12 +215,12 @@ class TimedOut extends Error {}
  * kubectl call. HTTP/1.1 with `Connection: close`; the body is read to the end of the stream, all of it
  * within `timeoutMs` from the start (a socket idle timeout would let a server that drips bytes hang us).
  */
-function post(url: URL, token: string, ca: Buffer | undefined, timeoutMs: number): Promise<Reply> {
+function post(url: URL, authorization: string, ca: Buffer | undefined, timeoutMs: number): Promise<Reply> {
   const secure = url.protocol === 'https:';
   const host = url.hostname.replace(/^\[(.*)\]$/, '$1');
   const port = Number(url.port) || (secure ? 443 : 80);
   const request =
-    `POST ${url.pathname}${url.search} HTTP/1.1\r\nHost: ${url.host}\r\nAuthorization: Bearer ${token}\r\n` +
+    `POST ${url.pathname}${url.search} HTTP/1.1\r\nHost: ${url.host}\r\nAuthorization: ${authorization}\r\n` +
     'Accept: application/json\r\nContent-Length: 0\r\nConnection: close\r\n\r\n';
   return new Promise((done, fail) => {
     let socket: NetModule.Socket;
@@ -339,7 +355,7 @@ async function run(io: PluginIo): Promise<number> {
       return EXIT.ok;
     }
     const { apiVersion } = execInfo(io.env);
-    const { token, source } = identity(io.env);
+    const { authorization, source } = callerIdentity(io.env, opts.broker);
     let url: URL;
     try {
       url = new URL(`${opts.broker}/v1/tasks/${encodeURIComponent(opts.task)}/credential${opts.via === 'proxy' ? '?via=proxy' : ''}`);
@@ -363,9 +379,10 @@ async function run(io: PluginIo): Promise<number> {
         throw new PluginError(`cannot read the broker CA ${opts.brokerCa}: ${(err as NodeJS.ErrnoException).code ?? err}`, EXIT.usage);
       }
     }
+    const header = await authorization('POST', url.href); // an agent proof is for this method and URL only
     let reply: Reply;
     try {
-      reply = await post(url, token, ca, opts.timeoutS * 1000);
+      reply = await post(url, header, ca, opts.timeoutS * 1000);
     } catch (err) {
       if (err instanceof TimedOut) {
         throw new PluginError(`broker credential: the broker at ${opts.broker} gave no complete answer: timed out after ${opts.timeoutS} s`, EXIT.unavailable);

@@ -15,6 +15,7 @@ import { agentKeyAccount, keychainGet } from '../../src/identity/keychain.ts';
 import { BrokerEnv, POLICY_FILE, type BrokerProcess } from '../helpers/broker.ts';
 import { TestKeyring } from '../helpers/keyring.ts';
 import { kubectl, run, writeTokenKubeconfig, type RunResult } from '../helpers/kube.ts';
+import { kubectlWith, pluginBuilds, writePluginKubeconfig } from '../helpers/exec-plugin.ts';
 
 const MAIN = new URL('../../src/cli/main.ts', import.meta.url).pathname;
 
@@ -114,6 +115,16 @@ describe('agent keys (issue 14)', () => {
     assert.match(res.stderr, /Unauthorized|must be logged in/);
   });
 
+  test('the exec plugin (each build) with the keychain\'s agent key: kubectl works through real kubectl', async () => {
+    for (const build of pluginBuilds()) {
+      const kc = writePluginKubeconfig(env.dir, env.cluster, broker.url, 'keyed-run', build);
+      const res = await kubectlWith(kc, keyring.env, 'get', 'pods', '-n', 'team-a');
+      assert.equal(res.code, 0, `${build}: ${res.stderr}`);
+      const denied = await kubectlWith(kc, keyring.env, 'get', 'secrets', '-n', 'team-a');
+      assert.match(denied.stderr, /forbidden: User "system:serviceaccount:task-broker:task-/, build);
+    }
+  });
+
   test('attacks: a replayed proof, a proof for another URL, for another method, an expired one, one signed by another key: 401 each, reason recorded', async () => {
     const key = parseAgentKey(readKeychainKey());
     const url = (path: string) => broker.url + path;
@@ -155,6 +166,14 @@ describe('agent keys (issue 14)', () => {
     const who = await cli(['whoami', '-o', 'json'], { BROKER_AGENT_KEY: m[1]! }, bare);
     assert.equal(who.code, 0, who.stderr);
     assert.deepEqual([JSON.parse(who.stdout).agent, JSON.parse(who.stdout).identitySource], ['boxed', 'BROKER_AGENT_KEY']);
+    const start = await cli(['task', 'start', 'read-pods', '--namespace', 'team-a', '--name', 'boxed-run'], { BROKER_AGENT_KEY: m[1]! }, bare);
+    assert.equal(start.code, 0, start.stderr);
+    for (const build of pluginBuilds()) {
+      const kc = writePluginKubeconfig(env.dir, env.cluster, broker.url, 'boxed-run', build);
+      const res = await kubectlWith(kc, { ...bare, BROKER_AGENT_KEY: m[1]! }, 'get', 'pods', '-n', 'team-a');
+      assert.equal(res.code, 0, `${build} with BROKER_AGENT_KEY: ${res.stderr}`);
+    }
+    assert.equal((await cli(['task', 'end', 'boxed-run'], { BROKER_AGENT_KEY: m[1]! }, bare)).code, 0);
     const none = await cli(['whoami'], {}, bare);
     assert.equal(none.code, 4);
     assert.match(none.stderr, /no identity: .*the OS keychain could not be asked.*BROKER_AGENT_KEY/);
@@ -172,6 +191,11 @@ describe('agent keys (issue 14)', () => {
     const after = await cli(['whoami']);
     assert.equal(after.code, 4, after.stderr);
     await reasonRecorded(/agent "keyed" has no enrolled key \(never enrolled, or revoked\)/);
+    for (const build of pluginBuilds()) {
+      const res = await kubectlWith(writePluginKubeconfig(env.dir, env.cluster, broker.url, 'keyed-run', build), keyring.env, 'get', 'pods', '-n', 'team-a');
+      assert.notEqual(res.code, 0, build);
+      assert.match(res.stderr, /the broker did not accept the identity from keychain \(agent key\)/, build);
+    }
     assert.deepEqual((await env.taskObjects()).roleBindings, []);
     assert.ok(broker.auditRecords().some((r) => r.type === 'agent.revoked' && r.agent === 'keyed'));
   });

@@ -13,6 +13,7 @@ import { keychainGet, loginAccount } from '../../src/identity/keychain.ts';
 import { BrokerEnv, POLICY_FILE, type BrokerProcess } from '../helpers/broker.ts';
 import { TestKeyring } from '../helpers/keyring.ts';
 import { run, type RunResult } from '../helpers/kube.ts';
+import { kubectlWith, pluginBuilds, writePluginKubeconfig } from '../helpers/exec-plugin.ts';
 import { BROKER_RESOURCE, CLI_CLIENT_ID, signInAs, TestProvider } from '../helpers/oidc-provider.ts';
 
 const MAIN = new URL('../../src/cli/main.ts', import.meta.url).pathname;
@@ -56,7 +57,9 @@ describe('broker login (issue 14)', () => {
     idp = await TestProvider.start();
     keyring = await TestKeyring.start();
     const policy =
-      readFileSync(POLICY_FILE, 'utf8') +
+      readFileSync(POLICY_FILE, 'utf8')
+        .replace('agents:\n', `agents:\n  - name: carol\n    identities: [{ oidc: { issuer: "${idp.issuer}", subject: dev-carol } }]\n`)
+        .replace('agents: [alpha, beta]', 'agents: [alpha, beta, carol]') +
       `issuers:
   - issuer: ${idp.issuer}
     audience: [${CLI_CLIENT_ID}, ${BROKER_RESOURCE}]
@@ -124,6 +127,26 @@ approvers:
     assert.equal((await cli(['logout'])).code, 0);
   });
 
+  test('the exec plugin (each build) with a login: a fresh ID token from the keychain per run; after logout it refuses, saying why', async () => {
+    const login = await loginAs('dev-carol', ['--device']);
+    assert.equal(login.code, 0, login.stderr);
+    secrets.push(JSON.parse(keychainFor()!).refreshToken);
+    const start = await cli(['task', 'start', 'read-pods', '--namespace', 'team-a', '--name', 'carol-run']);
+    assert.equal(start.code, 0, start.stderr);
+    for (const build of pluginBuilds()) {
+      const kc = writePluginKubeconfig(env.dir, env.cluster, broker.url, 'carol-run', build);
+      const res = await kubectlWith(kc, keyring.env, 'get', 'pods', '-n', 'team-a');
+      assert.equal(res.code, 0, `${build}: ${res.stderr}`);
+    }
+    assert.equal((await cli(['logout'])).code, 0);
+    for (const build of pluginBuilds()) {
+      const kc = writePluginKubeconfig(env.dir, env.cluster, broker.url, 'carol-run', build);
+      const res = await kubectlWith(kc, keyring.env, 'get', 'pods', '-n', 'team-a');
+      assert.notEqual(res.code, 0, build);
+      assert.match(res.stderr, /no identity: set BROKER_IDENTITY_TOKEN_FILE .*or keep an agent key or a login in the OS keychain \(broker agent enroll, broker login\)/, build);
+    }
+  });
+
   test('an identity the broker does not accept: login fails and nothing is kept', async () => {
     const login = await loginAs('mallory');
     assert.equal(login.code, 4, login.stderr);
@@ -140,7 +163,7 @@ approvers:
   });
 
   test('no refresh token in any file under HOME or TMPDIR', () => {
-    assert.equal(secrets.length, 2);
+    assert.equal(secrets.length, 3);
     const found: string[] = [];
     for (const root of new Set([keyring.home, tmpdir()])) scan(root, secrets, found, 0);
     assert.deepEqual(found, []);

@@ -11,6 +11,7 @@ import * as jose from 'jose';
 import { BrokerEnv, POLICY_FILE, type BrokerProcess } from '../helpers/broker.ts';
 import { kubectl, writeTokenKubeconfig } from '../helpers/kube.ts';
 import { BROKER_RESOURCE, TestProvider, type CiClient } from '../helpers/oidc-provider.ts';
+import { kubectlWith, pluginBuilds, writePluginKubeconfig } from '../helpers/exec-plugin.ts';
 import { readFileSync } from 'node:fs';
 
 const secret = () => `s-${crypto.randomUUID()}`;
@@ -72,6 +73,12 @@ describe('OIDC identities (issue 14)', () => {
     assert.equal(res.code, 0, res.stderr);
     const started = broker.auditRecords().find((r) => r.type === 'task.started' && r.task === start.body.id);
     assert.equal(started?.actor, 'agent:ci');
+    // Through real kubectl and each exec plugin build, the CI token in the environment as the identity.
+    for (const build of pluginBuilds()) {
+      const kc = writePluginKubeconfig(env.dir, env.cluster, broker.url, 'ci-run', build);
+      const viaPlugin = await kubectlWith(kc, { BROKER_IDENTITY_TOKEN: token }, 'get', 'pods', '-n', 'team-a');
+      assert.equal(viaPlugin.code, 0, `${build}: ${viaPlugin.stderr}`);
+    }
   });
 
   test('a CI token of a known subject with the wrong claims is refused 403; outside the issuer conditions 401', async () => {

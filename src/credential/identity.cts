@@ -1,0 +1,118 @@
+/**
+ * The exec plugin's identities beyond a bearer token in the environment (docs/identity.md), loaded by
+ * src/credential/main.cts only when the environment names no token, so that path stays as lean:
+ *   - BROKER_AGENT_KEY: an agent key; a proof signed for this one request (node:crypto only);
+ *   - the OS keychain (@napi-rs/keyring, service `task-broker`; on Linux the Secret Service, or the
+ *     kernel keyring with BROKER_KEYCHAIN=keyutils): this broker's agent key, else a person's login,
+ *     whose refresh token is traded for a fresh ID token at the issuer on each run (the ID token is
+ *     kept nowhere; a rotated refresh token goes back to the keychain).
+ * The proof is the format of src/identity/agent-proof.ts, written again here with no imports (this
+ * file is CommonJS, like the plugin); the integration tests run both against the same broker.
+ */
+import type * as CryptoModule from 'node:crypto';
+
+export interface PluginIdentity {
+  source: string;
+  /** The Authorization header value for one request. */
+  authorization(method: string, url: string): Promise<string>;
+}
+
+export interface IdentityModule {
+  fromAgentKeyOrKeychain(env: NodeJS.ProcessEnv, brokerUrl: string, fail: (message: string) => Error): PluginIdentity | undefined;
+}
+
+const SERVICE = 'task-broker';
+const PKCS8_ED25519_PREFIX = '302e020100300506032b657004220420';
+
+function agentKeyIdentity(text: string, source: string, fail: (message: string) => Error): PluginIdentity {
+  const parts = text.trim().split('.');
+  const seed = parts.length === 3 && parts[0] === 'tbak1' && parts[1] ? Buffer.from(parts[2]!, 'base64url') : undefined;
+  if (!seed || seed.length !== 32) throw fail(`${source} is not an agent key (the form is tbak1.AGENT.SEED)`);
+  const crypto = process.getBuiltinModule('node:crypto') as typeof CryptoModule;
+  const key = crypto.createPrivateKey({ key: Buffer.concat([Buffer.from(PKCS8_ED25519_PREFIX, 'hex'), seed]), format: 'der', type: 'pkcs8' });
+  const agent = parts[1]!;
+  const b64 = (s: string) => Buffer.from(s).toString('base64url');
+  return {
+    source,
+    async authorization(method, url) {
+      const iat = Math.floor(Date.now() / 1000);
+      const claims = { sub: agent, htm: method, htu: url, iat, exp: iat + 30, jti: crypto.randomBytes(16).toString('base64url') };
+      const input = `${b64('{"alg":"EdDSA","typ":"agent-proof+jwt"}')}.${b64(JSON.stringify(claims))}`;
+      return `AgentProof ${input}.${crypto.sign(null, Buffer.from(input), key).toString('base64url')}`;
+    },
+  };
+}
+
+interface KeyringEntry {
+  getPassword(): string | null;
+  setPassword(value: string): void;
+}
+
+function keychainEntry(env: NodeJS.ProcessEnv, account: string): KeyringEntry {
+  const store = env['BROKER_KEYCHAIN'] === 'keyutils' ? 'keyutils' : 'secret-service';
+  const { Entry } = require('@napi-rs/keyring') as { Entry: new (s: string, a: string, o: object) => KeyringEntry };
+  return new Entry(SERVICE, account, { linux: { store } });
+}
+
+function keychainGet(env: NodeJS.ProcessEnv, account: string, fail: (message: string) => Error): string | undefined {
+  try {
+    return keychainEntry(env, account).getPassword() ?? undefined;
+  } catch (err) {
+    throw fail(
+      'no identity: set BROKER_IDENTITY_TOKEN_FILE (e.g. a projected ServiceAccount token) or BROKER_IDENTITY_TOKEN, or BROKER_AGENT_KEY; ' +
+        `the OS keychain, where broker agent enroll and broker login keep theirs, cannot be used: ${String((err as Error).message).replace(/\s+/g, ' ').slice(0, 160)}`,
+    );
+  }
+}
+
+/** A person's login: the refresh token traded for an ID token at the issuer's token endpoint (global fetch, loaded only here). */
+function loginIdentity(text: string, env: NodeJS.ProcessEnv, account: string, fail: (message: string) => Error): PluginIdentity {
+  let stored: { issuer?: unknown; clientId?: unknown; refreshToken?: unknown };
+  try {
+    stored = JSON.parse(text) as typeof stored;
+  } catch {
+    stored = {};
+  }
+  const { issuer, clientId, refreshToken } = stored;
+  if (typeof issuer !== 'string' || typeof clientId !== 'string' || typeof refreshToken !== 'string') throw fail('the keychain\'s login is unreadable: run broker logout, then broker login');
+  return {
+    source: `keychain (login at ${issuer})`,
+    async authorization() {
+      let idToken: unknown;
+      try {
+        const meta = (await (await fetch(`${issuer.replace(/\/$/, '')}/.well-known/openid-configuration`, { redirect: 'error' })).json()) as { token_endpoint?: string };
+        if (typeof meta.token_endpoint !== 'string') throw new Error('no token_endpoint');
+        const res = await fetch(meta.token_endpoint, {
+          method: 'POST',
+          redirect: 'error',
+          headers: { 'content-type': 'application/x-www-form-urlencoded', accept: 'application/json' },
+          body: new URLSearchParams({ grant_type: 'refresh_token', refresh_token: refreshToken, client_id: clientId, scope: 'openid offline_access profile' }),
+        });
+        const body = (await res.json()) as { id_token?: unknown; refresh_token?: unknown; error?: unknown };
+        if (!res.ok) throw new Error(typeof body.error === 'string' ? body.error : `status ${res.status}`);
+        idToken = body.id_token;
+        // An issuer that rotates refresh tokens has just used this one up: the new one goes back to the keychain.
+        if (typeof body.refresh_token === 'string' && body.refresh_token !== refreshToken) {
+          keychainEntry(env, account).setPassword(JSON.stringify({ issuer, clientId, refreshToken: body.refresh_token }));
+        }
+      } catch (err) {
+        throw fail(`the login at ${issuer} could not be refreshed (${(err as Error).message}): run broker login again`);
+      }
+      if (typeof idToken !== 'string' || !/^[\x21-\x7e]+$/.test(idToken)) throw fail(`${issuer} gave no ID token on refresh: run broker login again`);
+      return `Bearer ${idToken}`;
+    },
+  };
+}
+
+/** BROKER_AGENT_KEY, else the keychain's agent key or login for `brokerUrl`; undefined when there is none. */
+function fromAgentKeyOrKeychain(env: NodeJS.ProcessEnv, brokerUrl: string, fail: (message: string) => Error): PluginIdentity | undefined {
+  const key = env['BROKER_AGENT_KEY']?.trim();
+  if (key) return agentKeyIdentity(key, 'BROKER_AGENT_KEY', fail);
+  const stored = keychainGet(env, `agent-key ${brokerUrl}`, fail);
+  if (stored) return agentKeyIdentity(stored, 'keychain (agent key)', fail);
+  const login = keychainGet(env, `login ${brokerUrl}`, fail);
+  if (login) return loginIdentity(login, env, `login ${brokerUrl}`, fail);
+  return undefined;
+}
+
+module.exports = { fromAgentKeyOrKeychain } satisfies IdentityModule;
