@@ -1,0 +1,306 @@
+/**
+ * The Kubernetes API proxy (issue 13) against the same requests straight to the API server, in the
+ * same run, on a real API server and a real broker process (TLS on both):
+ *
+ * 1. kubectl: `kubectl get pods -n team-a` through the proxy (kubeconfig from `broker kubeconfig
+ *    --via proxy`, the native exec plugin asking for a session token on every run) against kubectl with
+ *    the task's own token straight to the API server; runs alternating. Goal: p50 <= 1.15x.
+ * 2. load: autocannon GETs one ConfigMap through the proxy (session token) and straight (task token),
+ *    alternating slices. Goals: >= 0.8x the throughput, added p50 <= 1 ms, added p99 <= 10 ms; every 2xx
+ *    through the proxy is on the audit log (fdatasync'd before its answer was relayed).
+ * 3. list: 10,000 ConfigMaps (2 KiB each) listed through the proxy in one request; the broker's RSS
+ *    sampled every 10 ms. Goal: growth < 50 MB (streamed, not buffered).
+ * 4. watch: 500 watches through the proxy held for 60 s while a ConfigMap changes every 500 ms; events
+ *    received per watch, and the broker's RSS.
+ *
+ *   bin/bench proxy [--only kubectl,load,list,watch] [--runs 30] [--duration 10] [--rounds 4]
+ *                   [--configmaps 10000] [--watches 500] [--watch-seconds 60] [--profile DIR] [--audit-log PATH]
+ */
+import { readFileSync, writeFileSync, mkdirSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { parseArgs } from 'node:util';
+import * as k8s from '@kubernetes/client-node';
+import { Agent, request } from 'undici';
+import { kubectlPath } from '../src/cluster/local-cluster.ts';
+import { BrokerEnv, type BrokerProcess } from '../test/helpers/broker.ts';
+import { run } from '../test/helpers/kube.ts';
+import { DEFAULT_TIMINGS, median, met, ms, percentile, table } from './_common.ts';
+
+interface CannonResult {
+  requests: { average: number; total: number };
+  latency: { p50: number; p99: number; average: number };
+  '2xx': number;
+  non2xx: number;
+  errors: number;
+}
+// autocannon is CommonJS and ships no type declarations: load it with require, typed here.
+const autocannon = createRequire(import.meta.url)('autocannon') as (opts: Record<string, unknown>) => Promise<CannonResult>;
+
+const { values: flags } = parseArgs({
+  options: {
+    only: { type: 'string', default: 'kubectl,load,list,watch' },
+    runs: { type: 'string', default: '30' },
+    duration: { type: 'string', default: '10' },
+    rounds: { type: 'string', default: '4' },
+    connections: { type: 'string', default: '10' },
+    configmaps: { type: 'string', default: '10000' },
+    watches: { type: 'string', default: '500' },
+    'watch-seconds': { type: 'string', default: '60' },
+    profile: { type: 'string' },
+    'audit-log': { type: 'string' },
+  },
+});
+const only = new Set(flags.only.split(','));
+const ROOT = new URL('..', import.meta.url).pathname;
+const BROKER = join(ROOT, 'bin/broker');
+
+const POLICY = `apiVersion: task-broker/v1alpha1
+kind: Policy
+broker:
+  taskNamespace: task-broker
+  tokenTTL: 1h
+  identityAudience: task-broker
+agents:
+  - name: alpha
+    identities: [{ serviceAccount: agents/alpha }]
+templates:
+  - name: bench
+    namespaces: [team-a]
+    rules:
+      - { apiGroups: [""], resources: [pods, configmaps], verbs: [get, list, watch] }
+    ttl: { default: 1h, max: 2h }
+    agents: [alpha]
+`;
+
+function rssMb(pid: number): number {
+  const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+  return m ? Number(m[1]) / 1024 : NaN;
+}
+
+/** Samples a process's RSS every `everyMs` until stopped: the peak. */
+function rssPeak(pid: number, everyMs = 10): { stop: () => number } {
+  let peak = rssMb(pid);
+  const timer = setInterval(() => (peak = Math.max(peak, rssMb(pid))), everyMs);
+  return {
+    stop: () => {
+      clearInterval(timer);
+      return Math.max(peak, rssMb(pid));
+    },
+  };
+}
+
+const env = await BrokerEnv.start({ policyText: POLICY, namespaces: ['team-a'] });
+let broker: BrokerProcess | undefined;
+const stop = async () => {
+  await broker?.stop('SIGTERM'); // a clean stop: --profile's profile is written then
+  await env.stop();
+};
+for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => void stop().finally(() => process.exit(130)));
+
+try {
+  broker = await env.startBroker({
+    // --audit-log PATH: the broker's log elsewhere (e.g. on tmpfs, to see what the disk's fdatasync costs).
+    ...(flags['audit-log'] ? { auditLog: flags['audit-log'] } : {}),
+    tls: env.cluster.servingCert,
+    extraArgs: ['--proxy-listen', '127.0.0.1:0', ...DEFAULT_TIMINGS, '--log-level', 'warn'],
+    // --profile DIR: a V8 CPU profile of the broker, written when it stops (bin/bench profile-summary).
+    ...(flags.profile ? { env: { NODE_OPTIONS: `--cpu-prof --cpu-prof-dir=${flags.profile}` } } : {}),
+  });
+  const ca = readFileSync(env.cluster.caFile);
+  const dispatcher = new Agent({ connect: { ca }, connections: 2048 });
+  const home = join(env.dir, 'home');
+  mkdirSync(home);
+  const agentEnv = {
+    PATH: `${join(ROOT, '.node/node_modules/node/bin')}:${process.env['PATH']}`,
+    HOME: home,
+    BROKER_URL: broker.url,
+    BROKER_CA: env.cluster.caFile,
+    BROKER_IDENTITY_TOKEN: await env.agentToken('alpha'),
+  };
+  const cli = async (args: string[]) => {
+    const res = await run(BROKER, args, agentEnv);
+    if (res.code !== 0) throw new Error(`broker ${args.join(' ')}: ${res.stderr}`);
+    return res.stdout;
+  };
+  await cli(['task', 'start', 'bench', '--namespace', 'team-a', '--ttl', '1h']);
+  const viaProxy = join(env.dir, 'proxy.kubeconfig');
+  await cli(['kubeconfig', '--task', 'bench', '--via', 'proxy', '--plugin', 'native', '-n', 'team-a', '--output', viaProxy]);
+  const session = JSON.parse(await cli(['credential', '--task', 'bench', '--via', 'proxy'])).status.token as string;
+  const taskToken = JSON.parse(await cli(['credential', '--task', 'bench', '--via', 'direct'])).status.token as string;
+  const proxyUrl = new URL(readFileSync(viaProxy, 'utf8').match(/server: (\S+)/)![1]!);
+  const apiUrl = new URL(env.cluster.server);
+  const direct = join(env.dir, 'direct.kubeconfig');
+  writeFileSync(
+    direct,
+    `apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: "${apiUrl.origin}", certificate-authority: "${env.cluster.caFile}"}}]\n` +
+      `users: [{name: u, user: {token: "${taskToken}"}}]\ncontexts: [{name: c, context: {cluster: c, user: u, namespace: team-a}}]\ncurrent-context: c\n`,
+    { mode: 0o600 },
+  );
+  await env.admin.core.createNamespacedConfigMap({ namespace: 'team-a', body: { metadata: { name: 'target' }, data: { k: 'v'.repeat(512) } } });
+  console.log(`proxy ${proxyUrl.origin}, API server ${apiUrl.origin}, broker pid ${broker.pid}`);
+
+  if (only.has('kubectl')) {
+    const RUNS = Number(flags.runs);
+    const kubectl = async (kc: string) => {
+      const t0 = performance.now();
+      const res = await run(kubectlPath(), ['--kubeconfig', kc, 'get', 'pods'], agentEnv);
+      if (res.code !== 0) throw new Error(`kubectl: ${res.stderr}`);
+      return performance.now() - t0;
+    };
+    for (let i = 0; i < 3; i++) {
+      await kubectl(viaProxy);
+      await kubectl(direct);
+    }
+    const t = { proxy: [] as number[], direct: [] as number[] };
+    for (let i = 0; i < RUNS; i++) {
+      const order: Array<'proxy' | 'direct'> = i % 2 === 0 ? ['proxy', 'direct'] : ['direct', 'proxy'];
+      for (const which of order) t[which].push(await kubectl(which === 'proxy' ? viaProxy : direct));
+    }
+    const ratio = median(t.proxy) / median(t.direct);
+    console.log(`\n1. kubectl get pods -n team-a, ${RUNS} runs each, alternating, after 3 warm-up runs each\n`);
+    console.log(
+      table(
+        ['path', 'p50', 'p90', 'ratio (p50)', 'goal <= 1.15x'],
+        [
+          ['task token straight to the API server (baseline)', ms(median(t.direct)), ms(percentile(t.direct, 90)), '1.00x', ''],
+          ['through the proxy (native plugin, session token)', ms(median(t.proxy)), ms(percentile(t.proxy, 90)), `${ratio.toFixed(3)}x`, met(ratio <= 1.15)],
+        ],
+      ),
+    );
+  }
+
+  if (only.has('load')) {
+    const duration = Number(flags.duration);
+    const rounds = Number(flags.rounds);
+    const path = '/api/v1/namespaces/team-a/configmaps/target';
+    const target = (origin: URL, token: string) => ({ url: `${origin.origin}${path}`, connections: Number(flags.connections), headers: { authorization: `Bearer ${token}` } });
+    await autocannon({ ...target(proxyUrl, session), duration: 2 });
+    await autocannon({ ...target(apiUrl, taskToken), duration: 2 });
+    const before = broker.auditRecords().filter((r) => r.type === 'k8s.request' && r.details?.name === 'target').length;
+    const runs = { proxy: [] as CannonResult[], direct: [] as CannonResult[] };
+    for (let i = 0; i < rounds; i++) {
+      const order: Array<'proxy' | 'direct'> = i % 2 === 0 ? ['proxy', 'direct'] : ['direct', 'proxy'];
+      for (const which of order) runs[which].push(await autocannon({ ...(which === 'proxy' ? target(proxyUrl, session) : target(apiUrl, taskToken)), duration: duration / rounds }));
+    }
+    await sleep(500);
+    const recorded = broker.auditRecords().filter((r) => r.type === 'k8s.request' && r.details?.name === 'target').length - before;
+    const sum = (rs: CannonResult[]) => ({
+      rps: rs.reduce((a, r) => a + r.requests.total, 0) / duration,
+      p50: median(rs.map((r) => r.latency.p50)),
+      p99: median(rs.map((r) => r.latency.p99)),
+      ok: rs.reduce((a, r) => a + r['2xx'], 0),
+      bad: rs.reduce((a, r) => a + r.non2xx + r.errors, 0),
+    });
+    const p = sum(runs.proxy);
+    const d = sum(runs.direct);
+    console.log(`\n2. GET one ConfigMap, autocannon, ${flags.connections} connections, ${duration} s each in ${rounds} alternating slices\n`);
+    console.log(
+      table(
+        ['path', 'requests/s', 'p50', 'p99', '2xx', 'other'],
+        [
+          ['straight to the API server (baseline)', d.rps.toFixed(0), ms(d.p50), ms(d.p99), d.ok, d.bad],
+          ['through the proxy', p.rps.toFixed(0), ms(p.p50), ms(p.p99), p.ok, p.bad],
+        ],
+      ),
+    );
+    const ratio = p.rps / d.rps;
+    console.log(
+      `\nthroughput ${ratio.toFixed(3)}x (goal >= 0.8x: ${met(ratio >= 0.8)}); added p50 ${ms(p.p50 - d.p50)} (goal <= 1 ms: ${met(p.p50 - d.p50 <= 1)}); ` +
+        `added p99 ${ms(p.p99 - d.p99)} (goal <= 10 ms: ${met(p.p99 - d.p99 <= 10)})`,
+    );
+    console.log(`2xx through the proxy: ${p.ok}; k8s.request records of them on the audit log: ${recorded} (${met(recorded >= p.ok)})`);
+  }
+
+  if (only.has('list')) {
+    const n = Number(flags.configmaps);
+    const payload = 'x'.repeat(2048);
+    const t0 = performance.now();
+    let next = 0;
+    await Promise.all(
+      Array.from({ length: 32 }, async () => {
+        for (let i = next++; i < n; i = next++) {
+          await env.admin.core.createNamespacedConfigMap({ namespace: 'team-a', body: { metadata: { name: `cm-${i}` }, data: { payload } } });
+        }
+      }),
+    );
+    console.log(`\n3. made ${n} ConfigMaps of 2 KiB in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+    const list = async (origin: URL, token: string) => {
+      const start = performance.now();
+      const res = await request(`${origin.origin}/api/v1/namespaces/team-a/configmaps`, { headers: { authorization: `Bearer ${token}`, accept: 'application/json' }, dispatcher });
+      let bytes = 0;
+      for await (const chunk of res.body) bytes += (chunk as Buffer).length;
+      return { status: res.statusCode, bytes, ms: performance.now() - start };
+    };
+    const directList = await list(apiUrl, taskToken);
+    await sleep(500);
+    const base = rssMb(broker.pid);
+    const sampler = rssPeak(broker.pid);
+    const proxied = await list(proxyUrl, session);
+    const peak = sampler.stop();
+    console.log(
+      table(
+        ['path', 'status', 'bytes', 'time', 'broker RSS before', 'peak', 'growth (goal < 50 MB)'],
+        [
+          ['straight to the API server', directList.status, directList.bytes, ms(directList.ms, 0), '', '', ''],
+          ['through the proxy', proxied.status, proxied.bytes, ms(proxied.ms, 0), `${base.toFixed(1)} MB`, `${peak.toFixed(1)} MB`, `${(peak - base).toFixed(1)} MB ${met(peak - base < 50)}`],
+        ],
+      ),
+    );
+  }
+
+  if (only.has('watch')) {
+    const count = Number(flags.watches);
+    const seconds = Number(flags['watch-seconds']);
+    const rssBefore = rssMb(broker.pid);
+    const received = new Array<number>(count).fill(0);
+    const aborts = new AbortController();
+    const opened: Array<Promise<void>> = [];
+    const t0 = performance.now();
+    for (let i = 0; i < count; i++) {
+      opened.push(
+        (async () => {
+          const res = await request(`${proxyUrl.origin}/api/v1/namespaces/team-a/configmaps?watch=1&fieldSelector=metadata.name%3Dticker`, {
+            headers: { authorization: `Bearer ${session}` },
+            dispatcher,
+            signal: aborts.signal,
+            bodyTimeout: 0,
+          });
+          if (res.statusCode !== 200) throw new Error(`watch ${i}: ${res.statusCode}`);
+          void (async () => {
+            try {
+              for await (const chunk of res.body) received[i]! += (chunk as Buffer).toString().split('\n').filter(Boolean).length;
+            } catch {
+              // aborted at the end
+            }
+          })();
+        })(),
+      );
+    }
+    await Promise.all(opened);
+    const openMs = performance.now() - t0;
+    const sampler = rssPeak(broker.pid, 200);
+    await env.admin.core.createNamespacedConfigMap({ namespace: 'team-a', body: { metadata: { name: 'ticker' }, data: { n: '0' } } });
+    const end = Date.now() + seconds * 1000;
+    let changes = 1;
+    while (Date.now() < end) {
+      await sleep(500);
+      await env.admin.core.patchNamespacedConfigMap({ name: 'ticker', namespace: 'team-a', body: { data: { n: String(changes) } } }, k8s.setHeaderOptions('Content-Type', k8s.PatchStrategy.MergePatch));
+      changes++;
+    }
+    await sleep(1000);
+    const peak = sampler.stop();
+    aborts.abort();
+    const sorted = [...received].sort((a, b) => a - b);
+    console.log(`\n4. ${count} watches through the proxy, opened in ${(openMs / 1000).toFixed(1)} s, held ${seconds} s, ${changes} changes of the watched ConfigMap\n`);
+    console.log(
+      table(
+        ['events per watch: min', 'median', 'max', 'watches with every event', 'broker RSS before', 'peak'],
+        [[sorted[0]!, median(sorted), sorted.at(-1)!, received.filter((r) => r >= changes).length, `${rssBefore.toFixed(1)} MB`, `${peak.toFixed(1)} MB`]],
+      ),
+    );
+  }
+} finally {
+  await stop();
+}
