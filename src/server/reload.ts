@@ -117,12 +117,17 @@ export class StoreListeners {
   view(store: TaskStore): { store: TaskStore; activate: () => void } {
     let removed: ((id: string) => void) | undefined;
     let forged: ((task: Task, secret: V1Secret) => void) | undefined;
+    // Each method bound once, not at every call: the credential path calls get and findByName per request.
+    const bound = new WeakMap<object, unknown>();
     const view = new Proxy(store, {
       get: (target, prop) => {
         if (prop === 'onRemoved') return (cb: (id: string) => void) => void (removed = cb);
         if (prop === 'onForged') return (cb: (task: Task, secret: V1Secret) => void) => void (forged = cb);
         const value = Reflect.get(target, prop, target) as unknown;
-        return typeof value === 'function' ? (value as (...a: unknown[]) => unknown).bind(target) : value;
+        if (typeof value !== 'function') return value;
+        let fn = bound.get(value);
+        if (fn === undefined) bound.set(value, (fn = (value as (...a: unknown[]) => unknown).bind(target)));
+        return fn;
       },
     });
     return {
