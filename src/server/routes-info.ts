@@ -6,6 +6,8 @@
 import type { FastifyInstance } from 'fastify';
 import type { BrokerError } from '../errors.ts';
 import type { GatedPair } from '../policy/types.ts';
+import { AgentKeyAuthenticator } from '../identity/agent-key-authenticator.ts';
+import { OidcAuthenticator } from '../identity/oidc.ts';
 import { toView } from '../tasks/model.ts';
 import type { AppDeps } from './app.ts';
 
@@ -90,7 +92,13 @@ export function errorHint(err: BrokerError, deps: AppDeps): { hint?: string } {
   if (err.code !== 'unauthenticated') return {};
   const audience = (deps.tasks as { identityAudience?: string }).identityAudience;
   if (typeof audience !== 'string') return {};
+  // The other identities this broker takes, when the policy has them (src/identity/authenticators.ts).
+  const issuers = deps.authenticators.flatMap((a) => (a instanceof OidcAuthenticator ? a.issuers : []));
+  const keys = deps.authenticators.some((a) => a instanceof AgentKeyAuthenticator);
   return {
-    hint: `the broker takes a Kubernetes ServiceAccount token with the audience "${audience}", unexpired, of a ServiceAccount the policy names (for example: kubectl create token NAME --namespace NS --audience ${audience})`,
+    hint:
+      `the broker takes a Kubernetes ServiceAccount token with the audience "${audience}", unexpired, of a ServiceAccount the policy names (for example: kubectl create token NAME --namespace NS --audience ${audience})` +
+      (issuers.length ? `; an OIDC token of ${issuers.join(', ')} for a subject the policy names (broker login, or a CI system's token)` : '') +
+      (keys ? '; or a proof signed with an enrolled agent key (broker agent enroll)' : ''),
   };
 }

@@ -9,10 +9,10 @@ import { spawn } from 'node:child_process';
 import { readdirSync, readFileSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { keychainGet, loginAccount } from '../../src/identity/keychain.ts';
+import { keychainGet, keychainSet, loginAccount } from '../../src/identity/keychain.ts';
 import { BrokerEnv, POLICY_FILE, type BrokerProcess } from '../helpers/broker.ts';
 import { TestKeyring } from '../helpers/keyring.ts';
-import { run, type RunResult } from '../helpers/kube.ts';
+import { kubectl, run, writeTokenKubeconfig, type RunResult } from '../helpers/kube.ts';
 import { kubectlWith, pluginBuilds, writePluginKubeconfig } from '../helpers/exec-plugin.ts';
 import { BROKER_RESOURCE, CLI_CLIENT_ID, signInAs, TestProvider } from '../helpers/oidc-provider.ts';
 
@@ -99,6 +99,23 @@ approvers:
     const me = JSON.parse(who.stdout);
     assert.deepEqual([me.subject, me.method, me.principal, me.agent, me.identitySource], [`${idp.issuer}#alice`, 'oidc', 'person:alice', null, `keychain (login at ${idp.issuer})`]);
 
+    // The ID token a login yields is refused by the API server itself (401). Fetched as the CLI does
+    // (a refresh), the rotated refresh token put back; it goes on kubectl's command line, not in a file.
+    const now = JSON.parse(keychainFor()!) as { refreshToken: string };
+    const refreshed = (await (
+      await fetch(`${idp.issuer}/token`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/x-www-form-urlencoded' },
+        body: new URLSearchParams({ grant_type: 'refresh_token', refresh_token: now.refreshToken, client_id: CLI_CLIENT_ID }),
+      })
+    ).json()) as { id_token: string; refresh_token: string };
+    keychainSet(loginAccount(broker.url), JSON.stringify({ ...JSON.parse(keychainFor()!), refreshToken: refreshed.refresh_token }));
+    secrets.push(refreshed.refresh_token);
+    const kc = writeTokenKubeconfig(join(env.dir, 'no-token.kubeconfig'), env.cluster, 'none');
+    const apiserver = await kubectl(kc, '--token', refreshed.id_token, 'get', 'pods', '-n', 'team-a');
+    assert.notEqual(apiserver.code, 0);
+    assert.match(apiserver.stderr, /Unauthorized|must be logged in|provide credentials/);
+
     const out = await cli(['logout']);
     assert.equal(out.code, 0, out.stderr);
     assert.match(out.stdout, /logged out of .*; the refresh token was revoked at /);
@@ -107,7 +124,7 @@ approvers:
     const refresh = await fetch(`${idp.issuer}/token`, {
       method: 'POST',
       headers: { 'content-type': 'application/x-www-form-urlencoded' },
-      body: new URLSearchParams({ grant_type: 'refresh_token', refresh_token: secrets[0]!, client_id: CLI_CLIENT_ID }),
+      body: new URLSearchParams({ grant_type: 'refresh_token', refresh_token: refreshed.refresh_token, client_id: CLI_CLIENT_ID }),
     });
     assert.equal(refresh.status, 400);
     assert.equal(((await refresh.json()) as { error: string }).error, 'invalid_grant');
@@ -163,7 +180,7 @@ approvers:
   });
 
   test('no refresh token in any file under HOME or TMPDIR', () => {
-    assert.equal(secrets.length, 3);
+    assert.equal(secrets.length, 4);
     const found: string[] = [];
     for (const root of new Set([keyring.home, tmpdir()])) scan(root, secrets, found, 0);
     assert.deepEqual(found, []);

@@ -91,12 +91,17 @@ describe('OIDC identities (issue 14)', () => {
     await reasonRecorded(/does not meet the issuer's claim condition on "repository"/);
   });
 
-  test('the API server refuses the OIDC token itself (401): it proves who calls the broker, nothing more', async () => {
-    // The token on kubectl's command line, never in a file.
+  test('the API server refuses an identity credential itself (401): the OIDC token, the broker-audience ServiceAccount token', async () => {
+    // The tokens on kubectl's command line, never in a file.
     const kc = writeTokenKubeconfig(join(env.dir, 'no-token.kubeconfig'), env.cluster, 'none');
-    const res = await kubectl(kc, '--token', await idp.ciToken(main), 'get', 'pods', '-n', 'team-a');
-    assert.notEqual(res.code, 0);
-    assert.match(res.stderr, /Unauthorized|must be logged in/);
+    for (const [what, token] of [
+      ['OIDC token', await idp.ciToken(main)],
+      ['ServiceAccount token with the broker audience', await env.agentToken('alpha')],
+    ] as const) {
+      const res = await kubectl(kc, '--token', token, 'get', 'pods', '-n', 'team-a');
+      assert.notEqual(res.code, 0, what);
+      assert.match(res.stderr, /Unauthorized|must be logged in|provide credentials/, what);
+    }
   });
 
   test('attacks: each answered 401, never 5xx, with an auth.failed record giving the reason', async () => {
@@ -131,6 +136,9 @@ describe('OIDC identities (issue 14)', () => {
       assert.equal(res.body.error.code, 'unauthenticated', name);
       await reasonRecorded(reason, name);
     }
+    // The 401's hint names what this broker takes, the policy's issuer among them; nothing of the token sent.
+    const hinted = await broker.request('GET', '/v1/whoami', 'not-a-token');
+    assert.match(hinted.body.error.hint, new RegExp(`an OIDC token of ${idp.issuer} for a subject the policy names \\(broker login, or a CI system's token\\); or a proof signed with an enrolled agent key`));
     // Nothing of the tokens reached the log.
     const log = readFileSync(broker.auditLog, 'utf8');
     for (const [name, token] of cases) assert.ok(!log.includes(token.split('.')[2] || token.split('.')[1]!), `${name}: token in the audit log`);
