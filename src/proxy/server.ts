@@ -99,6 +99,9 @@ export class KubeProxy {
   readonly #sockets = new Set<Socket | Duplex>();
   #url: string | undefined;
   #ready = false;
+  /** Answers being relayed as streams (watch, logs -f, large ones): cut when their task ends. */
+  readonly #streams = new Set<{ task: string; cut: () => void }>();
+  #streamCheck: NodeJS.Timeout | undefined;
 
   constructor(options: ProxyOptions) {
     this.#o = options;
@@ -158,10 +161,14 @@ export class KubeProxy {
     const actual = typeof address === 'object' && address ? address.port : port;
     const shownHost = host.includes(':') ? `[${host}]` : host;
     this.#failures.start();
+    this.#streamCheck = setInterval(() => {
+      for (const st of this.#streams) if (!this.#o.tasks.active(st.task)) st.cut();
+    }, 250).unref();
     return (this.#url = `${this.#o.https ? 'https' : 'http'}://${shownHost}:${actual}`);
   }
 
   async close(): Promise<void> {
+    if (this.#streamCheck) clearInterval(this.#streamCheck);
     this.#server.close();
     for (const s of this.#sockets) s.destroy();
     await this.#pool.close().catch(() => undefined);
@@ -351,6 +358,15 @@ export class KubeProxy {
     if (streaming) res.flushHeaders();
     let bytesOut = 0;
     let failure: string | undefined;
+    let taskEnded = false;
+    const stream = {
+      task: task.id,
+      cut: () => {
+        taskEnded = true;
+        body.destroy(new Error(`task ${task.id} has ended`));
+      },
+    };
+    this.#streams.add(stream);
     try {
       for (const chunk of held) {
         bytesOut += chunk.length;
@@ -365,12 +381,15 @@ export class KubeProxy {
       }
       res.end();
     } catch (err) {
-      failure = abort.signal.aborted || res.destroyed ? 'the client closed the connection' : `broke off: ${(err as Error).message}`;
+      failure = taskEnded ? `task ${task.id} has ended` : abort.signal.aborted || res.destroyed ? 'the client closed the connection' : `broke off: ${(err as Error).message}`;
       body.destroy();
-      res.destroy();
+      if (taskEnded) res.end();
+      else res.destroy();
+    } finally {
+      this.#streams.delete(stream);
     }
     await this.#append(
-      proxyRecord(task, proxied, { code, auditID, outcome: failure && !failure.startsWith('the client') ? 'error' : outcome, reason: failure, bytesIn: counter.bytesIn, bytesOut, durationMs: performance.now() - admitted.started, phase: 'end' }),
+      proxyRecord(task, proxied, { code, auditID, outcome: failure && !failure.startsWith('the client') && !taskEnded ? 'error' : outcome, reason: failure, bytesIn: counter.bytesIn, bytesOut, durationMs: performance.now() - admitted.started, phase: 'end' }),
     );
   }
 

@@ -662,7 +662,7 @@ export class TaskService {
     const minted = this.#tokens.get(task.id);
     if (minted && this.#hasEnoughLife(minted, now)) return minted.token;
     const caller: Caller = { agent: task.agent, subject: 'system:proxy', method: 'serviceAccount', principal: `agent:${task.agent}` };
-    return (await this.#mintOnce(caller, task)).token;
+    return (await this.#mintOnce(caller, task, undefined, 'system:proxy')).token;
   }
 
   /** Reuse while more than a third of the token's life is left (200 s of a 600 s token). */
@@ -671,16 +671,17 @@ export class TaskService {
     return minted.expiresAt.getTime() - now.getTime() > life / 3;
   }
 
-  #mintOnce(caller: Caller, task: Task, requestId?: string): Promise<MintedToken> {
+  /** `actor`: who the record names as minting (default: the caller; `system:proxy` for the proxy's own). */
+  #mintOnce(caller: Caller, task: Task, requestId?: string, actor?: string): Promise<MintedToken> {
     let pending = this.#minting.get(task.id);
     if (!pending) {
-      pending = this.#mint(caller, task, requestId).finally(() => this.#minting.delete(task.id));
+      pending = this.#mint(caller, task, requestId, actor).finally(() => this.#minting.delete(task.id));
       this.#minting.set(task.id, pending);
     }
     return pending;
   }
 
-  async #mint(caller: Caller, task: Task, requestId?: string): Promise<MintedToken> {
+  async #mint(caller: Caller, task: Task, requestId?: string, actor?: string): Promise<MintedToken> {
     if (!this.#audit.healthy) throw new BrokerError('audit_unavailable', 'the audit log cannot be written: refusing to mint');
     const mintedAt = this.#now();
     let token: string;
@@ -708,7 +709,7 @@ export class TaskService {
     // Recorded (JTI, never the token) before it leaves the broker; the token is forgotten if that fails.
     await this.#audit.append({
       type: 'credential.minted',
-      actor: actorOf(caller),
+      actor: actor ?? actorOf(caller),
       agent: caller.agent,
       task: task.id,
       taskName: task.name,

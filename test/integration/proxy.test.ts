@@ -234,6 +234,15 @@ describe('Kubernetes API proxy: the agent connects to the broker, the broker to 
     const token = await sessionToken('end-timing');
     const get = () => pfetch(`${proxyUrl}/api/v1/namespaces/web/configmaps`, { headers: { authorization: `Bearer ${token}` } });
     assert.equal((await get()).status, 200);
+    // A watch open at the time: cut when the task ends.
+    const watch = await pfetch(`${proxyUrl}/api/v1/namespaces/web/configmaps?watch=1`, { headers: { authorization: `Bearer ${token}` } });
+    assert.equal(watch.status, 200);
+    const watchEnded = (async () => {
+      for await (const _ of watch.body!) {
+        // events until the cut
+      }
+      return performance.now();
+    })();
     const end = await cli(['task', 'end', 'end-timing']);
     assert.equal(end.code, 0, end.stderr);
     const t0 = performance.now();
@@ -242,6 +251,10 @@ describe('Kubernetes API proxy: the agent connects to the broker, the broker to 
     assert.equal(res.status, 401);
     assert.match(((await res.json()) as { message: string }).message, /not active/);
     assert.ok(ms < 100, `refused after ${ms.toFixed(1)} ms`);
+    const cutMs = (await watchEnded) - t0;
+    assert.ok(cutMs < 1000, `the open watch was cut ${cutMs.toFixed(0)} ms after the end`);
+    const watchEnd = await until('the watch\'s end record', 5_000, async () => recordsOf(task.id).find((r) => r.details?.verb === 'watch' && r.details?.phase === 'end'));
+    assert.match(watchEnd.reason ?? '', /has ended/);
     console.log(`# task end -> refused: the first request after \`task end\` answered 401 in ${ms.toFixed(1)} ms`);
     await sleep(1500);
     const after = apiServerEvents().filter((e) => String(e.user?.username ?? '').includes(`task-${task.id}`) && Date.parse(e.requestReceivedTimestamp) > Date.now() - 1400);

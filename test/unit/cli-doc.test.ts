@@ -44,7 +44,7 @@ function commands(cmd: Command, prefix: string[] = []): Array<{ path: string; ru
 }
 
 /** The `broker credential` plugin parses its own flags (src/credential/main.cts): commander only lists it. */
-const PLUGIN_FLAGS = ['--task', '--broker', '--broker-ca', '-h', '--help'];
+const PLUGIN_FLAGS = ['--task', '--broker', '--broker-ca', '--via', '-h', '--help'];
 
 interface Named {
   /** `broker task start` as written, for messages. */
