@@ -1,5 +1,7 @@
+import { existsSync } from 'node:fs';
 import { Command } from 'commander';
 import { BrokerError } from '../errors.ts';
+import { checkRecordings } from '../audit/recordings.ts';
 import { describeBreak, verifyLiveFile, type LiveVerifyResult } from '../audit/verify.ts';
 import type { AuditRecord, VerifyResult } from '../audit/types.ts';
 import { outputOption, printJson, style, type OutputFormat } from './output.ts';
@@ -9,6 +11,7 @@ interface VerifyCommandOptions {
   expect?: string;
   expectLast?: string;
   strict?: boolean;
+  recordings?: string;
   output: OutputFormat;
 }
 
@@ -32,6 +35,7 @@ export function auditCommand(): Command {
       'the hash the last record must have (kept elsewhere, e.g. from an earlier verify): detects records cut from the end; for a closed log',
     )
     .option('--strict', 'an incomplete last line is torn at once (without: it is "in progress" if its newline arrives within 1 s)')
+    .option('--recordings <dir>', "the proxy's exec and attach session recordings, each checked against the SHA-256 its end record holds (default: FILE.sessions, when it exists)")
     .addOption(outputOption())
     .addHelpText(
       'after',
@@ -90,7 +94,18 @@ async function verify(file: string, opts: VerifyCommandOptions): Promise<void> {
       cause: err,
     });
   }
-  if (opts.output === 'json') printJson(result);
+  // The session recordings the log vouches for (src/audit/recordings.ts): only once the chain holds.
+  const recordingsDir = opts.recordings ?? `${file}.sessions`;
+  const recordings = result.ok && (opts.recordings !== undefined || existsSync(recordingsDir)) ? await checkRecordings(file, recordingsDir) : undefined;
+  if (opts.output === 'json') printJson(recordings ? { ...result, recordings } : result);
+  if (recordings && recordings.missing.length + recordings.changed.length > 0) {
+    const named = [...recordings.changed.map((f) => `${f} (changed)`), ...recordings.missing.map((f) => `${f} (missing)`)];
+    throw new BrokerError(
+      'audit_chain_broken',
+      `${file}: the chain holds, but ${named.length} of the ${recordings.checked} session recording${recordings.checked === 1 ? '' : 's'} it names in ${recordingsDir} do${named.length === 1 ? 'es' : ''} not match: ${named.slice(0, 10).join(', ')}${named.length > 10 ? ', ...' : ''}`,
+      { field: '--recordings' },
+    );
+  }
   if (result.ok) {
     if (opts.output !== 'json') {
       let text = `${style.ok('ok')}: ${result.records} records, last hash ${result.lastHash}\n`;
@@ -98,6 +113,7 @@ async function verify(file: string, opts: VerifyCommandOptions): Promise<void> {
         const after = result.records - result.expected.seq - 1;
         text += `expected record found: seq ${result.expected.seq} (line ${result.expected.line}), ${after} record${after === 1 ? '' : 's'} after it\n`;
       }
+      if (recordings) text += `session recordings: ${recordings.checked} checked against their hashes in the log, all match\n`;
       if (result.inProgress) {
         text += `in progress: line ${result.inProgress.line} (${result.inProgress.bytes} bytes so far) was being written when read; not checked\n`;
       }

@@ -317,4 +317,23 @@ describe('Kubernetes API proxy on the whole cluster: logs, exec, attach, port-fo
     const closed = records().find((r) => r.details.subresource === 'exec' && r.details.phase === 'end' && /has ended/.test(r.reason ?? ''));
     assert.ok(closed, 'the session\'s end is recorded with why');
   });
+
+  test('audit verify checks each session recording against the hash on the chain; a changed one fails it', async () => {
+    const ok = await run(BROKER, ['audit', 'verify', broker.auditLog], agentEnv);
+    assert.equal(ok.code, 0, ok.stderr);
+    const checked = Number(/session recordings: (\d+) checked against their hashes in the log, all match/.exec(ok.stdout)?.[1]);
+    assert.ok(checked >= 1, ok.stdout);
+    const end = records().find((r) => r.details.subresource === 'exec' && r.details.phase === 'end' && r.details.recording);
+    const file = join(`${broker.auditLog}.sessions`, end!.details.recording.file as string);
+    // What was typed, made to look different (the recording holds it in base64).
+    const typed = Buffer.from('secret-free-input-42\n').toString('base64');
+    const text = readFileSync(file, 'utf8');
+    assert.ok(text.includes(typed));
+    writeFileSync(file, text.replace(typed, Buffer.from('innocent-input-0042\n').toString('base64')));
+    const bad = await run(BROKER, ['audit', 'verify', broker.auditLog], agentEnv);
+    assert.equal(bad.code, 1);
+    assert.match(bad.stderr, new RegExp(`the chain holds, but 1 of the ${checked} session recordings? it names .* do(es)? not match: ${end!.details.recording.file.replace('.', '\\.')} \\(changed\\)`));
+    const show = await run(BROKER, ['audit', 'show', '--task', taskId, broker.auditLog], agentEnv);
+    assert.match(show.stdout, /its SHA-256 does not match the audit log: it was changed/);
+  });
 });
