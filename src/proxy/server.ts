@@ -65,6 +65,14 @@ export interface ProxyOptions {
   log?: (line: string) => void;
   /** Requests wait for this before anything is checked (the broker's start being on the log). */
   ready?: Promise<void> | undefined;
+  /** Prometheus metrics (src/server/metrics.ts): requests by outcome and duration, open streams. */
+  metrics?: ProxyMetrics | undefined;
+}
+
+/** The metrics the proxy feeds (Metrics in src/server/metrics.ts has them). */
+export interface ProxyMetrics {
+  proxyRequests: { observe(labels: { outcome: string }, seconds: number): void };
+  proxyOpenStreams: { inc(): void; dec(): void };
 }
 
 /** Request headers never forwarded: hop-by-hop ones, and the client's own credential. */
@@ -251,12 +259,9 @@ export class KubeProxy {
   /** Records a refusal (durably when it is a k8s.request record); false when it could not be recorded. */
   async #recordRefusal(r: Refusal, source: string): Promise<boolean> {
     if (r.record) {
-      try {
-        await this.#o.audit.append(proxyRecord(r.record.task, r.record.req, { code: r.code, outcome: r.code >= 500 ? 'error' : 'denied', reason: r.message, refused: true }));
-      } catch {
-        return false;
-      }
+      if (!(await this.#append(proxyRecord(r.record.task, r.record.req, { code: r.code, outcome: r.code >= 500 ? 'error' : 'denied', reason: r.message, refused: true })))) return false;
     } else if (r.summary) {
+      this.#o.metrics?.proxyRequests.observe({ outcome: 'unauthenticated' }, 0);
       this.#failures.note({ source, category: r.summary.category, actor: r.summary.actor, agent: r.summary.agent }, `proxy: ${r.message}`);
     }
     return true;
@@ -395,12 +400,24 @@ export class KubeProxy {
 
   /** Appends; false when the log refused (then nothing may be relayed). */
   async #append(event: AuditEventInput): Promise<boolean> {
+    this.#observe(event);
     try {
       await this.#o.audit.append(event);
       return true;
     } catch {
       return false;
     }
+  }
+
+  /** The metrics of one record: a request at its end (or its only record), a stream opened or closed. */
+  #observe(event: AuditEventInput): void {
+    const m = this.#o.metrics;
+    if (!m) return;
+    const d = event.details ?? {};
+    if (d['phase'] === 'start') return m.proxyOpenStreams.inc();
+    if (d['phase'] === 'end') m.proxyOpenStreams.dec();
+    const outcome = d['refused'] === true ? 'refused' : (event.outcome ?? 'error');
+    m.proxyRequests.observe({ outcome }, typeof d['durationMs'] === 'number' ? d['durationMs'] / 1000 : 0);
   }
 
   #internal(res: ServerResponse, err: unknown): void {

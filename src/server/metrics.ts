@@ -53,8 +53,22 @@ export class Metrics {
     registers: [this.registry],
   });
 
+  readonly proxyRequests = new Histogram({
+    name: 'broker_proxy_request_duration_seconds',
+    help: 'Requests through the Kubernetes API proxy (src/proxy/server.ts) by outcome: allowed, denied (by the API server), refused (by the proxy: impersonation, path escapes, SPDY, ...), unauthenticated (no valid session or task), error (upstream unreachable, timed out, 5xx); streams count once, at their end',
+    labelNames: ['outcome'] as const,
+    buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 10],
+    registers: [this.registry],
+  });
+  readonly proxyOpenStreams = new Gauge({
+    name: 'broker_proxy_open_streams',
+    help: 'Streams open through the proxy now: watches, logs -f, large answers, exec, attach and port-forward sessions',
+    registers: [this.registry],
+  });
+
   constructor() {
     collectDefaultMetrics({ register: this.registry });
+    for (const outcome of ['allowed', 'denied', 'refused', 'unauthenticated', 'error']) this.proxyRequests.zero({ outcome });
     // Every label value from the start, so alerts on rate() see a zero rather than no series.
     for (const reason of AUTH_FAILURE_REASONS) this.authFailures.inc({ reason }, 0);
     for (const limit of RATE_LIMITS) this.rateLimited.inc({ limit }, 0);

@@ -320,6 +320,7 @@ async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<R
       recordings: opts.proxy.recordings ?? `${opts.auditLog}.sessions`,
       upstreamTimeoutMs: opts.proxy.upstreamTimeoutMs,
       ready: started,
+      metrics,
     }));
     try {
       proxyUrl = await proxy.listen(opts.proxy.host, opts.proxy.port);

@@ -292,6 +292,9 @@ describe('Kubernetes API proxy: the agent connects to the broker, the broker to 
       .slice(before)
       .filter((e) => String(e.user?.username ?? '').includes(`task-${task.id}`));
     assert.deepEqual(reached, [], 'nothing refused reached the API server');
+    const metrics = await (await pfetch(`${broker.url}/metrics`)).text();
+    const refusedCount = Number(/broker_proxy_request_duration_seconds_count\{outcome="refused"\} (\d+)/.exec(metrics)?.[1]);
+    assert.ok(refusedCount >= cases.length, metrics.split('\n').filter((l) => l.includes('proxy')).join('\n'));
     // Oversized headers: 431, and no task record needed to say so.
     const big = await ask('GET /api/v1/namespaces/web/configmaps HTTP/1.1', [`X-Padding: ${'a'.repeat(20_000)}`]);
     assert.match(big, /^HTTP\/1\.1 431/);
