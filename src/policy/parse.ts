@@ -42,6 +42,7 @@ export const BROKER_DEFAULTS = {
   approvalRequestTtl: 3600,
   taskHistory: 7 * 24 * 3600,
   limits: { activeTasksPerAgent: 10, openApprovalsPerAgent: 5 },
+  proxyOnly: false,
 } as const;
 
 /** A policy that failed validation; `issues` holds every problem found, sorted by line. */
@@ -692,6 +693,7 @@ interface RawPolicy {
     taskHistory?: string;
     notifyWebhook?: string;
     limits?: { activeTasksPerAgent?: number; openApprovalsPerAgent?: number };
+    proxyOnly?: boolean;
   };
   agents: { name: string; identities?: RawIdentity[] }[];
   people?: { name: string; identities: RawIdentity[] }[];
@@ -768,6 +770,7 @@ function build(raw: RawPolicy): Policy {
       activeTasksPerAgent: b.limits?.activeTasksPerAgent ?? BROKER_DEFAULTS.limits.activeTasksPerAgent,
       openApprovalsPerAgent: b.limits?.openApprovalsPerAgent ?? BROKER_DEFAULTS.limits.openApprovalsPerAgent,
     },
+    proxyOnly: b.proxyOnly ?? BROKER_DEFAULTS.proxyOnly,
   };
   const agents: Agent[] = raw.agents.map((a) => ({ name: a.name, identities: (a.identities ?? []).map(toIdentity) }));
   const people: Person[] = (raw.people ?? []).map((p) => ({ name: p.name, identities: p.identities.map(toIdentity) }));

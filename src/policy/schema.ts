@@ -44,6 +44,7 @@ export const POLICY_SCHEMA = {
           taskHistory: ref('duration'),
           notifyWebhook: ref('text'),
           limits: closed({ activeTasksPerAgent: ref('positiveInteger'), openApprovalsPerAgent: ref('positiveInteger') }),
+          proxyOnly: { type: 'boolean' },
         },
         ['taskNamespace'],
       ),

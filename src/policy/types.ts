@@ -135,6 +135,11 @@ export interface BrokerSettings {
   notifyWebhook?: string;
   /** Per-agent caps (YAML `broker.limits`), so one agent cannot flood the cluster with objects. */
   limits: AgentLimits;
+  /**
+   * Only proxy session tokens are handed out (docs/proxy.md): a task's own token never leaves the
+   * broker, and the broker needs `--proxy-listen`. Default false.
+   */
+  proxyOnly: boolean;
 }
 
 export interface AgentLimits {

@@ -133,6 +133,11 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
   const kube = kubeApis(readKubeconfig(opts.kubeconfig, policy));
   const cluster = clusterInfo(kube, opts);
   await probeListen(opts.host, opts.port);
+  if (policy.broker.proxyOnly && !opts.proxy) {
+    throw new BrokerError('invalid_argument', `the policy sets broker.proxyOnly (only proxy session tokens are handed out), so the broker needs its proxy: add --proxy-listen HOST:PORT (docs/proxy.md)`, {
+      field: '--proxy-listen',
+    });
+  }
   if (opts.proxy) await probeListen(opts.proxy.host, opts.proxy.port);
   const format = opts.logFormat ?? defaultLogFormat();
   const write = opts.write ?? stderrLines.write;

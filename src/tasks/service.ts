@@ -586,6 +586,22 @@ export class TaskService {
   /** A token for the caller's task: the one in memory while enough of its life remains, else a new one. */
   async credential(caller: Caller, ref: string, requestId?: string): Promise<Credential> {
     const task = await this.resolve(caller, ref, 'credential', requestId);
+    if (this.#policy.broker.proxyOnly) {
+      await this.#audit.append({
+        type: 'credential.refused',
+        actor: actorOf(caller),
+        agent: caller.agent,
+        task: task.id,
+        outcome: 'denied',
+        reason: 'broker.proxyOnly: only proxy session tokens are handed out',
+        requestId,
+      });
+      throw new BrokerError(
+        'forbidden',
+        'this broker hands out proxy session tokens only (broker.proxyOnly): a task\'s own token never leaves it; use a kubeconfig from `broker kubeconfig --via proxy` (or `broker credential --via proxy`)',
+        { field: 'via' },
+      );
+    }
     const now = this.#now();
     if (task.expiresAt <= now) throw new BrokerError('no_active_task', `task "${ref}" has expired`);
     let minted = this.#tokens.get(task.id);

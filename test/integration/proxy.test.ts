@@ -19,6 +19,7 @@ import { BrokerEnv, type BrokerProcess } from '../helpers/broker.ts';
 import { run, type RunResult } from '../helpers/kube.ts';
 
 const BROKER = new URL('../../bin/broker', import.meta.url).pathname;
+const ROOT = new URL('../..', import.meta.url).pathname;
 const NODE_BIN = new URL('../../.node/node_modules/node/bin', import.meta.url).pathname;
 
 const POLICY = `apiVersion: task-broker/v1alpha1
@@ -392,6 +393,38 @@ describe('Kubernetes API proxy: the agent connects to the broker, the broker to 
       );
     } finally {
       await doomed.stop('SIGKILL');
+    }
+  });
+
+  test('broker.proxyOnly: only session tokens leave the broker; --via direct is refused and recorded; no start without --proxy-listen', async () => {
+    const policyFile = join(env.dir, 'proxy-only.yaml');
+    writeFileSync(policyFile, POLICY.replace('  identityAudience: task-broker\n', '  identityAudience: task-broker\n  proxyOnly: true\n'));
+    const auditLog = join(env.dir, 'proxy-only-audit.jsonl');
+    // Without its proxy the broker does not start, naming the flag.
+    const refused = await run(process.execPath, [join(ROOT, 'src/cli/main.ts'), 'serve', '--config', policyFile, '--audit-log', auditLog, '--kubeconfig', env.brokerKubeconfig, '--listen', '127.0.0.1:0', '--insecure-http'], agentEnv);
+    assert.equal(refused.code, 2, refused.stderr);
+    assert.match(refused.stderr, /broker\.proxyOnly.*add --proxy-listen HOST:PORT/);
+    const strict = await env.startBroker({ auditLog, tls: env.cluster.servingCert, extraArgs: ['--config', policyFile, '--proxy-listen', '127.0.0.1:0'] });
+    try {
+      const strictEnv = { ...agentEnv, BROKER_URL: strict.url };
+      const started = await run(BROKER, ['task', 'start', 'config-editor', '--namespace', 'web', '--name', 'strict', '-o', 'json'], strictEnv);
+      assert.equal(started.code, 0, started.stderr);
+      const direct = await run(BROKER, ['credential', '--task', 'strict', '--via', 'direct'], strictEnv);
+      assert.notEqual(direct.code, 0);
+      assert.match(direct.stderr, /proxy session tokens only \(broker\.proxyOnly\)/);
+      assert.doesNotMatch(direct.stdout, /token/);
+      const session = await run(BROKER, ['credential', '--task', 'strict', '--via', 'proxy'], strictEnv);
+      assert.equal(session.code, 0, session.stderr);
+      const kc = join(env.dir, 'strict.kubeconfig');
+      assert.equal((await run(BROKER, ['kubeconfig', '--task', 'strict', '-n', 'web', '--output', kc], strictEnv)).code, 0);
+      const get = await kubectl(kc, ['get', 'configmaps', '-o', 'name'], { BROKER_URL: strict.url });
+      assert.equal(get.code, 0, get.stderr);
+      const records = strict.auditRecords();
+      assert.ok(records.some((r) => r.type === 'credential.refused' && r.outcome === 'denied' && /proxyOnly/.test(r.reason)));
+      assert.ok(!records.some((r) => r.type === 'credential.minted' && r.actor !== 'system:proxy'), 'only the proxy minted');
+      assert.equal((await run(BROKER, ['task', 'end', 'strict'], strictEnv)).code, 0);
+    } finally {
+      await strict.stop();
     }
   });
 });

@@ -93,6 +93,7 @@ test('defaults are applied when keys are absent: broker settings, default gated 
     approvalRequestTtl: 3600,
     taskHistory: 7 * 24 * 3600,
     limits: { activeTasksPerAgent: 10, openApprovalsPerAgent: 5 },
+    proxyOnly: false,
   });
   assert.deepEqual(p.people, []);
   assert.deepEqual(p.gated, DEFAULT_GATED);
