@@ -16,6 +16,7 @@ import { devClusterCommand } from './dev-cluster.ts';
 import { demoCommand } from './demo.ts';
 import { addBrokerOptions } from './broker-options.ts';
 import { kubeconfigCommand } from './kubeconfig.ts';
+import { mcpCommand } from './mcp.ts';
 import { policyCommand } from './policy.ts';
 import { runCommand } from './run.ts';
 import { taskCommand } from './task.ts';
@@ -42,6 +43,7 @@ export function buildProgram(): Command {
   program.addCommand(runCommand());
   for (const cmd of approvalCommands()) program.addCommand(cmd);
   program.addCommand(kubeconfigCommand());
+  program.addCommand(mcpCommand());
   program.addCommand(demoCommand());
   program.addCommand(devClusterCommand());
   program.addCommand(credentialCommand());
