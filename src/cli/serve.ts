@@ -41,6 +41,7 @@ interface ServeFlags {
   proxyPublicUrl?: string;
   sessionRecordings?: string;
   proxyUpstreamTimeout?: number;
+  proxyRateLimitAgent?: Rate | 'off';
 }
 
 function duration(value: string): number {
@@ -68,6 +69,7 @@ export function serveCommand(): Command {
     .option('--proxy-listen <host:port>', 'also serve the Kubernetes API proxy here, with the broker\'s TLS (plain HTTP only with --insecure-http on loopback); docs/proxy.md')
     .option('--proxy-public-url <url>', 'the URL agents reach the proxy at (kubeconfigs and session tokens name it; default: the --proxy-listen address)')
     .option('--session-recordings <dir>', 'where the proxy keeps exec and attach session recordings (default: the audit log\'s path + .sessions)')
+    .addOption(limit('--proxy-rate-limit-agent <n/duration>', 'requests one agent may make through the proxy ("off": none)', rate, { max: 1000, windowMs: 1000 }))
     .addOption(new Option('--proxy-upstream-timeout <duration>', 'the API server must start answering a proxied request within this').argParser(duration).default(60_000, '60s'))
     .option('--allow-broad-credentials', 'start even when the broker\'s own credential can do far more than `policy apply` grants it (cluster-admin, escalate, ...); recorded')
     .addOption(new Option('--log-format <format>', 'request log and start-up summary on stderr: json (pino) or text').choices(LOG_FORMATS).default(undefined, 'text on a terminal, else json'))
@@ -110,6 +112,7 @@ export function serveCommand(): Command {
           publicUrl: flags.proxyPublicUrl?.replace(/\/+$/, ''),
           recordings: flags.sessionRecordings,
           upstreamTimeoutMs: flags.proxyUpstreamTimeout,
+          ...(flags.proxyRateLimitAgent === undefined ? {} : { perAgent: flags.proxyRateLimitAgent === 'off' ? undefined : flags.proxyRateLimitAgent }),
         };
       } else if (flags.proxyPublicUrl || flags.sessionRecordings) {
         throw new InvalidArgumentError('--proxy-public-url and --session-recordings need --proxy-listen');

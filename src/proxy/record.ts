@@ -117,6 +117,8 @@ export function statusReason(code: number): string {
       return 'Forbidden';
     case 405:
       return 'MethodNotAllowed';
+    case 429:
+      return 'TooManyRequests';
     case 431:
       return 'RequestHeaderFieldsTooLarge';
     case 502:

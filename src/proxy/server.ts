@@ -26,6 +26,7 @@ import { Pool, errors as undiciErrors, type Dispatcher } from 'undici';
 import type { AuditEventInput } from '../audit/types.ts';
 import { isBrokerError } from '../errors.ts';
 import { AuthFailureLog } from '../server/auth-failures.ts';
+import { Budget, sourceOf, type Rate } from '../server/limits.ts';
 import { outcomeOfStatus, proxyRecord, statusBody, statusMessage, statusReason, type ProxiedRequest, type SessionTask } from './record.ts';
 import { isStreaming, requestInfo, targetProblem } from './request-info.ts';
 import type { SessionTokens } from './session.ts';
@@ -67,7 +68,14 @@ export interface ProxyOptions {
   ready?: Promise<void> | undefined;
   /** Prometheus metrics (src/server/metrics.ts): requests by outcome and duration, open streams. */
   metrics?: ProxyMetrics | undefined;
+  /** Rate budgets: per source address before anything is checked, per agent once its session is; beyond, 429 with Retry-After. */
+  limits?: { perSource?: Rate | undefined; perAgent?: Rate | undefined; failureLogIntervalMs?: number | undefined } | undefined;
 }
+
+/** The proxy's budget per agent: kubectl's discovery alone can make dozens of requests at once. */
+export const PROXY_PER_AGENT: Rate = { max: 1000, windowMs: 1000 };
+/** Connections one source may hold open to the proxy (each watch holds one). */
+export const PROXY_CONNECTIONS_PER_SOURCE = 1024;
 
 /** The metrics the proxy feeds (Metrics in src/server/metrics.ts has them). */
 export interface ProxyMetrics {
@@ -93,7 +101,9 @@ interface Refusal {
   code: number;
   message: string;
   record?: { task: SessionTask; req: ProxiedRequest } | undefined;
-  summary?: { category: 'no_credential' | 'rejected'; actor?: string | undefined; agent?: string | undefined } | undefined;
+  summary?: { category: 'no_credential' | 'rejected' | 'rate_limited'; actor?: string | undefined; agent?: string | undefined } | undefined;
+  /** Seconds, for a 429. */
+  retryAfter?: number | undefined;
 }
 
 export class KubeProxy {
@@ -107,6 +117,8 @@ export class KubeProxy {
   readonly #sockets = new Set<Socket | Duplex>();
   #url: string | undefined;
   #ready = false;
+  readonly #sourceBudget: Budget | undefined;
+  readonly #agentBudget: Budget | undefined;
   /** Answers being relayed as streams (watch, logs -f, large ones): cut when their task ends. */
   readonly #streams = new Set<{ task: string; cut: () => void }>();
   #streamCheck: NodeJS.Timeout | undefined;
@@ -116,6 +128,8 @@ export class KubeProxy {
     this.#upstreamUrl = new URL(options.upstream.server);
     this.#upstreamTimeoutMs = options.upstreamTimeoutMs ?? 60_000;
     this.#bufferBytes = options.bufferBytes ?? 1024 * 1024;
+    this.#sourceBudget = options.limits?.perSource ? new Budget(options.limits.perSource) : undefined;
+    this.#agentBudget = options.limits?.perAgent ? new Budget(options.limits.perAgent) : undefined;
     this.#pool = new Pool(this.#upstreamUrl.origin, {
       connect: { ...(options.upstream.ca ? { ca: options.upstream.ca } : {}), rejectUnauthorized: true },
       connections: null,
@@ -123,7 +137,7 @@ export class KubeProxy {
       headersTimeout: this.#upstreamTimeoutMs,
       bodyTimeout: this.#upstreamTimeoutMs,
     });
-    this.#failures = new AuthFailureLog({ append: (e) => options.audit.append({ ...e, details: { ...e.details, listener: 'proxy' } }), intervalMs: 10_000, maxSources: 100 });
+    this.#failures = new AuthFailureLog({ append: (e) => options.audit.append({ ...e, details: { ...e.details, listener: 'proxy' } }), intervalMs: options.limits?.failureLogIntervalMs ?? 10_000, maxSources: 100 });
     const serverOptions = { maxHeaderSize: options.maxHeaderBytes ?? 16 * 1024, requestTimeout: 0, headersTimeout: 10_000, keepAliveTimeout: 5_000 };
     this.#server = options.https ? createHttpsServer({ ...serverOptions, key: options.https.key, cert: options.https.cert }) : createHttpServer(serverOptions);
     this.#server.on('request', (req: IncomingMessage, res: ServerResponse) => {
@@ -154,6 +168,11 @@ export class KubeProxy {
       this.#sockets.add(socket);
       socket.once('close', () => this.#sockets.delete(socket));
     });
+  }
+
+  /** The listening server (for connection caps: src/server/limits.ts guardConnections). */
+  get server(): Server {
+    return this.#server;
   }
 
   /** The URL clients reach the proxy at, once listening. */
@@ -196,12 +215,17 @@ export class KubeProxy {
       this.#ready = true;
     }
     const source = normalise(req.socket.remoteAddress ?? 'unknown');
+    const bySource = this.#sourceBudget?.spend(sourceOf(req.socket.remoteAddress));
+    if (bySource?.over) {
+      return { ok: false, refusal: { code: 429, message: 'too many requests from this address: slow down', summary: { category: 'rate_limited' }, retryAfter: bySource.retryAfter } };
+    }
     const auths: string[] = [];
     let impersonation: string | undefined;
     for (let i = 0; i < req.rawHeaders.length; i += 2) {
       const name = req.rawHeaders[i]!.toLowerCase();
       if (name === 'authorization') auths.push(req.rawHeaders[i + 1]!);
-      else if (name.startsWith('impersonate-')) impersonation ??= req.rawHeaders[i]!;
+      // Impersonation, and the request-header authentication of an authenticating front proxy.
+      else if (name.startsWith('impersonate-') || name.startsWith('x-remote-')) impersonation ??= req.rawHeaders[i]!;
     }
     if (auths.length === 0) {
       return { ok: false, refusal: { code: 401, message: 'no session token: the proxy takes the token `broker credential --via proxy` hands kubectl (use a kubeconfig from `broker kubeconfig --via proxy`)', summary: { category: 'no_credential' } } };
@@ -224,6 +248,13 @@ export class KubeProxy {
           message: `task ${claims.task} is not active: it has ended, expired or been revoked (start a task, and kubectl asks the exec plugin again)`,
           summary: { category: 'rejected', actor: `agent:${claims.agent}`, agent: claims.agent },
         },
+      };
+    }
+    const byAgent = this.#agentBudget?.spend(task.agent);
+    if (byAgent?.over) {
+      return {
+        ok: false,
+        refusal: { code: 429, message: `agent "${task.agent}" is over the proxy's request budget: slow down`, summary: { category: 'rate_limited', actor: `agent:${task.agent}`, agent: task.agent }, retryAfter: byAgent.retryAfter },
       };
     }
     const url = req.url ?? '';
@@ -270,6 +301,7 @@ export class KubeProxy {
   async #refuse(req: IncomingMessage, res: ServerResponse, r: Refusal): Promise<void> {
     const recorded = await this.#recordRefusal(r, normalise(req.socket.remoteAddress ?? 'unknown'));
     const [code, message] = recorded ? [r.code, r.message] : [503, 'the broker cannot record requests now (its audit log cannot be written): nothing is forwarded'];
+    if (code === 429 && r.retryAfter !== undefined) res.setHeader('retry-after', String(Math.max(1, Math.ceil(r.retryAfter))));
     sendStatus(res, code, message);
     req.resume();
   }

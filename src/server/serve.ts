@@ -33,11 +33,11 @@ import { StateSigner } from '../state-signature.ts';
 import { TaskService } from '../tasks/service.ts';
 import { TaskStore } from '../tasks/store.ts';
 import { Sweeper } from '../tasks/sweeper.ts';
-import { KubeProxy } from '../proxy/server.ts';
+import { KubeProxy, PROXY_CONNECTIONS_PER_SOURCE, PROXY_PER_AGENT } from '../proxy/server.ts';
 import { SessionTokens } from '../proxy/session.ts';
 import { buildApp, type AppDeps } from './app.ts';
 import { checkOwnCredential, type CredentialReport } from './credential-check.ts';
-import { capTokenReviews, DEFAULT_LIMITS, formatRate, type Limits } from './limits.ts';
+import { capTokenReviews, DEFAULT_LIMITS, formatRate, guardConnections, type Limits, type Rate } from './limits.ts';
 import { Metrics } from './metrics.ts';
 import { prepareKubeAudit, readWebhookToken } from './kube-audit.ts';
 import { listenError, probeListen } from './listen.ts';
@@ -91,6 +91,8 @@ export interface ProxyServeOptions {
   recordings?: string | undefined;
   /** How long an upstream answer's headers may take; default 60 s. */
   upstreamTimeoutMs?: number | undefined;
+  /** Requests one agent may make through the proxy (default PROXY_PER_AGENT, 1000/1s); undefined in a given object: none. */
+  perAgent?: Rate | undefined;
 }
 
 export interface RunningBroker {
@@ -326,7 +328,9 @@ async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<R
       upstreamTimeoutMs: opts.proxy.upstreamTimeoutMs,
       ready: started,
       metrics,
+      limits: { perSource: limits.perSource, perAgent: 'perAgent' in opts.proxy ? opts.proxy.perAgent : PROXY_PER_AGENT, failureLogIntervalMs: limits.failureLogIntervalMs },
     }));
+    guardConnections(proxy.server, { maxConnections: limits.maxConnections, maxConnectionsPerSource: PROXY_CONNECTIONS_PER_SOURCE }, metrics);
     try {
       proxyUrl = await proxy.listen(opts.proxy.host, opts.proxy.port);
     } catch (err) {

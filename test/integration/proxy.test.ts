@@ -271,6 +271,7 @@ describe('Kubernetes API proxy: the agent connects to the broker, the broker to 
     const cases: Array<[string, string, string[], RegExp]> = [
       ['impersonation', 'GET /api/v1/namespaces/vault/configmaps HTTP/1.1', ['Impersonate-User: system:admin'], /^HTTP\/1\.1 403/],
       ['impersonate group', 'GET /api/v1/namespaces/vault/configmaps HTTP/1.1', ['Impersonate-Group: system:masters'], /^HTTP\/1\.1 403/],
+      ['front-proxy user header', 'GET /api/v1/namespaces/vault/configmaps HTTP/1.1', ['X-Remote-User: system:admin'], /^HTTP\/1\.1 403/],
       ['second Authorization', 'GET /api/v1/namespaces/vault/configmaps HTTP/1.1', ['Authorization: Bearer something-else'], /^HTTP\/1\.1 400/],
       ['encoded slash', 'GET /api/v1/namespaces/web/configmaps/..%2f..%2fvault HTTP/1.1', [], /^HTTP\/1\.1 400/],
       ['dot segments', 'GET /api/v1/namespaces/web/../vault/configmaps HTTP/1.1', [], /^HTTP\/1\.1 400/],
@@ -286,8 +287,9 @@ describe('Kubernetes API proxy: the agent connects to the broker, the broker to 
     assert.equal(refused.length, cases.length, JSON.stringify(refused, null, 1));
     assert.ok(refused.every((r) => r.outcome === 'denied'));
     assert.match(refused[0]!.reason, /Impersonate-User/);
-    assert.match(refused[2]!.reason, /more than one Authorization/);
-    assert.match(refused[6]!.reason, /CONNECT/);
+    assert.match(refused[2]!.reason, /X-Remote-User/);
+    assert.match(refused[3]!.reason, /more than one Authorization/);
+    assert.match(refused[7]!.reason, /CONNECT/);
     await sleep(1000);
     const reached = apiServerEvents()
       .slice(before)
@@ -425,6 +427,33 @@ describe('Kubernetes API proxy: the agent connects to the broker, the broker to 
       assert.equal((await run(BROKER, ['task', 'end', 'strict'], strictEnv)).code, 0);
     } finally {
       await strict.stop();
+    }
+  });
+
+  test('an agent over the proxy\'s request budget gets 429 with Retry-After, summarised in the log, not one record each', async () => {
+    const auditLog = join(env.dir, 'budget-audit.jsonl');
+    const tight = await env.startBroker({ auditLog, tls: env.cluster.servingCert, extraArgs: ['--proxy-listen', '127.0.0.1:0', '--proxy-rate-limit-agent', '5/10s', '--auth-failure-log-interval', '1s'] });
+    try {
+      const proxy = (await call(tight, 'GET', '/v1/cluster', alphaToken)).body.proxy.server as string;
+      const started = await call(tight, 'POST', '/v1/tasks', alphaToken, { template: 'config-editor', namespace: 'web', name: 'budget' });
+      assert.equal(started.status, 201);
+      const token = (await call(tight, 'POST', '/v1/tasks/budget/credential?via=proxy', alphaToken)).body.token as string;
+      const statuses: number[] = [];
+      let retryAfter: string | null = null;
+      for (let i = 0; i < 8; i++) {
+        const res = await pfetch(`${proxy}/api/v1/namespaces/web/configmaps`, { headers: { authorization: `Bearer ${token}` } });
+        await res.text();
+        statuses.push(res.status);
+        if (res.status === 429) retryAfter = res.headers.get('retry-after');
+      }
+      assert.deepEqual(statuses, [200, 200, 200, 200, 200, 429, 429, 429]);
+      assert.ok(Number(retryAfter) >= 1 && Number(retryAfter) <= 10, `Retry-After ${retryAfter}`);
+      const summary = await until('the throttling summary', 5_000, async () => tight.auditRecords().find((r) => r.type === 'request.throttled' && r.agent === 'alpha'));
+      assert.equal(summary.details.count, 3);
+      assert.equal(tight.auditRecords().filter((r) => r.type === 'k8s.request' && r.task === started.body.id).length, 5, 'one record per forwarded request, none per refusal');
+      await call(tight, 'DELETE', '/v1/tasks/budget', alphaToken);
+    } finally {
+      await tight.stop();
     }
   });
 });
