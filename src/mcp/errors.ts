@@ -30,7 +30,7 @@ export class ToolFailure extends BrokerError {
 }
 
 // The broker's messages end with the CLI command that would help; the agent gets a tool instead.
-const CLI_TAIL = /;? ?(?:wait for it with|end it with|start it again with): broker .*$/;
+const CLI_TAIL = /[;:]? ?(?:wait for it with|end it with|start it again with): broker .*$/;
 
 /** The next step for a code, in tool terms, when the failure names none itself. */
 function nextStep(code: ErrorCode, field: string | undefined): string | undefined {
@@ -40,6 +40,8 @@ function nextStep(code: ErrorCode, field: string | undefined): string | undefine
     case 'unknown_template':
     case 'forbidden':
       return field === 'template' || code === 'unknown_template' ? 'call list_templates for the templates you may start' : undefined;
+    case 'invalid_argument':
+      return field ? `call the tool again with a valid "${field}" (its input schema describes each argument)` : undefined;
     case 'namespace_not_allowed':
       return 'call start_task again with one of the namespaces the template allows (list_templates shows them)';
     case 'ttl_out_of_range':
@@ -87,7 +89,7 @@ export function toolError(err: unknown): CallToolResult {
 }
 
 /** The code at the start of a tool error's text (for tests and clients that branch on it). */
-export function errorCodeOf(result: { isError?: boolean; content?: unknown }): string | undefined {
+export function errorCodeOf(result: { isError?: boolean | undefined; content?: unknown }): string | undefined {
   if (!result.isError || !Array.isArray(result.content)) return undefined;
   const first = result.content[0] as { type?: string; text?: string } | undefined;
   return first?.type === 'text' ? /^([a-z_]+):/.exec(first.text ?? '')?.[1] : undefined;

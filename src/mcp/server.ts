@@ -277,8 +277,10 @@ function argumentError(tool: ToolName, e: ErrorObject | undefined): BrokerError 
       message = `"${arg}" is required`;
       break;
     case 'additionalProperties':
-      message = `${tool} takes no argument "${printable(arg)}"; it takes ${allowed.map((a) => `"${a}"`).join(', ') || 'none'}`;
-      break;
+      return new ToolFailure('invalid_argument', `${tool} takes no argument "${printable(arg)}"; it takes ${allowed.map((a) => `"${a}"`).join(', ') || 'none'}`, {
+        field: printable(arg),
+        next: `call ${tool} again without "${printable(arg)}"`,
+      });
     default:
       message = `"${arg}" ${e.message ?? 'is not valid'}`;
   }
