@@ -18,8 +18,8 @@ trap cleanup EXIT
 echo '== an administrator: a local cluster, the policy applied'
 eval "$("$broker" dev-cluster up)"          # exports KUBECONFIG (admin) and TASK_BROKER_CLUSTER_DIR
 "$kubectl" create namespace demo
-"$kubectl" create namespace agents
-"$kubectl" create serviceaccount demo-agent -n agents
+"$kubectl" create namespace admins
+"$kubectl" create serviceaccount admin -n admins   # the administrator's identity at the broker
 "$broker" policy apply docs/examples/quickstart-policy.yaml --kubeconfig "$KUBECONFIG"
 
 echo '== the broker: its own ServiceAccount (in broker.namespace, task-broker-system), nothing more'
@@ -37,9 +37,14 @@ for _ in $(seq 100); do grep -q 'listening on' "$work/serve.out" 2>/dev/null && 
 export BROKER_URL=$(sed -n 's/^listening on //p' "$work/serve.out")
 echo "broker at $BROKER_URL"
 
-echo '== the agent: an identity, no standing access'
-"$kubectl" create token demo-agent -n agents --audience task-broker --duration 1h >"$work/agent.token"
-export BROKER_IDENTITY_TOKEN_FILE=$work/agent.token
+echo '== the agent: an agent key, enrolled once with a one-time code; no token file, no standing access'
+code=$(BROKER_IDENTITY_TOKEN=$("$kubectl" create token admin -n admins --audience task-broker --duration 10m) \
+  "$broker" agent register demo-agent)
+# No OS keychain here (CI, a container): the key is printed once and kept in this shell only. On a
+# desktop, `broker agent enroll "$code"` keeps it in the OS keychain instead.
+BROKER_AGENT_KEY=$("$broker" agent enroll "$code" --print-key | sed -n 's/^BROKER_AGENT_KEY=//p')
+export BROKER_AGENT_KEY
+"$broker" whoami
 unset KUBECONFIG
 "$broker" kubeconfig --task read-pods --output "$work/agent.kubeconfig"
 export KUBECONFIG=$work/agent.kubeconfig
