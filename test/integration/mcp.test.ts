@@ -260,6 +260,16 @@ describe('broker mcp: an LLM agent asks for access in its own language, over MCP
     const endAgain = await call('end_task', { task: 'read-pods' });
     assert.equal(errorCodeOf(endAgain), 'no_active_task', text(endAgain));
     assert.match(text(endAgain), /start_task/);
+
+    // The same kubernetes-mcp-server, untouched, works again for the next task of that name, and not after it.
+    const next = await call('start_task', { template: 'read-pods', namespace: 'web', reason: 'one more look' });
+    assert.ok(!next.isError, text(next));
+    assert.equal(next.structuredContent!['kubeconfig'].path, kubeconfig['path']);
+    const again2 = await list('web');
+    assert.ok(!again2.isError, `${text(again2)}\n${kmsStderr}`);
+    assert.match(text(again2), /web-1/);
+    assert.ok(!(await call('end_task', { task: 'read-pods' })).isError);
+    assert.equal((await list('web')).isError, true);
   });
 
   test('a gated template: approval_required naming the request and who approves; approved by another identity; then wait returns the task', async () => {
