@@ -10,6 +10,7 @@
  * file is CommonJS, like the plugin); the integration tests run both against the same broker.
  */
 import type * as CryptoModule from 'node:crypto';
+import type * as HttpModule from 'node:http';
 
 export interface PluginIdentity {
   source: string;
@@ -65,7 +66,41 @@ function keychainGet(env: NodeJS.ProcessEnv, account: string, fail: (message: st
   }
 }
 
-/** A person's login: the refresh token traded for an ID token at the issuer's token endpoint (global fetch, loaded only here). */
+/**
+ * One GET (or, with `form`, a form POST) to the issuer, its body as text; no redirect followed, 10 s
+ * at most. node:http(s) rather than fetch: fetch's first use costs the plugin far more start-up.
+ */
+function request(url: string, form?: string): Promise<string> {
+  const u = new URL(url);
+  const http = process.getBuiltinModule(u.protocol === 'https:' ? 'node:https' : 'node:http') as typeof HttpModule;
+  return new Promise((done, failed) => {
+    const req = http.request(
+      u,
+      {
+        method: form === undefined ? 'GET' : 'POST',
+        timeout: 10_000,
+        headers: { accept: 'application/json', ...(form === undefined ? {} : { 'content-type': 'application/x-www-form-urlencoded', 'content-length': Buffer.byteLength(form) }) },
+      },
+      (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (c: Buffer) => chunks.push(c));
+        res.on('end', () => {
+          const text = Buffer.concat(chunks).toString('utf8');
+          const status = res.statusCode ?? 0;
+          if (status >= 300 && status < 400) failed(new Error(`status ${status}, a redirect (not followed)`));
+          else if (status >= 400 && !text.startsWith('{')) failed(new Error(`status ${status}`));
+          else done(text);
+        });
+        res.on('error', failed);
+      },
+    );
+    req.on('timeout', () => req.destroy(new Error('timed out after 10 s')));
+    req.on('error', failed);
+    req.end(form);
+  });
+}
+
+/** A person's login: the refresh token traded for an ID token at the issuer's token endpoint. */
 function loginIdentity(text: string, env: NodeJS.ProcessEnv, account: string, fail: (message: string) => Error): PluginIdentity {
   let stored: { issuer?: unknown; clientId?: unknown; refreshToken?: unknown };
   try {
@@ -80,16 +115,11 @@ function loginIdentity(text: string, env: NodeJS.ProcessEnv, account: string, fa
     async authorization() {
       let idToken: unknown;
       try {
-        const meta = (await (await fetch(`${issuer.replace(/\/$/, '')}/.well-known/openid-configuration`, { redirect: 'error' })).json()) as { token_endpoint?: string };
+        const meta = JSON.parse(await request(`${issuer.replace(/\/$/, '')}/.well-known/openid-configuration`)) as { token_endpoint?: string };
         if (typeof meta.token_endpoint !== 'string') throw new Error('no token_endpoint');
-        const res = await fetch(meta.token_endpoint, {
-          method: 'POST',
-          redirect: 'error',
-          headers: { 'content-type': 'application/x-www-form-urlencoded', accept: 'application/json' },
-          body: new URLSearchParams({ grant_type: 'refresh_token', refresh_token: refreshToken, client_id: clientId, scope: 'openid offline_access profile' }),
-        });
-        const body = (await res.json()) as { id_token?: unknown; refresh_token?: unknown; error?: unknown };
-        if (!res.ok) throw new Error(typeof body.error === 'string' ? body.error : `status ${res.status}`);
+        const form = new URLSearchParams({ grant_type: 'refresh_token', refresh_token: refreshToken, client_id: clientId, scope: 'openid offline_access profile' }).toString();
+        const body = JSON.parse(await request(meta.token_endpoint, form)) as { id_token?: unknown; refresh_token?: unknown; error?: unknown };
+        if (typeof body.error === 'string') throw new Error(body.error);
         idToken = body.id_token;
         // An issuer that rotates refresh tokens has just used this one up: the new one goes back to the keychain.
         if (typeof body.refresh_token === 'string' && body.refresh_token !== refreshToken) {
