@@ -8,10 +8,12 @@ import { BrokerError } from '../errors.ts';
 import { AgentKeyAuthenticator, ENROL_PATH } from '../identity/agent-key-authenticator.ts';
 import { publicKeyOf } from '../identity/agent-proof.ts';
 import { actorOf, type Caller } from '../identity/types.ts';
+import { DNS_LABEL_PATTERN } from '../policy/schema.ts';
 import { toView } from '../tasks/model.ts';
 import type { AppDeps } from './app.ts';
 
-const agentParam = { params: { type: 'object', properties: { name: { type: 'string', minLength: 1, maxLength: 63 } } } } as const;
+// An agent name is a DNS label (the policy's own rule): nothing else of the caller's text reaches a message or record.
+const agentParam = { params: { type: 'object', properties: { name: { type: 'string', pattern: DNS_LABEL_PATTERN } } } } as const;
 
 export function registerAgentRoutes(app: FastifyInstance, deps: AppDeps): void {
   const keys = (): AgentKeyAuthenticator => {

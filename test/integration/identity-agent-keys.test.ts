@@ -28,6 +28,8 @@ const POLICY =
 describe('agent keys (issue 14)', () => {
   let env: BrokerEnv;
   let broker: BrokerProcess;
+  /** A second replica: same cluster, its own audit log. */
+  let replica: BrokerProcess;
   let keyring: TestKeyring;
   let admin: string;
   let alpha: string;
@@ -48,10 +50,12 @@ describe('agent keys (issue 14)', () => {
       },
     });
     broker = await env.startBroker({ extraArgs: ['--auth-failure-log-interval', '1s', '--auth-failure-limit', '1000/10s'] });
+    replica = await env.startBroker({ auditLog: join(env.dir, 'replica-audit.jsonl'), extraArgs: ['--auth-failure-limit', '1000/10s'] });
     admin = await env.agentToken('admin');
     alpha = await env.agentToken('alpha');
   });
   after(async () => {
+    await replica?.stop();
     await broker?.stop();
     await env?.stop();
     await keyring?.stop();
@@ -74,6 +78,8 @@ describe('agent keys (issue 14)', () => {
     assert.match(notAdmin.stderr, /is not an administrator.*\[forbidden\]/);
     const unknown = await cli(['agent', 'register', 'nobody'], { BROKER_IDENTITY_TOKEN: admin });
     assert.match(unknown.stderr, /agent "nobody" is not in the policy/);
+    const odd = await fetch(`${broker.url}/v1/agents/${encodeURIComponent('a\u001b[2Jb')}/enrolment`, { method: 'POST', headers: { authorization: `Bearer ${admin}`, 'content-type': 'application/json' }, body: '{}' });
+    assert.equal(odd.status, 400, 'a name that is no DNS label is refused before it is used');
     const code = await register('keyed');
     const log = readFileSync(broker.auditLog, 'utf8');
     assert.ok(!log.includes(code.slice(5)), 'the code is not in the audit log');
@@ -185,6 +191,10 @@ describe('agent keys (issue 14)', () => {
     const keyed = JSON.parse(list.stdout).agents.find((a: { name: string }) => a.name === 'keyed');
     assert.equal(keyed.activeTasks, 1);
     assert.ok(keyed.key.fingerprint);
+    // The key is in the cluster: the other replica takes the agent's proofs too.
+    const key = parseAgentKey(readKeychainKey());
+    const onReplica = () => fetch(`${replica.url}/v1/whoami`, { headers: { authorization: proofHeader(key, 'GET', `${replica.url}/v1/whoami`) } });
+    assert.equal((await onReplica()).status, 200, 'the replica knows the enrolled key');
     const revoked = await cli(['agent', 'revoke', 'keyed', '-o', 'json'], { BROKER_IDENTITY_TOKEN: admin });
     assert.equal(revoked.code, 0, revoked.stderr);
     assert.deepEqual(JSON.parse(revoked.stdout).tasksEnded.map((t: { name: string }) => t.name), ['keyed-run']);
@@ -197,6 +207,12 @@ describe('agent keys (issue 14)', () => {
       assert.match(res.stderr, /the broker did not accept the identity from keychain \(agent key\)/, build);
     }
     assert.deepEqual((await env.taskObjects()).roleBindings, []);
+    // The other replica refuses it as soon as its watch sees the deletion.
+    const revokedAt = Date.now();
+    let status = 200;
+    while (status === 200 && Date.now() - revokedAt < 5_000) status = (await onReplica()).status;
+    assert.equal(status, 401, 'the replica still took the revoked key after 5 s');
+    console.log(`the second replica refused the revoked key after ${Date.now() - revokedAt} ms`);
     assert.ok(broker.auditRecords().some((r) => r.type === 'agent.revoked' && r.agent === 'keyed'));
   });
 
