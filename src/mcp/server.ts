@@ -85,7 +85,8 @@ export function createMcpServer(deps: McpDeps): Server {
       const meta = request.params._meta as { progressToken?: string | number } | undefined;
       return await run(name, args, { ...extra, _meta: meta });
     } catch (err) {
-      if (!isBrokerError(err)) deps.log(`broker mcp: ${name} failed: ${err instanceof Error ? `${err.name}: ${err.message}` : String(err)}`);
+      if (extra.signal.aborted) deps.log(`broker mcp: ${name} cancelled by the client`);
+      else if (!isBrokerError(err)) deps.log(`broker mcp: ${name} failed: ${err instanceof Error ? `${err.name}: ${err.message}` : String(err)}`);
       return toolError(err);
     }
   });
@@ -173,6 +174,11 @@ export function createMcpServer(deps: McpDeps): Server {
         });
       }
       started = await waitForApproval(c, request, id, args['wait_timeout'] as string, extra);
+    }
+    if (extra.signal.aborted) {
+      // Cancelled (or the client gone) while the start was in flight: nobody would learn of this task.
+      await c.endTask(started.id).catch((err: unknown) => deps.log(`broker mcp: task ${started.id} started after its call was cancelled, and could not be ended: ${(err as Error).message}`));
+      throw new BrokerError('internal', 'the call was cancelled; the task it started was ended again');
     }
     const task = taskOf(started);
     let path: string;
