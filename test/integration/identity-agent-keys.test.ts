@@ -158,6 +158,18 @@ describe('agent keys (issue 14)', () => {
     assert.equal(JSON.parse(tasks.stdout).tasks.length, 1, 'the task a wrong-method proof tried to end is still there');
   });
 
+  test('one enrolment code used by four requests at once: exactly one enrols', async () => {
+    const code = await register('boxed');
+    const attempt = () =>
+      fetch(`${broker.url}/v1/agents/enroll`, {
+        method: 'POST',
+        headers: { authorization: `Enrolment ${code}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ publicKey: newAgentKey().publicKey }),
+      }).then((r) => r.status);
+    const statuses = (await Promise.all([attempt(), attempt(), attempt(), attempt()])).sort();
+    assert.deepEqual(statuses, [201, 401, 401, 401]);
+  });
+
   test('no keychain: enroll fails before using the code, naming the alternatives; --print-key then BROKER_AGENT_KEY works', async () => {
     const code = await register('boxed');
     const bare = { HOME: keyring.home }; // no session bus
