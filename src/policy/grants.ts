@@ -28,9 +28,11 @@ export interface GatedReason {
  */
 export const DEFAULT_GATED_REASONS: readonly GatedReason[] = [
   ...pairs(['delete'], 'namespaces', '', 'deletes a namespace and everything in it'),
-  ...pairs(['create'], 'pods/exec', '', 'can run commands inside a running container'),
-  ...pairs(['create'], 'pods/attach', '', "can take over a running container's terminal"),
-  ...pairs(['create'], 'pods/portforward', '', "can connect to a pod's ports from outside the cluster"),
+  // `get` too: kubectl's WebSocket exec, attach and port-forward are GET requests, which API servers
+  // before 1.30 authorize with `get` alone (1.30 and later also ask for `create`).
+  ...pairs(['create', 'get'], 'pods/exec', '', 'can run commands inside a running container'),
+  ...pairs(['create', 'get'], 'pods/attach', '', "can take over a running container's terminal"),
+  ...pairs(['create', 'get'], 'pods/portforward', '', "can connect to a pod's ports from outside the cluster"),
   ...pairs(['get', 'list', 'watch'], 'secrets', '', 'can read Secrets: passwords, keys and ServiceAccount tokens'),
   ...pairs(['escalate'], '*', '*', 'can write roles that grant more than it holds'),
   ...pairs(['bind'], '*', '*', 'can bind roles it does not hold'),

@@ -97,7 +97,7 @@ test('defaults are applied when keys are absent: broker settings, default gated 
   });
   assert.deepEqual(p.people, []);
   assert.deepEqual(p.gated, DEFAULT_GATED);
-  assert.equal(p.gated.length, 41);
+  assert.equal(p.gated.length, 44);
   assert.notEqual(p.gated, DEFAULT_GATED, 'the policy gets its own copy');
   assert.deepEqual(p.defaultApproval, { approvers: ['sre', 'sec'], required: 1 });
   assert.equal(p.templates[0]!.clusterRole, 'view');
@@ -111,8 +111,11 @@ test('the default gated set is the documented one', () => {
     [
       'delete core/namespaces',
       'create core/pods/exec',
+      'get core/pods/exec',
       'create core/pods/attach',
+      'get core/pods/attach',
       'create core/pods/portforward',
+      'get core/pods/portforward',
       'get core/secrets',
       'list core/secrets',
       'watch core/secrets',
@@ -393,7 +396,7 @@ test('a template whose rules touch the gated set needs declared approver groups'
   const exec = MINIMAL.replace('    clusterRole: view\n', '    rules:\n      - resources: ["pods/*"]\n        verbs: ["*"]\n');
   const issues = issuesOf(exec);
   assert.deepEqual(where(issues), ['12 templates[0].rules']);
-  assert.match(issues[0]!.message, /gated access \(create pods\/exec and 5 more\).*no approver groups/);
+  assert.match(issues[0]!.message, /gated access \(create pods\/exec and 8 more\).*no approver groups/);
   parsePolicy(exec + 'approvers:\n  - name: sre\n    members: [{ oidc: { issuer: "https://idp", subject: a } }]\n');
 });
 
@@ -650,7 +653,7 @@ test('policy check prints a summary of a valid file', async () => {
   assert.equal(res.code, 0, res.stderr);
   assert.equal(
     res.stdout,
-    `${example}: valid: 2 agents, 2 people, 4 templates, 41 gated pairs, 2 approver groups\n` +
+    `${example}: valid: 2 agents, 2 people, 4 templates, 44 gated pairs, 2 approver groups\n` +
       '  person: alice (oidc https://login.example.com alice; oidc https://sso.example.org alice@example.com)\n' +
       '  person: bob (oidc https://login.example.com bob)\n' +
       '  gated: debug-exec (create pods/exec): needs 2 approval(s) from sre, security\n' +
@@ -666,7 +669,7 @@ test('policy check prints a summary of a valid file', async () => {
         { name: 'bob', identities: ['oidc https://login.example.com bob'] },
       ],
       templates: 4,
-      gated: 41,
+      gated: 44,
       approverGroups: 2,
       gatedTemplates: [{ template: 'debug-exec', hits: ['create pods/exec'], approvers: ['sre', 'security'], required: 2 }],
       clusterRoleTemplates: [{ template: 'view', clusterRole: 'view' }],
@@ -700,11 +703,12 @@ test('policy check names every template that holds a default gated pair, with th
   assert.equal(text.code, 0, text.stderr);
   assert.equal(json.code, 0, json.stderr);
   const summary = (JSON.parse(json.stdout) as { summary: { gatedTemplates: Array<{ template: string; hits: string[] }>; reasons: Record<string, string> } }).summary;
-  const persistent = DEFAULT_GATED_REASONS.slice(10);
-  assert.ok(persistent.every((r) => /outlive|any account|any ServiceAccount|after the task ends/.test(r.reason)), 'the pairs after the first ten are the persistence-capable ones');
+  // The first thirteen: the old defaults (and `get` on exec, attach, port-forward: kubectl's WebSocket verb).
+  const persistent = DEFAULT_GATED_REASONS.slice(13);
+  assert.ok(persistent.every((r) => /outlive|any account|any ServiceAccount|after the task ends/.test(r.reason)), 'the pairs after the first thirteen are the persistence-capable ones');
   for (const [i, { pair, reason }] of DEFAULT_GATED_REASONS.entries()) {
     const shown = `${pair.verb} ${pair.apiGroup ? `${pair.apiGroup}/` : ''}${pair.resource}`;
-    await t.test(`${i < 10 ? 'old default' : 'persistence-capable'}: ${shown}`, () => {
+    await t.test(`${i < 13 ? 'old default' : 'persistence-capable'}: ${shown}`, () => {
       assert.deepEqual(summary.gatedTemplates.find((g) => g.template === `t${i}`)?.hits, [shown]);
       assert.equal(summary.reasons[shown], reason);
       const line = `  gated: t${i} (${shown}): needs 1 approval(s) from sre\n    ${shown}: ${reason}\n`;
