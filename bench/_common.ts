@@ -2,7 +2,8 @@
  * Shared pieces of the broker benchmarks: a BrokerEnv that is always torn down (also on failure and
  * on Ctrl-C), percentiles, and a plain-text table.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { BrokerEnv, BrokerProcess } from '../test/helpers/broker.ts';
 
@@ -72,6 +73,14 @@ export function spawnListening(script: string, args: string[]): Promise<{ url: s
     child.once('exit', (code) => fail(new Error(`${script} exited with ${code} before listening`)));
   });
 }
+
+/** CPU time (user + system) a process (or one of its threads) has used so far, ms (/proc). */
+export function cpuMs(pid: number, thread?: number): number {
+  const stat = readFileSync(thread === undefined ? `/proc/${pid}/stat` : `/proc/${pid}/task/${thread}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) * (1000 / CLOCK_TICKS);
+}
+const CLOCK_TICKS = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
 
 export function percentile(xs: readonly number[], p: number): number {
   if (xs.length === 0) return NaN;
