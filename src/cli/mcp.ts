@@ -1,4 +1,4 @@
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { Command, Option } from 'commander';
 import type { BrokerFlags } from './broker-options.ts';
 
@@ -46,6 +46,7 @@ export function mcpCommand(): Command {
         via: flags.via,
         plugin: flags.plugin === 'auto' ? undefined : flags.plugin,
         readFile: (path) => readFileSync(path),
+        exists: existsSync,
         version: (JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }).version,
         log,
       });

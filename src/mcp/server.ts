@@ -32,6 +32,7 @@ export interface McpDeps {
   plugin?: PluginKind | undefined;
   /** The CA file of the broker (BROKER_CA): the exec entry's --broker-ca, and the proxy's CA. */
   readFile: (path: string) => Buffer;
+  exists: (path: string) => boolean;
   version: string;
   /** Between two looks at an approval request. Default 1000 ms. */
   pollMs?: number;
@@ -108,9 +109,9 @@ export function createMcpServer(deps: McpDeps): Server {
         const task = taskOf(await getClient().getTask(args['task'] as string));
         const path = kubeconfigPath(deps.kubeconfigDir, task.name);
         const state = (task as { state?: string }).state ?? 'active';
-        return result(`task ${task.name} (${task.id}): ${state}, ${task.template} in ${task.namespace}, ${state === 'active' ? `until ${task.expiresAt}; kubeconfig ${path}` : `ended ${(task as { endedAt?: string }).endedAt ?? ''}`}`, {
+        return result(`task ${task.name} (${task.id}): ${state}, ${task.template} in ${task.namespace}, ${state === 'active' ? `until ${task.expiresAt}${deps.exists(path) ? `; kubeconfig ${path}` : ''}` : `ended ${(task as { endedAt?: string }).endedAt ?? ''}`}`, {
           task,
-          ...(state === 'active' ? { kubeconfig: path } : {}),
+          ...(state === 'active' && deps.exists(path) ? { kubeconfig: path } : {}),
         });
       }
       case 'list_tasks': {

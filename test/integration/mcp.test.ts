@@ -272,6 +272,25 @@ describe('broker mcp: an LLM agent asks for access in its own language, over MCP
     assert.equal((await list('web')).isError, true);
   });
 
+  test('--via direct: the kubeconfig points at the API server; kubernetes-mcp-server works with the task token, and not after end_task', async () => {
+    const direct = await connect(BROKER, ['mcp', '--via', 'direct', '--kubeconfig-dir', join(home, 'direct')], (s) => (mcpStderr += s));
+    const started = (await direct.callTool({ name: 'start_task', arguments: { template: 'read-pods', namespace: 'web', name: 'direct', reason: 'the API server itself' } })) as Result;
+    assert.ok(!started.isError, text(started));
+    const kubeconfig = started.structuredContent!['kubeconfig'] as Rec;
+    assert.deepEqual([kubeconfig['path'], kubeconfig['via'], kubeconfig['server']], [join(home, 'direct/direct.kubeconfig'), 'direct', env.cluster.server]);
+    assert.doesNotMatch(readFileSync(kubeconfig['path'], 'utf8'), /token|--via/i);
+    const kms = await connect(KUBERNETES_MCP_SERVER, ['--kubeconfig', kubeconfig['path'], '--log-file', 'stderr', '--disable-multi-cluster'], () => undefined);
+    const list = () => kms.callTool({ name: 'pods_list_in_namespace', arguments: { namespace: 'web' } }) as Promise<Result>;
+    const allowed = await list();
+    assert.ok(!allowed.isError, text(allowed));
+    assert.match(text(allowed), /web-1/);
+    assert.ok(!((await direct.callTool({ name: 'end_task', arguments: { task: 'direct' } })) as Result).isError);
+    // The task token it holds in memory is refused at once: its RoleBinding went first.
+    const refused = await list();
+    assert.equal(refused.isError, true, text(refused));
+    assert.match(text(refused), /forbidden/i);
+  });
+
   test('a gated template: approval_required naming the request and who approves; approved by another identity; then wait returns the task', async () => {
     const args = { template: 'exec-web', namespace: 'web', reason: 'restart the stuck worker' };
     const refused = await call('start_task', args);

@@ -38,7 +38,7 @@ function fakeClient(over: Partial<Record<keyof BrokerClient, unknown>> = {}) {
 }
 
 async function connect(client: BrokerClient, kubeconfigDir: string) {
-  const server = createMcpServer({ client: () => client, kubeconfigDir, readFile: readFileSync, version: '0.0.0', log: () => undefined });
+  const server = createMcpServer({ client: () => client, kubeconfigDir, readFile: readFileSync, exists: existsSync, version: '0.0.0', log: () => undefined });
   const [a, b] = InMemoryTransport.createLinkedPair();
   await server.connect(a);
   const c = new Client({ name: 'unit', version: '1' });
