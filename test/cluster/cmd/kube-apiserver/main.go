@@ -51,7 +51,7 @@ func main() {
 		go func() {
 			_, _ = io.Copy(io.Discard, os.Stdin)
 			if *removeOnExit != "" {
-				_ = os.RemoveAll(*removeOnExit)
+				removeSettled(*removeOnExit)
 			}
 			os.Exit(0)
 		}()
@@ -107,4 +107,22 @@ func startEtcd(dir string) (string, error) {
 	}()
 	// The kernel chose the port; read it back from the listener.
 	return "http://" + e.Clients[0].Addr().String(), nil
+}
+
+// removeSettled removes dir, again and again while something still writes into it (the node, dying
+// with the same parent, may write its process-groups file while RemoveAll walks the tree, which then
+// cannot remove the directory), until it has stayed gone for 200 ms or 3 s have passed.
+func removeSettled(dir string) {
+	gone := 0
+	for i := 0; i < 30; i++ {
+		_ = os.RemoveAll(dir)
+		if _, err := os.Stat(dir); os.IsNotExist(err) {
+			if gone++; gone == 2 {
+				return
+			}
+		} else {
+			gone = 0
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
