@@ -292,7 +292,7 @@ export class KubeProxy {
     if (r.record) {
       if (!(await this.#append(proxyRecord(r.record.task, r.record.req, { code: r.code, outcome: r.code >= 500 ? 'error' : 'denied', reason: r.message, refused: true })))) return false;
     } else if (r.summary) {
-      this.#o.metrics?.proxyRequests.observe({ outcome: 'unauthenticated' }, 0);
+      this.#o.metrics?.proxyRequests.observe({ outcome: r.code === 429 ? 'refused' : 'unauthenticated' }, 0);
       this.#failures.note({ source, category: r.summary.category, actor: r.summary.actor, agent: r.summary.agent }, `proxy: ${r.message}`);
     }
     return true;
