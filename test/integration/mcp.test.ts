@@ -2,7 +2,7 @@
  * `broker mcp` (issue 15) as an MCP client sees it: the SDK's own Client over stdio spawns
  * `bin/broker mcp` with the agent's identity in its environment, against a real broker (TLS, with its
  * Kubernetes API proxy) and a real API server; an approver (another identity) runs `broker approve`.
- * Then `kubernetes-mcp-server` (the npm package's binary), driven by the same SDK client, uses the
+ * Then `kubernetes-mcp-server` (0.0.67, the binary of its npm linux-amd64 package), driven by the same SDK client, uses the
  * kubeconfig start_task wrote: allowed in the task's scope, refused by the cluster outside it (and
  * recorded at the gateway), refused altogether once the task has ended.
  */
