@@ -186,6 +186,21 @@ describe('broker mcp: an LLM agent asks for access in its own language, over MCP
   });
 
   test('start, status, list, and kubernetes-mcp-server on the task kubeconfig: allowed in scope, denied outside (recorded), refused after end_task', async () => {
+    // As docs/mcp.md sets it up: the kubeconfig written once beforehand, kubernetes-mcp-server started
+    // with the session, before any task: refused until the task starts.
+    const path = join(home, '.kube/task-broker/read-pods.kubeconfig');
+    mkdirSync(join(home, '.kube/task-broker'), { recursive: true, mode: 0o700 });
+    const written = await run(BROKER, ['kubeconfig', '--task', 'read-pods', '--output', path], agentEnv);
+    assert.equal(written.code, 0, written.stderr);
+    let kmsStderr = '';
+    const kms = await connect(KUBERNETES_MCP_SERVER, ['--kubeconfig', path, '--log-file', 'stderr', '--disable-multi-cluster'], (s) => (kmsStderr += s));
+    const kmsTools = (await kms.listTools()).tools.map((t) => t.name);
+    assert.ok(kmsTools.includes('pods_list_in_namespace'), kmsTools.join(' '));
+    const list = (ns: string) => kms.callTool({ name: 'pods_list_in_namespace', arguments: { namespace: ns } }) as Promise<Result>;
+    const beforeTask = await list('web');
+    assert.equal(beforeTask.isError, true, text(beforeTask));
+    assert.match(text(beforeTask), /getting credentials: exec: executable \S+ failed/); // the plugin refused: no active task
+
     const started = await call('start_task', { template: 'read-pods', namespace: 'web', ttl: '20m', reason: 'why are the web pods pending?' });
     assert.ok(!started.isError, text(started));
     const { task, kubeconfig, usage } = started.structuredContent as { task: Rec; kubeconfig: Rec; usage: string };
@@ -222,12 +237,8 @@ describe('broker mcp: an LLM agent asks for access in its own language, over MCP
     assert.match(text(again), /end_task/);
     assert.doesNotMatch(text(again), /broker task end/, 'the next step is a tool, not a command line');
 
-    // kubernetes-mcp-server, pointed at that kubeconfig, as a client configuration runs it.
-    let kmsStderr = '';
-    const kms = await connect(KUBERNETES_MCP_SERVER, ['--kubeconfig', kubeconfig['path'], '--log-file', 'stderr', '--disable-multi-cluster'], (s) => (kmsStderr += s));
-    const kmsTools = (await kms.listTools()).tools.map((t) => t.name);
-    assert.ok(kmsTools.includes('pods_list_in_namespace'), kmsTools.join(' '));
-    const list = (ns: string) => kms.callTool({ name: 'pods_list_in_namespace', arguments: { namespace: ns } }) as Promise<Result>;
+    // kubernetes-mcp-server, running since before the task, on the file start_task has just rewritten.
+    assert.equal(kubeconfig['path'], path);
     const inScope = await list('web');
     assert.ok(!inScope.isError, `${text(inScope)}\n${kmsStderr}`);
     assert.match(text(inScope), /web-1/);
