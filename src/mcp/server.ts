@@ -47,7 +47,9 @@ const INSTRUCTIONS =
   'Kubernetes access through task-broker: you hold no standing credential. list_templates shows what you may ask for; start_task ' +
   'starts a task (a template, a namespace, a reason, a TTL) and returns the path of a kubeconfig for it; use that kubeconfig (kubectl, ' +
   'or a Kubernetes MCP server pointed at it) only while the task runs, and call end_task as soon as you are done. A gated template ' +
-  'needs a person to approve it: start_task says who, and waits for it when called with "wait": true.';
+  'needs a person to approve it: start_task says who, and waits for it when called with "wait": true. A Kubernetes tool that fails ' +
+  'with "getting credentials: exec: ... failed" or "task ... is not active" has no active task behind its kubeconfig: start one (or ' +
+  'check task_status) before trying again.';
 
 /** Strings the broker (or another agent, through it) chose, escaped: no control character reaches the agent's context. */
 export function clean<T>(value: T): T {
