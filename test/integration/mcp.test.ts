@@ -356,6 +356,25 @@ describe('broker mcp: an LLM agent asks for access in its own language, over MCP
     assert.equal(records().filter((r) => r.type === 'task.started').length, startedBefore);
   });
 
+  test('a client that goes away while a start waits for its approval leaves nothing started behind', async () => {
+    const startedBefore = records().filter((r) => r.type === 'task.started').length;
+    const gone = await connect(BROKER, ['mcp'], () => undefined);
+    let id = '';
+    const waiting = gone
+      .callTool({ name: 'start_task', arguments: { template: 'exec-web', namespace: 'web', name: 'exec-gone', reason: 'then the session ended', wait: true } }, undefined, {
+        onprogress: (p) => (id ||= /ar-[0-9a-f]{12}/.exec(p.message ?? '')?.[0] ?? ''),
+      })
+      .catch((err: Error) => err);
+    while (!id) await sleep(50);
+    await gone.close(); // stdin closed: broker mcp stops, its waits with it
+    assert.match(String(await waiting), /closed/i);
+    const approved = await run(BROKER, ['approve', id], approverEnv);
+    assert.equal(approved.code, 0, approved.stderr);
+    await sleep(2500);
+    assert.equal(records().filter((r) => r.type === 'task.started').length, startedBefore);
+    assert.deepEqual(await env.taskObjects(), { secrets: [], serviceAccounts: [], roleBindings: [] });
+  });
+
   test('no file under the agent\'s HOME or TMPDIR holds a token; broker mcp printed no stack trace', () => {
     const files = [...filesUnder(home), ...filesUnder(tmp)];
     assert.ok(files.some((f) => f.endsWith('read-pods.kubeconfig')), files.join('\n'));
