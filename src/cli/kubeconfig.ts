@@ -1,6 +1,7 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import { Command, Option } from 'commander';
 import { BrokerError } from '../errors.ts';
+import type { ClusterInfo } from '../client/broker-client.ts';
 import type { ExecApiVersion, PluginKind } from '../client/kubeconfig.ts';
 import { withClient, type BrokerFlags } from './broker-options.ts';
 
@@ -42,28 +43,7 @@ export function kubeconfigCommand(): Command {
     .addHelpText('after', '\nExample:\n  broker kubeconfig --task read-pods --output ~/.kube/task-broker\n  KUBECONFIG=~/.kube/task-broker kubectl get pods')
     .action(async (flags: Flags, cmd: Command) => {
       const globals = cmd.optsWithGlobals<BrokerFlags>();
-      let caData = flags.certificateAuthority ? readCa(flags.certificateAuthority) : undefined;
-      let server: string;
-      let via = flags.via;
-      if (flags.server) {
-        server = flags.server;
-        via ??= 'direct';
-      } else {
-        const cluster = await withClient(cmd, (client) => client.cluster());
-        via ??= cluster.proxy ? 'proxy' : 'direct';
-        if (via === 'proxy') {
-          if (!cluster.proxy) {
-            throw new BrokerError('invalid_argument', 'the broker has no Kubernetes API proxy (`broker serve --proxy-listen`): use --via direct', { field: '--via' });
-          }
-          // The proxy serves with the broker's own certificate: the CA that verifies the broker verifies it.
-          server = cluster.proxy.server;
-          const brokerCa = globals.brokerCa ?? process.env['BROKER_CA'];
-          caData ??= brokerCa ? readCa(brokerCa, '--broker-ca') : undefined;
-        } else {
-          server = cluster.server;
-          caData ??= cluster.certificateAuthorityData;
-        }
-      }
+      const { server, caData, via } = await kubeconfigTarget(flags, () => withClient(cmd, (client) => client.cluster()), globals.brokerCa ?? process.env['BROKER_CA']);
       const { execKubeconfig, defaultPlugin } = await import('../client/kubeconfig.ts');
       if (flags.plugin === 'native' && defaultPlugin() !== 'native') {
         throw new BrokerError('invalid_argument', 'the native plugin is not built: run ./install.sh with Go installed, or use --plugin node', { field: '--plugin' });
@@ -84,6 +64,28 @@ export function kubeconfigCommand(): Command {
       if (flags.output) writeFileSync(flags.output, text, { mode: 0o600 });
       else process.stdout.write(text);
     });
+}
+
+/**
+ * Where a task kubeconfig points kubectl, and how its exec entry asks for credentials: `--server` as
+ * given (direct); else what the broker publishes at `GET /v1/cluster`, through its Kubernetes API proxy
+ * when it has one (or `via` says so: the CA that verifies the broker verifies the proxy, which serves
+ * with the broker's certificate), straight to the API server otherwise. Shared by `broker kubeconfig`
+ * and `broker run`.
+ */
+export async function kubeconfigTarget(
+  flags: { server?: string | undefined; certificateAuthority?: string | undefined; via?: 'direct' | 'proxy' | undefined },
+  cluster: () => Promise<ClusterInfo>,
+  brokerCa: string | undefined,
+): Promise<{ server: string; caData: string | undefined; via: 'direct' | 'proxy' }> {
+  let caData = flags.certificateAuthority ? readCa(flags.certificateAuthority) : undefined;
+  if (flags.server) return { server: flags.server, caData, via: flags.via ?? 'direct' };
+  const info = await cluster();
+  const via = flags.via ?? (info.proxy ? 'proxy' : 'direct');
+  if (via === 'direct') return { server: info.server, caData: caData ?? info.certificateAuthorityData, via };
+  if (!info.proxy) throw new BrokerError('invalid_argument', 'the broker has no Kubernetes API proxy (`broker serve --proxy-listen`): use --via direct', { field: '--via' });
+  caData ??= brokerCa ? readCa(brokerCa, '--broker-ca') : undefined;
+  return { server: info.proxy.server, caData, via };
 }
 
 export function readCa(path: string, field = '--certificate-authority'): string {

@@ -8,10 +8,10 @@ import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { constants, tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Command } from 'commander';
+import { Command, Option } from 'commander';
 import { clientFor, type BrokerFlags } from './broker-options.ts';
 import { EXIT } from './exit-codes.ts';
-import { readCa } from './kubeconfig.ts';
+import { kubeconfigTarget } from './kubeconfig.ts';
 import { safe, style } from './output.ts';
 import { requireNamespace, startWaiting } from './task.ts';
 import type { LeftBehindReport } from '../audit/left-behind.ts';
@@ -28,6 +28,7 @@ interface RunFlags {
   approval?: string;
   wait?: boolean;
   timeout: string;
+  via?: 'direct' | 'proxy';
 }
 
 const FORWARDED = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
@@ -44,6 +45,7 @@ export function runCommand(): Command {
     .option('--approval <token>', 'approval token for a gated template (default: $BROKER_APPROVAL_TOKEN)')
     .option('--wait', 'for a gated template: wait until the request is approved, then start (as task start --wait)')
     .option('--timeout <duration>', 'with --wait: give up after this long', '10m')
+    .addOption(new Option('--via <mode>', "proxy: the command's kubectl goes through the broker's Kubernetes API proxy; direct: to the API server (default: proxy when the broker has one)").choices(['proxy', 'direct']))
     .option('--server <url>', 'API server URL (default: what the broker publishes)')
     .option('--certificate-authority <file>', 'CA of the API server, PEM (default: the broker\'s)')
     .addHelpText(
@@ -92,13 +94,7 @@ async function runOnce(template: string, command: string[], flags: RunFlags, cmd
   let code: number;
   try {
     code = await (async () => {
-      let server = flags.server;
-      let caData = flags.certificateAuthority ? readCa(flags.certificateAuthority) : undefined;
-      if (!server) {
-        const cluster = await client.cluster();
-        server = cluster.server;
-        caData ??= cluster.certificateAuthorityData;
-      }
+      const { server, caData, via } = await kubeconfigTarget(flags, () => client.cluster(), client.brokerCa);
       const name = flags.name ?? `run-${randomBytes(4).toString('hex')}`;
       const request = { template, namespace: flags.namespace!, name, ttl: flags.ttl, reason: flags.reason };
       const token = flags.approval ?? process.env['BROKER_APPROVAL_TOKEN'];
@@ -112,7 +108,7 @@ async function runOnce(template: string, command: string[], flags: RunFlags, cmd
       const kubeconfig = join(dir, 'kubeconfig');
       writeFileSync(
         kubeconfig,
-        execKubeconfig({ task: task.id, server, certificateAuthorityData: caData, namespace: task.namespace, broker: client.url, brokerCa: client.brokerCa }),
+        execKubeconfig({ task: task.id, server, certificateAuthorityData: caData, namespace: task.namespace, broker: client.url, brokerCa: client.brokerCa, via }),
         { mode: 0o600 },
       );
       const [program, ...args] = command;

@@ -456,4 +456,17 @@ describe('Kubernetes API proxy: the agent connects to the broker, the broker to 
       await tight.stop();
     }
   });
+
+  test('broker run goes through the proxy too: the command\'s kubectl is recorded at the gateway, and its task is ended after it', async () => {
+    await env.admin.core.createNamespacedConfigMap({ namespace: 'web', body: { metadata: { name: 'run-target' } } });
+    const res = await run(BROKER, ['run', 'config-editor', '--namespace', 'web', '--name', 'one-off', '--', kubectlPath(), 'get', 'configmap', 'run-target', '-n', 'web', '-o', 'name'], agentEnv);
+    assert.equal(res.code, 0, res.stderr);
+    assert.equal(res.stdout, 'configmap/run-target\n');
+    const started = broker.auditRecords().find((r) => r.type === 'task.started' && r.taskName === 'one-off');
+    assert.ok(started);
+    const via = recordsOf(started.task).filter((r) => r.type === 'k8s.request' && r.details?.name === 'run-target');
+    assert.equal(via.length, 1);
+    assert.equal(via[0]!.details.via, 'proxy');
+    assert.ok(recordsOf(started.task).some((r) => r.type === 'task.ended'));
+  });
 });
