@@ -84,18 +84,7 @@ export async function relayWebSocket(o: RelayOptions): Promise<void> {
       resolve({ ok: true });
     });
     up.once('unexpected-response', (_r, res: IncomingMessage) => {
-      const chunks: Buffer[] = [];
-      let size = 0;
-      res.on('data', (c: Buffer) => {
-        if (size < 64 * 1024) chunks.push(c);
-        size += c.length;
-      });
-      res.on('end', () => {
-        const body = Buffer.concat(chunks);
-        const code = res.statusCode ?? 502;
-        resolve({ ok: false, code, body: body.toString('utf8'), reason: statusMessage(body) ?? `the API server answered ${code}`, auditID: headerValue(res.headers['audit-id']) });
-      });
-      res.on('error', () => resolve({ ok: false, code: 502, body: statusBody(502, 'BadGateway', 'the API server\'s answer broke off'), reason: 'the API server\'s answer broke off' }));
+      void refusalOf(res).then((r) => resolve({ ok: false, ...r }));
     });
     up.once('error', (err: NodeJS.ErrnoException) => {
       const timedOut = /handshake has timed out/i.test(err.message);
@@ -258,17 +247,7 @@ async function tunnel(o: RelayOptions, kind: Kind): Promise<void> {
   const timer = setTimeout(() => request.destroy(new Error('timeout')), o.upstream.timeoutMs);
   request.on('response', (res: IncomingMessage) => {
     clearTimeout(timer);
-    const chunks: Buffer[] = [];
-    let size = 0;
-    res.on('data', (c: Buffer) => {
-      if (size < 64 * 1024) chunks.push(c);
-      size += c.length;
-    });
-    res.on('end', () => {
-      const body = Buffer.concat(chunks);
-      const code = res.statusCode ?? 502;
-      void refuse(code, statusMessage(body) ?? `the API server answered ${code}`, body.toString('utf8'), headerValue(res.headers['audit-id']));
-    });
+    void refusalOf(res).then((r) => refuse(r.code, r.reason, r.body, r.auditID));
   });
   request.on('error', (err: NodeJS.ErrnoException) => {
     clearTimeout(timer);
@@ -331,6 +310,24 @@ async function tunnel(o: RelayOptions, kind: Kind): Promise<void> {
   // Either side closing ends the other.
   o.socket.once('close', () => request.destroy());
   request.end();
+}
+
+/** The API server's answer to an upgrade it did not accept (a 403 from RBAC, ...): its first 64 KiB, its reason and Audit-Id. */
+function refusalOf(res: IncomingMessage): Promise<{ code: number; body: string; reason: string; auditID?: string | undefined }> {
+  return new Promise((resolve) => {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    res.on('data', (c: Buffer) => {
+      if (size < 64 * 1024) chunks.push(c);
+      size += c.length;
+    });
+    res.on('end', () => {
+      const body = Buffer.concat(chunks);
+      const code = res.statusCode ?? 502;
+      resolve({ code, body: body.toString('utf8'), reason: statusMessage(body) ?? `the API server answered ${code}`, auditID: headerValue(res.headers['audit-id']) });
+    });
+    res.on('error', () => resolve({ code: 502, body: statusBody(502, 'BadGateway', "the API server's answer broke off"), reason: "the API server's answer broke off" }));
+  });
 }
 
 /** What a session is: kind, pod, container, command, protocol (each value cut to its bound). */

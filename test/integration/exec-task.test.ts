@@ -18,6 +18,7 @@ import { alive, freePort, kubectlPath, readProcessGroups } from '../../src/clust
 import { EXIT } from '../../src/cli/exit-codes.ts';
 import { BrokerEnv, type BrokerProcess } from '../helpers/broker.ts';
 import { kubectl, run, type RunResult } from '../helpers/kube.ts';
+import { until } from '../helpers/wait.ts';
 
 const ROOT = new URL('../..', import.meta.url).pathname;
 const BROKER = join(ROOT, 'bin/broker');
@@ -28,15 +29,6 @@ const PLUGINS = existsSync(NATIVE_PLUGIN) ? ['native', 'node'] : ['node'];
 
 type Rec = Record<string, any>;
 
-async function until<T>(what: string, timeoutMs: number, probe: () => Promise<T | undefined | false>): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await probe();
-    if (value) return value;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(200);
-  }
-}
 
 describe('pods/exec in a gated task on the full cluster: refused, approved by another identity, run through the exec plugin, recorded', () => {
   let env: BrokerEnv;

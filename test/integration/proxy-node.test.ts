@@ -19,6 +19,7 @@ import { freePort, kubectlPath } from '../../src/cluster/local-cluster.ts';
 import { EXIT } from '../../src/cli/exit-codes.ts';
 import { BrokerEnv, type BrokerProcess } from '../helpers/broker.ts';
 import { kubectl as adminKubectl, run, type RunResult } from '../helpers/kube.ts';
+import { until } from '../helpers/wait.ts';
 
 const ROOT = new URL('../..', import.meta.url).pathname;
 const BROKER = join(ROOT, 'bin/broker');
@@ -52,15 +53,6 @@ approvers:
 
 type Rec = Record<string, any>;
 
-async function until<T>(what: string, timeoutMs: number, probe: () => Promise<T | undefined | false>): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await probe();
-    if (value) return value;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(200);
-  }
-}
 
 describe('Kubernetes API proxy on the whole cluster: logs, exec, attach, port-forward, cp, recorded', () => {
   let env: BrokerEnv;
@@ -190,6 +182,31 @@ describe('Kubernetes API proxy on the whole cluster: logs, exec, attach, port-fo
     assert.match(show.stdout, /\$ kubectl exec\n(.*\n)*?.*ALLOW get pods\/shell\/exec -n shop \[opened: sh -c read x; echo "got \$x"; echo oops >&2\]/);
     assert.match(show.stdout, /> secret-free-input-42\n(\s+[<!] .*\n)*?\s+< got secret-free-input-42\n/);
     assert.match(show.stdout, /\s+! oops\n/);
+  });
+
+  test('an exec the task\'s role does not allow: the API server\'s 403 relayed to the WebSocket client as it gave it, and recorded as denied', async () => {
+    const { WebSocket } = await import('ws');
+    const session = JSON.parse((await run(BROKER, ['credential', '--task', 'debug-shop', '--via', 'proxy'], agentEnv)).stdout).status.token as string;
+    const proxy = readFileSync(kc, 'utf8').match(/server: (\S+)/)![1]!.replace(/^https/, 'wss');
+    const refused = await new Promise<{ status: number; body: string }>((resolve, reject) => {
+      const ws = new WebSocket(`${proxy}/api/v1/namespaces/default/pods/nothing/exec?command=ls&stdout=true`, ['v5.channel.k8s.io'], {
+        headers: { authorization: `Bearer ${session}` },
+        ca: readFileSync(env.cluster.caFile),
+      });
+      ws.on('open', () => reject(new Error('the upgrade was accepted')));
+      ws.on('unexpected-response', (_req, res) => {
+        let body = '';
+        res.on('data', (d: Buffer) => (body += d.toString()));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
+      });
+      ws.on('error', () => undefined);
+    });
+    assert.equal(refused.status, 403);
+    assert.match(refused.body, /"reason":"Forbidden"/);
+    const denied = await until('the denial\'s record', 5_000, async () => records().find((r) => r.namespace === 'default' && r.details.subresource === 'exec'));
+    assert.equal(denied.outcome, 'denied');
+    assert.equal(denied.details.code, 403);
+    assert.match(denied.reason, /cannot (get|create) resource "pods\/exec"/);
   });
 
   test('the SPDY fallback (KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false) is refused with the kubectl that works named, and recorded', async () => {

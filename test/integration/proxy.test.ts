@@ -17,6 +17,7 @@ import { Agent, fetch as ufetch } from 'undici';
 import { kubectlPath } from '../../src/cluster/local-cluster.ts';
 import { BrokerEnv, type BrokerProcess } from '../helpers/broker.ts';
 import { run, type RunResult } from '../helpers/kube.ts';
+import { until } from '../helpers/wait.ts';
 
 const BROKER = new URL('../../bin/broker', import.meta.url).pathname;
 const ROOT = new URL('../..', import.meta.url).pathname;
@@ -50,15 +51,6 @@ templates:
 
 type Rec = Record<string, any>;
 
-async function until<T>(what: string, timeoutMs: number, probe: () => Promise<T | undefined | false>): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await probe();
-    if (value) return value;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(100);
-  }
-}
 
 /** One raw HTTP/1.1 exchange on a fresh TLS connection: what the proxy answers to bytes no client library would send. */
 function rawExchange(url: string, ca: Buffer, request: string): Promise<string> {
