@@ -4,7 +4,7 @@
  * --broker URL`, holding no secret.
  */
 import { existsSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { kubectlPath, type LocalCluster } from '../../src/cluster/local-cluster.ts';
 import { run, type RunResult } from './kube.ts';
 
@@ -37,7 +37,11 @@ export function writePluginKubeconfig(dir: string, cluster: LocalCluster, broker
   return path;
 }
 
-/** kubectl with exactly `env` (plus PATH): the plugin it runs sees only that identity. */
+/**
+ * kubectl with exactly `env` (plus PATH): the plugin it runs sees only that identity. HOME, unless
+ * `env` sets one, is the kubeconfig's directory (a test's temporary one), so kubectl's discovery
+ * cache does not land in the working directory.
+ */
 export function kubectlWith(kubeconfig: string, env: NodeJS.ProcessEnv, ...args: string[]): Promise<RunResult> {
-  return run(kubectlPath(), ['--kubeconfig', kubeconfig, ...args], { PATH: process.env['PATH'] ?? '/usr/bin:/bin', ...env });
+  return run(kubectlPath(), ['--kubeconfig', kubeconfig, ...args], { PATH: process.env['PATH'] ?? '/usr/bin:/bin', HOME: dirname(kubeconfig), ...env });
 }
