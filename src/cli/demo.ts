@@ -55,6 +55,8 @@ const TEMPLATE = 'read-pods';
 /** The gated template of check 4 (create pods/exec), and who approves it. */
 const EXEC_TEMPLATE = 'exec-web';
 const APPROVER = 'demo-approver';
+/** The administrator who registers the agent's key. */
+const ADMIN = 'demo-admin';
 /** What check 4 runs in the pod, and what it must print. */
 const EXEC_COMMAND = ['sh', '-c', 'echo hello-$((1+1))'];
 const EXEC_OUTPUT = 'hello-2';
@@ -127,7 +129,7 @@ async function runDemo(opts: DemoOptions): Promise<void> {
       adminKubeconfig: join(state.clusterDir, 'admin.kubeconfig'),
       audit: join(dir, 'audit.jsonl'),
       brokerKubeconfig: join(dir, 'broker.kubeconfig'),
-      agentToken: join(dir, 'agent.token'),
+      adminToken: join(dir, 'admin.token'),
       agentKubeconfig: join(dir, 'agent.kubeconfig'),
       approverToken: join(dir, 'approver.token'),
       execKubeconfig: join(dir, 'exec.kubeconfig'),
@@ -199,7 +201,7 @@ async function runDemo(opts: DemoOptions): Promise<void> {
     };
 
     say.step('namespaces: demo (where the task may act), other (where it may not), the agent\'s, the approver\'s, the broker\'s two');
-    for (const ns of ['demo', 'other', 'agents', 'approvers', 'task-broker', 'task-broker-system']) await must(['kubectl', 'create', 'namespace', ns], admin);
+    for (const ns of ['demo', 'other', 'admins', 'approvers', 'task-broker', 'task-broker-system']) await must(['kubectl', 'create', 'namespace', ns], admin);
     say.step('something to look at in demo, and in other: a pod in each, running on the node');
     const pod = (ns: string) => ['kubectl', 'run', 'web-1', '--image=busybox', '--restart=Never', '-n', ns, '--command', '--', 'sh', '-c', 'sleep 3600'];
     // The controller-manager gives a new namespace its default ServiceAccount a moment later; until
@@ -256,13 +258,19 @@ async function runDemo(opts: DemoOptions): Promise<void> {
     say.result(`listening on ${brokerUrl} (pid ${brokerPid})`);
 
     say.section('the agent: an identity, and a kubeconfig that holds no secret');
-    say.step('a ServiceAccount token with the broker\'s audience: it proves who the agent is to the broker, and opens nothing in the cluster');
-    await must(['kubectl', 'create', 'serviceaccount', AGENT, '-n', 'agents'], admin);
-    const agentToken = await must(['kubectl', 'create', 'token', AGENT, '-n', 'agents', '--audience', 'task-broker', '--duration', '1h'], admin, { secret: true });
-    writeFileSync(paths.agentToken, agentToken.stdout.trim() + '\n', { mode: 0o600 });
-    say.result('-> $DEMO/agent.token');
-    const agent = { ...baseEnv, BROKER_URL: brokerUrl, BROKER_CA: tls.cert, BROKER_IDENTITY_TOKEN_FILE: paths.agentToken, KUBECONFIG: paths.agentKubeconfig };
-    say.note(`export BROKER_URL=${brokerUrl} BROKER_CA=${tls.cert} BROKER_IDENTITY_TOKEN_FILE=$DEMO/agent.token KUBECONFIG=$DEMO/agent.kubeconfig`);
+    say.step('an administrator (the policy\'s administrators: a ServiceAccount token with the broker\'s audience here) registers the agent: a one-time enrolment code, 15 minutes, good once');
+    await must(['kubectl', 'create', 'serviceaccount', ADMIN, '-n', 'admins'], admin);
+    const adminToken = await must(['kubectl', 'create', 'token', ADMIN, '-n', 'admins', '--audience', 'task-broker', '--duration', '1h'], admin, { secret: true });
+    writeFileSync(paths.adminToken, adminToken.stdout.trim() + '\n', { mode: 0o600 });
+    say.result('-> $DEMO/admin.token');
+    const asBrokerUser = { ...baseEnv, BROKER_URL: brokerUrl, BROKER_CA: tls.cert };
+    const code = await must(['broker', 'agent', 'register', AGENT], { ...asBrokerUser, BROKER_IDENTITY_TOKEN_FILE: paths.adminToken }, { secret: true });
+    say.step("on the agent's host: an Ed25519 key pair; the public half goes to the broker with the code, the private half stays (no OS keychain here: it is printed once and kept in this process's memory, never in a file)");
+    const enrolled = await must(['broker', 'agent', 'enroll', code.stdout.trim(), '--print-key'], asBrokerUser, { secret: true });
+    const agentKey = /^BROKER_AGENT_KEY=(\S+)$/m.exec(enrolled.stdout)?.[1];
+    if (!agentKey) throw new BrokerError('internal', '`broker agent enroll --print-key` printed no BROKER_AGENT_KEY');
+    const agent = { ...asBrokerUser, BROKER_AGENT_KEY: agentKey, KUBECONFIG: paths.agentKubeconfig };
+    say.note(`export BROKER_URL=${brokerUrl} BROKER_CA=${tls.cert} BROKER_AGENT_KEY=... KUBECONFIG=$DEMO/agent.kubeconfig`);
     await must(['broker', 'kubeconfig', '--task', TEMPLATE, '--output', paths.agentKubeconfig], agent);
     say.result(`-> $DEMO/agent.kubeconfig (user: the exec plugin \`broker credential --task ${TEMPLATE}\`; no token in it)`);
 
@@ -330,8 +338,7 @@ async function runDemo(opts: DemoOptions): Promise<void> {
     const approverToken = await must(['kubectl', 'create', 'token', APPROVER, '-n', 'approvers', '--audience', 'task-broker', '--duration', '1h'], admin, { secret: true });
     writeFileSync(paths.approverToken, approverToken.stdout.trim() + '\n', { mode: 0o600 });
     say.result('-> $DEMO/approver.token');
-    const { KUBECONFIG: _, ...asAgent } = agent;
-    const approver = { ...asAgent, BROKER_IDENTITY_TOKEN_FILE: paths.approverToken };
+    const approver = { ...asBrokerUser, BROKER_IDENTITY_TOKEN_FILE: paths.approverToken };
     say.step(`the agent asks for ${EXEC_TEMPLATE} (kubectl exec in demo's pods: create pods/exec is gated), without an approval`);
     await must(['broker', 'kubeconfig', '--task', EXEC_TEMPLATE, '--output', paths.execKubeconfig], agent);
     const execStart = ['broker', 'task', 'start', EXEC_TEMPLATE, '--namespace', 'demo', '--ttl', '10m', '--reason', 'check 4: look inside web-1'];
@@ -799,7 +806,7 @@ class Narrator {
   /** After --keep: what is running and how to explore it. */
   explore(
     state: DemoState,
-    paths: { adminKubeconfig: string; audit: string; agentToken: string; agentKubeconfig: string; approverToken: string; execKubeconfig: string; brokerCa: string },
+    paths: { adminKubeconfig: string; audit: string; adminToken: string; agentKubeconfig: string; approverToken: string; execKubeconfig: string; brokerCa: string },
     kubectl: string,
   ): void {
     const q = shellQuote;
@@ -811,7 +818,9 @@ class Narrator {
         'the tokens last one hour. To explore, as the agent:',
         '',
         `  export PATH=${q(bin)}:${q(dirname(kubectl))}:"$PATH" TASK_BROKER_DEMO_DIR=${q(state.dir)}`,
-        `  export BROKER_URL=${state.brokerUrl} BROKER_CA=${q(paths.brokerCa)} BROKER_IDENTITY_TOKEN_FILE=${q(paths.agentToken)} KUBECONFIG=${q(paths.agentKubeconfig)}`,
+        `  export BROKER_URL=${state.brokerUrl} BROKER_CA=${q(paths.brokerCa)} KUBECONFIG=${q(paths.agentKubeconfig)}`,
+        `  # a key of your own for the agent (the demo's stayed in its memory): the administrator registers, you enrol`,
+        `  export BROKER_AGENT_KEY=$(broker agent enroll "$(BROKER_IDENTITY_TOKEN_FILE=${q(paths.adminToken)} broker agent register ${AGENT})" --print-key | sed -n 's/^BROKER_AGENT_KEY=//p')`,
         `  broker task start ${TEMPLATE} --namespace demo --ttl 10m --reason "exploring"`,
         '  kubectl get pods -n demo',
         '  kubectl get secrets -n demo                  # denied: not in the template',

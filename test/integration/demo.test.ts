@@ -4,6 +4,7 @@
  * directory), with or without `--keep` + `demo down`.
  */
 import { test } from 'node:test';
+import { spawnSync } from 'node:child_process';
 import assert from 'node:assert/strict';
 import { existsSync, readdirSync, readFileSync, readlinkSync, statSync } from 'node:fs';
 import { join } from 'node:path';
@@ -105,7 +106,15 @@ test('broker demo --keep leaves the broker and the cluster running; demo down st
   assert.ok(inDir.length > pids.length, `the pods' containers run in ${dir} too: ${inDir.join(', ')}`);
   assert.ok(existsSync(dir));
   assert.match(res.stdout, new RegExp(`broker demo down --dir ${dir.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}`));
-  assert.match(res.stdout, /export BROKER_URL=https:\/\/127\.0\.0\.1:\d+ BROKER_CA=\S+ BROKER_IDENTITY_TOKEN_FILE=\S+ KUBECONFIG=\S+/);
+  assert.match(res.stdout, /export BROKER_URL=https:\/\/127\.0\.0\.1:\d+ BROKER_CA=\S+ KUBECONFIG=\S+/);
+  // The explore lines work as printed: the administrator registers, a new key is enrolled, and the
+  // broker takes its holder for the agent (the demo's own key never left the demo's memory).
+  const exports = res.stdout.slice(res.stdout.indexOf('To explore, as the agent:')).split('\n').filter((l) => /^ {2}export /.test(l)).map((l) => l.trim());
+  assert.equal(exports.length, 3, res.stdout);
+  assert.match(exports[2]!, /^export BROKER_AGENT_KEY=\$\(broker agent enroll "\$\(BROKER_IDENTITY_TOKEN_FILE=\S+ broker agent register demo-agent\)" --print-key/);
+  const explored = spawnSync('bash', ['-c', [...exports, 'broker whoami -o json'].join('\n')], { encoding: 'utf8', env: { PATH: process.env['PATH'], HOME: dir } });
+  assert.equal(explored.status, 0, explored.stderr);
+  assert.equal((JSON.parse(explored.stdout) as { agent: string }).agent, 'demo-agent');
 
   const down = await broker(['demo', 'down', '--dir', dir]);
   assert.equal(down.code, 0, down.stderr);

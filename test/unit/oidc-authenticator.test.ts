@@ -57,7 +57,7 @@ test('refused before any key is fetched: an issuer not listed (not quoted back),
 
 test('a listed issuer that cannot be reached: identity_provider_unavailable (503), retried only after retryMs', async () => {
   const { auth, sign, req } = await setup();
-  const token = await sign({ iss: (auth.issuers)[0], sub: 'job', aud: 'task-broker' });
+  const token = await sign({ iss: auth.issuers[0]!, sub: 'job', aud: 'task-broker' });
   await assert.rejects(auth.authenticate(req(token)), (err: Error & { code?: string }) => err.code === 'identity_provider_unavailable' && /could not be reached: discovery failed/.test(err.message));
   const started = Date.now();
   await assert.rejects(auth.authenticate(req(token)), /its discovery failed moments ago/);
