@@ -5,7 +5,7 @@
  * cluster changes (write-ahead), and every request read back is verified (its signature) before it is
  * trusted: one that fails is treated as absent, and recorded.
  */
-import type { AuditLog } from '../audit/log.ts';
+import type { AuditSink } from '../audit/sink.ts';
 import { BrokerError } from '../errors.ts';
 import { actorOf, type Caller } from '../identity/types.ts';
 import { clusterError, isConflict, isNotFound, type KubeApis } from '../kube/config.ts';
@@ -39,7 +39,7 @@ export { ApprovalRequiredError, type GatedStart };
 export class ApprovalService implements StartGate {
   readonly #kube: KubeApis;
   readonly #policy: Policy;
-  readonly #audit: AuditLog;
+  readonly #audit: AuditSink;
   readonly #keys: ApprovalKeys;
   readonly #notifier: Notifier | undefined;
   readonly #now: () => Date;
@@ -50,7 +50,7 @@ export class ApprovalService implements StartGate {
   constructor(
     kube: KubeApis,
     policy: Policy,
-    audit: AuditLog,
+    audit: AuditSink,
     options: { now?: () => Date; notifier?: Notifier; keys?: ApprovalKeys; signer?: StateSigner } = {},
   ) {
     this.#kube = kube;

@@ -506,9 +506,10 @@ async function syncDirectory(dir: string): Promise<void> {
  * Refuses malformed events and, as a guard against programming mistakes, details keys named like
  * secrets; the message names the field, never the value. Returns the event to record: a copy whose
  * string values (and details keys) have every token-looking run replaced by `[redacted]`, so that a
- * decision is never lost because someone pasted a token into a reason or a name.
+ * decision is never lost because someone pasted a token into a reason or a name. The PostgreSQL store
+ * (postgres.ts) checks with it too.
  */
-function checkEvent(event: AuditEventInput): AuditEventInput {
+export function checkEvent(event: AuditEventInput): AuditEventInput {
   const refuse = (what: string) => new BrokerError('internal', `audit event refused: ${what}`);
   if (event === null || typeof event !== 'object') throw refuse('not an object');
   for (const key of Object.keys(event)) {

@@ -24,8 +24,8 @@ export function auditCommand(): Command {
   const cmd = new Command('audit').description('inspect the broker\'s hash-chained audit log (see docs/audit.md)');
   cmd
     .command('verify')
-    .description('walk the hash chain of an audit log file and name the first record that does not hold')
-    .argument('<file>', 'the audit log (JSON Lines)')
+    .description('walk the hash chain of an audit log file (or a PostgreSQL audit store) and name the first record that does not hold')
+    .argument('<file>', 'the audit log (JSON Lines), or a PostgreSQL audit store (postgres://...)')
     .option(
       '--expect <hash>',
       'a record with this hash must be in the chain, anywhere (kept elsewhere): nothing up to it was cut or changed; for a live log that has grown since',
@@ -50,6 +50,7 @@ export function auditCommand(): Command {
         '  broker audit verify audit.jsonl -o json | jq -r .lastHash > /safe/audit.last',
         '  broker audit verify audit.jsonl --expect "$(cat /safe/audit.last)"       # the log may have grown',
         '  broker audit verify audit.jsonl --expect-last "$(cat /safe/audit.last)"  # a closed log: nothing after it',
+        '  PGPASSWORD=... broker audit verify postgres://auditor@db.example:5432/broker  # the store all replicas share',
       ].join('\n'),
     )
     .action((file: string, opts: VerifyCommandOptions) => verify(file, opts));
@@ -75,6 +76,7 @@ export function auditCommand(): Command {
     )
     .action((file: string, opts: RepairTailCommandOptions) => repairTailCommand(file, opts));
   cmd.addCommand(showCommand());
+  cmd.addCommand(migrateCommand());
   cmd.addCommand(webhookConfigCommand());
   return cmd;
 }
@@ -86,6 +88,7 @@ async function verify(file: string, opts: VerifyCommandOptions): Promise<void> {
     }
   }
   let result: LiveVerifyResult;
+  if (isStoreUrl(file)) return verifyStore(file, opts);
   try {
     result = await verifyLiveFile(file, { expect: opts.expect, expectLast: opts.expectLast, strict: opts.strict });
   } catch (err) {
@@ -127,6 +130,84 @@ async function verify(file: string, opts: VerifyCommandOptions): Promise<void> {
   throw new BrokerError('audit_chain_broken', describeBreak(result) + hint);
 }
 
+/** A PostgreSQL audit store: without the driver loaded unless one is named. */
+function isStoreUrl(value: string): boolean {
+  return /^postgres(ql)?:\/\//i.test(value);
+}
+
+/** `audit verify postgres://...`: the same checks and output as for a file; a row is a line. */
+async function verifyStore(url: string, opts: VerifyCommandOptions): Promise<void> {
+  const { PostgresAuditReader } = await import('../audit/postgres.ts');
+  let expected: LiveVerifyResult['expected'];
+  const reader = new PostgresAuditReader(url, (seq, hash) => {
+    if (expected === undefined && hash === opts.expect) expected = { hash, seq, line: seq + 1 };
+  });
+  await reader.read();
+  const chain = reader.result(true);
+  let result: LiveVerifyResult = chain;
+  if (chain.ok && opts.expectLast !== undefined && chain.lastHash !== opts.expectLast) {
+    result = {
+      ok: false,
+      records: chain.records,
+      line: Math.max(chain.records, 1),
+      ...(chain.records > 0 ? { seq: chain.records - 1 } : {}),
+      reason: `the last record's hash ${chain.lastHash} is not the expected ${opts.expectLast} (records were cut from the end, or added)`,
+    };
+  } else if (chain.ok && opts.expect !== undefined) {
+    result = expected ? { ...chain, expected } : { ok: false, records: chain.records, line: chain.records, reason: `no record has the hash ${opts.expect} (records up to it were cut or changed)`, problem: 'expect-not-found' };
+  }
+  if (opts.output === 'json') printJson(result);
+  if (result.ok) {
+    if (opts.output !== 'json') {
+      let text = `${style.ok('ok')}: ${result.records} records, last hash ${result.lastHash}\n`;
+      if (result.expected) {
+        const after = result.records - result.expected.seq - 1;
+        text += `expected record found: seq ${result.expected.seq} (line ${result.expected.line}), ${after} record${after === 1 ? '' : 's'} after it\n`;
+      }
+      process.stdout.write(text);
+    }
+    return;
+  }
+  if (result.problem === 'expect-not-found') throw new BrokerError('audit_chain_broken', `${reader.where}: ${result.reason}`, { field: '--expect' });
+  throw new BrokerError('audit_chain_broken', describeBreak(result));
+}
+
+interface MigrateCommandOptions {
+  grant: string[];
+  output: OutputFormat;
+}
+
+function migrateCommand(): Command {
+  return new Command('migrate')
+    .description("create the PostgreSQL audit store's schema (safe to run again) and grant the broker's role SELECT and INSERT on it, nothing more")
+    .argument('<url>', "the database, as its owner: postgres://OWNER@HOST:PORT/DB (the password in PGPASSWORD or ~/.pgpass, not in the URL)")
+    .option('--grant <role>', "a role that may read and append (the brokers' role); repeat for more", (v: string, prev: string[]) => [...prev, v], [] as string[])
+    .addOption(outputOption())
+    .addHelpText(
+      'after',
+      [
+        '',
+        'Creates schema task_broker and table task_broker.audit if missing (one row per record: seq, time, type, task,',
+        'event_key, and the record\'s canonical line), revokes everything from PUBLIC, and grants each --grant role USAGE on',
+        'the schema and SELECT, INSERT on the table: it can never UPDATE, DELETE or TRUNCATE. Running it again changes nothing.',
+        '',
+        'Example:',
+        '  PGPASSWORD=... broker audit migrate postgres://owner@db.example:5432/broker --grant task_broker',
+        '  broker serve --audit-store postgres://task_broker@db.example:5432/broker ...   # PGPASSWORD for the broker role',
+      ].join('\n'),
+    )
+    .action(async (url: string, opts: MigrateCommandOptions) => {
+      if (!isStoreUrl(url)) throw new BrokerError('invalid_argument', 'expected a postgres:// or postgresql:// URL', { field: 'URL' });
+      const { migrate, redactUrl } = await import('../audit/postgres.ts');
+      const r = await migrate(url, opts.grant);
+      if (opts.output === 'json') return printJson({ store: redactUrl(url), created: r.created, granted: r.granted });
+      process.stdout.write(
+        `${style.ok('ok')}: ${redactUrl(url)}: table task_broker.audit ${r.created ? 'created' : 'already there'}` +
+          `${r.granted.length > 0 ? `; SELECT, INSERT (only) granted to ${r.granted.join(', ')}` : ''}\n`,
+      );
+    });
+}
+
 async function repairTailCommand(file: string, opts: RepairTailCommandOptions): Promise<void> {
   const { repairTail } = await import('../audit/repair.ts');
   const r = await repairTail(file, { dryRun: opts.dryRun === true });
@@ -160,7 +241,7 @@ interface ShowCommandOptions {
 function showCommand(): Command {
   return new Command('show')
     .description('the story of tasks in time order: requested, approvals, started, credentials, every API request allowed and denied, ended')
-    .argument('<file>', 'the audit log (JSON Lines)')
+    .argument('<file>', 'the audit log (JSON Lines), or a PostgreSQL audit store (postgres://...)')
     .option('--task <task>', 'a task id, or a task name (every task of that name); each story then ends with what the task left behind')
     .option('--agent <name>', "only this agent's tasks and records")
     .option('--since <when>', 'only events this long ago or later (e.g. 10m, 2h) or since an ISO 8601 time')
@@ -195,11 +276,14 @@ async function show(file: string, opts: ShowCommandOptions): Promise<void> {
   // chalk alone does not look at NO_COLOR; stdout must be a terminal too.
   const colour = process.stdout.isTTY === true && !process.env['NO_COLOR'];
   const paint = colour ? { denied: style.error, dim: style.dim, ok: style.ok } : NO_PAINT;
-  const reader = new AuditReader(file);
+  const store = isStoreUrl(file);
+  const reader = store ? new (await import('../audit/postgres.ts')).PostgresAuditReader(file) : new AuditReader(file);
+  if (store) file = (reader as { where: string }).where; // never a password in a message
   const readOrFail = async () => {
     try {
       return await reader.read();
     } catch (err) {
+      if (store) throw err; // the store's own message (audit_unavailable), already without the password
       throw new BrokerError('invalid_argument', `cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`, { field: 'FILE', cause: err });
     }
   };
@@ -211,7 +295,7 @@ async function show(file: string, opts: ShowCommandOptions): Promise<void> {
     const chain = reader.result(true);
     const selection = select(records, filter);
     if (opts.output === 'json') process.stdout.write(safeJson(selectionJson(selection, chain), 2) + '\n');
-    else process.stdout.write(formatSelection(selection, paint, { leftBehind: opts.task !== undefined, recordings: opts.recordings ?? `${file}.sessions` }));
+    else process.stdout.write(formatSelection(selection, paint, { leftBehind: opts.task !== undefined, recordings: opts.recordings ?? (store ? undefined : `${file}.sessions`) }));
     if (!chain.ok) throw broken(chain);
     if (opts.task !== undefined && selection.stories.length === 0) {
       throw new BrokerError('not_found', `no task with id or name "${opts.task}"${opts.agent ? ` of agent "${opts.agent}"` : ''} in ${file}`, { field: '--task' });

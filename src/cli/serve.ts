@@ -10,7 +10,8 @@ const LOG_LEVELS: readonly LogLevel[] = ['fatal', 'error', 'warn', 'info', 'debu
 
 interface ServeFlags {
   config: string;
-  auditLog: string;
+  auditLog?: string;
+  auditStore?: string;
   kubeconfig?: string;
   listen: string;
   tlsCert?: string;
@@ -56,7 +57,8 @@ export function serveCommand(): Command {
   return new Command('serve')
     .description('run the broker: the HTTP API that starts tasks and mints their credentials')
     .requiredOption('--config <file>', 'the policy file (see docs/policy.md)')
-    .requiredOption('--audit-log <file>', 'the audit log (JSON Lines, hash-chained; created if missing)')
+    .option('--audit-log <file>', 'the audit log (JSON Lines, hash-chained; created if missing); this or --audit-store is needed')
+    .option('--audit-store <url>', 'a PostgreSQL audit store shared by replicas, postgres://USER:PASSWORD@HOST:PORT/DB (made with `broker audit migrate`), in place of --audit-log')
     .option('--kubeconfig <file>', "the broker's own kubeconfig; default: in-cluster ServiceAccount")
     .option('--listen <host:port>', 'address to listen on', '0.0.0.0:8443')
     .option('--tls-cert <file>', 'serving certificate (PEM)')
@@ -125,6 +127,7 @@ export function serveCommand(): Command {
         broker = await serve({
           config: flags.config,
           auditLog: flags.auditLog,
+          auditStore: flags.auditStore,
           host,
           port,
           ...(flags.kubeconfig ? { kubeconfig: flags.kubeconfig } : {}),

@@ -5,7 +5,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
-import type { AuditLog } from '../audit/log.ts';
+import type { AuditSink } from '../audit/sink.ts';
 import { BrokerError, isBrokerError, type ErrorCode } from '../errors.ts';
 import { acceptedBefore, authenticate } from '../identity/service-account.ts';
 import { actorOf, type Authenticator, type Caller } from '../identity/types.ts';
@@ -54,7 +54,7 @@ export interface AppDeps {
   tasks: TaskService;
   approvals?: ApprovalService;
   store: TaskStore;
-  audit: AuditLog;
+  audit: AuditSink;
   authenticators: readonly Authenticator[];
   metrics?: Metrics;
   /** Bytes. Default 16 KiB: no request the API takes is anywhere near that. */

@@ -16,13 +16,15 @@
  *   not the auditID alone, which a client may choose), over a bounded set of recent ones, seeded at
  *   start from the tail of the log, so a batch posted again (a retry after a lost answer, a broker
  *   killed before it answered) adds nothing. Per log file: replicas each keep their own log, and a
- *   batch retried to another replica is recorded in that replica's log too.
+ *   batch retried to another replica is recorded in that replica's log too. With the PostgreSQL store
+ *   (src/audit/postgres.ts) the replicas share one table, which records an event key once whichever
+ *   replica the batch reaches.
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
 import { readFileSync, statSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
-import type { AuditLog } from '../audit/log.ts';
+import type { AuditSink } from '../audit/sink.ts';
 import { classify, eventKey, inRequestOrder, K8S_REQUEST, parseEventList, recordedKey, toRecord, type Disposition, type TaskInfo } from '../audit/kube-events.ts';
 import { leftBehind, LeftBehindStore, type LeftBehindReport } from '../audit/left-behind.ts';
 import { BrokerError, isBrokerError } from '../errors.ts';
@@ -53,7 +55,7 @@ export interface KubeAuditConfig {
 }
 
 export interface KubeAuditDeps {
-  audit: AuditLog;
+  audit: AuditSink;
   metrics: Metrics;
   guard: RequestGuard;
   /** undefined: this broker takes no webhook (the route answers 404). */
@@ -90,7 +92,10 @@ export function readWebhookToken(path: string, flag = '--audit-webhook-token-fil
  */
 export async function prepareKubeAudit(options: {
   token: string;
-  auditLogPath: string;
+  /** The audit log file whose tail is read ... */
+  auditLogPath?: string;
+  /** ... or how to read the last lines of another store (the PostgreSQL store's tailLines). */
+  tail?: (max: number) => Promise<string[]>;
   taskNamespace: string;
   store: TaskStore;
   maxRecords?: number;
@@ -99,7 +104,8 @@ export async function prepareKubeAudit(options: {
   const recent = options.recent ?? new RecentTasks(options.store);
   const seen = new SeenEvents(DEDUP_IDS);
   const left = new LeftBehindStore();
-  const lines = await readTailLines(options.auditLogPath, options.maxRecords ?? DEDUP_IDS);
+  const max = options.maxRecords ?? DEDUP_IDS;
+  const lines = options.tail ? await options.tail(max) : options.auditLogPath === undefined ? [] : await readTailLines(options.auditLogPath, max);
   for (const line of lines) seedFrom(line, seen, recent, left);
   recent.start();
   return { tokenDigest: digest(options.token), taskNamespace: options.taskNamespace, recent, seen, leftBehind: left };

@@ -23,7 +23,7 @@ import { watch, type FSWatcher } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { basename, dirname } from 'node:path';
 import type { V1Secret } from '@kubernetes/client-node';
-import type { AuditLog } from '../audit/log.ts';
+import type { AuditSink } from '../audit/sink.ts';
 import type { ApprovalService } from '../approvals/service.ts';
 import type { Authenticator } from '../identity/types.ts';
 import { parsePolicy } from '../policy/parse.ts';
@@ -148,7 +148,7 @@ export interface PolicyHolderOptions {
   text: string;
   /** Builds the services for a policy; `activate` makes their store listeners the live ones (StoreListeners). */
   build: (policy: Policy) => PolicyServices & { activate?: () => void };
-  audit: AuditLog;
+  audit: AuditSink;
   /** Lines for stderr. */
   log?: (line: string) => void;
 }
@@ -158,7 +158,7 @@ export class PolicyHolder {
   #state: PolicyState;
   readonly #path: string;
   readonly #build: PolicyHolderOptions['build'];
-  readonly #audit: AuditLog;
+  readonly #audit: AuditSink;
   readonly #log: (line: string) => void;
   /** Reloads run one at a time, in order. */
   #queue: Promise<unknown> = Promise.resolve();

@@ -6,6 +6,7 @@
  * 1. what needs no cluster and writes nothing: flags, TLS files, the policy, the kubeconfig, and a
  *    probe of the listen address (a port in use is refused here, at once);
  * 2. the audit log, locked (src/audit/lock.ts) and checked against its checkpoint in the cluster;
+ *    or the PostgreSQL audit store (--audit-store), checked for its table and this role's rights;
  * 3. the broker's own credential, checked against what `policy apply` grants it (a broad one, such
  *    as cluster-admin, is refused and the refusal recorded, unless --allow-broad-credentials);
  * 4. the signing key and the task watch; the services, built from the policy in a PolicyHolder that
@@ -20,6 +21,7 @@ import { isIP } from 'node:net';
 import type { FastifyInstance } from 'fastify';
 import { openCheckedAuditLog, type AuditCheckpointer } from '../audit/head.ts';
 import type { AuditLog } from '../audit/log.ts';
+import type { PostgresAuditStore } from '../audit/postgres.ts';
 import { BrokerError, isBrokerError } from '../errors.ts';
 import { AgentKeyStore } from '../identity/agent-keys.ts';
 import { authenticatorsFor } from '../identity/authenticators.ts';
@@ -46,7 +48,13 @@ import { defaultLogFormat, fastifyLogging, stderrLines, type LogFormat, type Log
 
 export interface ServeOptions {
   config: string;
-  auditLog: string;
+  /** The audit log file (the default store) ... */
+  auditLog?: string | undefined;
+  /**
+   * ... or a PostgreSQL audit store shared by replicas (postgres://...; src/audit/postgres.ts). Exactly
+   * one of the two. No cluster checkpoint for it: the database is the shared record.
+   */
+  auditStore?: string | undefined;
   kubeconfig?: string;
   host: string;
   port: number;
@@ -144,14 +152,24 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
   const format = opts.logFormat ?? defaultLogFormat();
   const write = opts.write ?? stderrLines.write;
 
+  if ((opts.auditLog === undefined) === (opts.auditStore === undefined)) {
+    throw new BrokerError('invalid_argument', 'give exactly one of --audit-log FILE and --audit-store postgres://...', { field: '--audit-log' });
+  }
+  if (opts.auditStore !== undefined && opts.proxy && opts.proxy.recordings === undefined) {
+    throw new BrokerError('invalid_argument', 'with --audit-store the proxy needs --session-recordings DIR (there is no audit log file to keep them beside)', { field: '--session-recordings' });
+  }
+
   // 2. The audit log: locked, and checked against its checkpoint before anything is appended.
-  const { audit, checkpoint } = await openCheckedAuditLog({
-    path: opts.auditLog,
-    api: kube.core,
-    namespace: policy.broker.namespace,
-    acceptReset: opts.acceptAuditReset === true,
-    auditOptions: { lockCommand: 'broker serve' },
-  });
+  const { audit, checkpoint } =
+    opts.auditStore !== undefined
+      ? { audit: await (await import('../audit/postgres.ts')).PostgresAuditStore.open(opts.auditStore), checkpoint: undefined }
+      : await openCheckedAuditLog({
+          path: opts.auditLog!,
+          api: kube.core,
+          namespace: policy.broker.namespace,
+          acceptReset: opts.acceptAuditReset === true,
+          auditOptions: { lockCommand: 'broker serve' },
+        });
   const opened: Opened = { audit, checkpoint };
   try {
     return await start(opts, { policy, policyText, kube, cluster, https, webhookToken, format, write }, opened);
@@ -162,15 +180,16 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
     await opened.sweeper?.stop().catch(() => undefined);
     await opened.store?.stop().catch(() => undefined);
     await audit.discard().catch(() => undefined); // an empty log this start created is removed
-    await checkpoint.close();
+    await checkpoint?.close();
     throw err;
   }
 }
 
 /** What a start has opened so far, for the clean-up of a failed one. */
 interface Opened {
-  audit: AuditLog;
-  checkpoint: AuditCheckpointer;
+  audit: AuditLog | PostgresAuditStore;
+  /** The file log's checkpoint in the cluster (none for the PostgreSQL store). */
+  checkpoint: AuditCheckpointer | undefined;
   store?: TaskStore;
   app?: FastifyInstance;
   proxy?: KubeProxy;
@@ -227,7 +246,14 @@ async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<R
   }
   // The webhook's view of tasks and of what the log already holds (auditIDs, JTIs), from the log's tail.
   const kubeAudit =
-    p.webhookToken === undefined ? undefined : await prepareKubeAudit({ token: p.webhookToken, auditLogPath: opts.auditLog, taskNamespace: policy.broker.taskNamespace, store });
+    p.webhookToken === undefined
+      ? undefined
+      : await prepareKubeAudit({
+          token: p.webhookToken,
+          ...('tailLines' in audit ? { tail: (max: number) => audit.tailLines(max) } : { auditLogPath: audit.path }),
+          taskNamespace: policy.broker.taskNamespace,
+          store,
+        });
   const metrics = new Metrics();
   const limits: Limits = { ...DEFAULT_LIMITS, ...opts.limits };
   // TokenReviews in flight are capped, so a flood of random tokens cannot pile up on the API server.
@@ -324,7 +350,7 @@ async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<R
         upstreamToken: (id) => holder.tasks.upstreamToken(id),
       },
       audit,
-      recordings: opts.proxy.recordings ?? `${opts.auditLog}.sessions`,
+      recordings: opts.proxy.recordings ?? `${opts.auditLog!}.sessions`,
       upstreamTimeoutMs: opts.proxy.upstreamTimeoutMs,
       ready: started,
       metrics,
@@ -392,7 +418,7 @@ async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<R
         await agentKeys.stop();
         await audit.append({ type: 'broker.stopped', actor: 'system:broker', outcome: 'ok' }).catch(() => undefined);
         await audit.close();
-        await checkpoint.close();
+        await checkpoint?.close();
       })()),
   };
 }
@@ -405,7 +431,7 @@ interface SummaryLine {
 
 function summary(
   opts: ServeOptions,
-  s: { url: string; policy: Policy; holder: PolicyHolder; audit: AuditLog; credential: CredentialReport; limits: Limits; webhook: boolean; format: LogFormat; level: LogLevel },
+  s: { url: string; policy: Policy; holder: PolicyHolder; audit: AuditLog | PostgresAuditStore; credential: CredentialReport; limits: Limits; webhook: boolean; format: LogFormat; level: LogLevel },
 ): { lines: SummaryLine[]; facts: Record<string, unknown> } {
   const { policy, credential, limits } = s;
   const names = policy.templates.map((t) => t.name);
@@ -423,7 +449,10 @@ function summary(
     { level: 'info', text: `policy ${opts.config}: sha256 ${s.holder.sha256}, ${names.length} template${names.length === 1 ? '' : 's'} (${shown}); reloaded when the file changes and on SIGHUP` },
     {
       level: 'info',
-      text: `audit log ${opts.auditLog}: ${s.audit.nextSeq} record${s.audit.nextSeq === 1 ? '' : 's'}${s.audit.created ? ' (a new file)' : ''}, locked by this process (pid ${process.pid}, ${s.audit.lock?.path ?? 'no lock'})`,
+      text:
+        'where' in s.audit
+          ? `audit store ${s.audit.where}: ${s.audit.nextSeq} record${s.audit.nextSeq === 1 ? '' : 's'} so far, one hash chain shared with every replica on it`
+          : `audit log ${s.audit.path}: ${s.audit.nextSeq} record${s.audit.nextSeq === 1 ? '' : 's'}${s.audit.created ? ' (a new file)' : ''}, locked by this process (pid ${process.pid}, ${s.audit.lock?.path ?? 'no lock'})`,
     },
     { level: 'info', text: identity.text },
     { level: credential.broad.length + credential.extra.length > 0 ? 'warn' : 'info', text: credentialLine },
@@ -443,7 +472,9 @@ function summary(
     listen: s.url,
     tls: !opts.insecureHttp,
     policy: { path: opts.config, sha256: s.holder.sha256, templates: names },
-    auditLog: { path: opts.auditLog, records: s.audit.nextSeq, created: s.audit.created, lock: s.audit.lock?.path },
+    ...('where' in s.audit
+      ? { auditStore: { url: s.audit.where, records: s.audit.nextSeq } }
+      : { auditLog: { path: s.audit.path, records: s.audit.nextSeq, created: s.audit.created, lock: s.audit.lock?.path } }),
     identity: identity.facts,
     credential,
     namespaces: { tasks: policy.broker.taskNamespace, broker: policy.broker.namespace },

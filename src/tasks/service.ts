@@ -5,7 +5,7 @@
  */
 import type { V1Secret } from '@kubernetes/client-node';
 import { decodeJwt } from 'jose';
-import type { AuditLog } from '../audit/log.ts';
+import type { AuditSink } from '../audit/sink.ts';
 import type { AuditEventInput } from '../audit/types.ts';
 import { BrokerError } from '../errors.ts';
 import { failpoint } from '../failpoint.ts';
@@ -116,7 +116,7 @@ export type EndCause = 'ended' | 'expired' | 'orphaned';
 export class TaskService {
   readonly #kube: KubeApis;
   readonly #policy: Policy;
-  readonly #audit: AuditLog;
+  readonly #audit: AuditSink;
   readonly #store: TaskStore;
   readonly #now: () => Date;
   readonly #tokens = new Map<string, MintedToken>();
@@ -133,7 +133,7 @@ export class TaskService {
   /** Ended, expired and revoked tasks, kept for `broker.taskHistory`. */
   readonly history: TaskHistory;
 
-  constructor(kube: KubeApis, policy: Policy, audit: AuditLog, store: TaskStore, options: TaskServiceOptions = {}) {
+  constructor(kube: KubeApis, policy: Policy, audit: AuditSink, store: TaskStore, options: TaskServiceOptions = {}) {
     this.#kube = kube;
     this.#policy = policy;
     this.#audit = audit;

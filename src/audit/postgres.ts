@@ -1,0 +1,464 @@
+/**
+ * The PostgreSQL audit store (`broker serve --audit-store postgres://...`, docs/audit.md): the same
+ * records, the same hash chain and the same canonical lines as the file log (log.ts, verify.ts), kept
+ * in one table that every broker replica appends to.
+ *
+ * - One chain across all replicas. A batch is appended in one transaction that first takes a
+ *   transaction-scoped advisory lock (AUDIT_LOCK_KEY), reads the last row and chains onto it: the
+ *   replicas' batches are serialised, each process's concurrent appends share one transaction
+ *   (group commit, as the file log shares an fdatasync). An advisory lock needs no UPDATE right, so
+ *   the broker's role keeps only SELECT and INSERT (`broker audit migrate --grant`).
+ * - Durable: `append` resolves once COMMIT has returned, with synchronous_commit on for the session
+ *   (a startup parameter of every connection, whatever the server's default), so the WAL is flushed.
+ * - Fail closed, and back: a failed batch rejects every pending append with audit_unavailable and
+ *   makes the store unhealthy; a probe (SELECT 1, every 500 ms) makes it healthy again once the
+ *   database answers. Unlike a file, a database that was away has lost nothing that was committed.
+ * - Recorded once: an API server audit event (`k8s.request`) carries its event key (kube-events.ts
+ *   recordedKey) in a unique column; an event already in the table, appended by any replica, is not
+ *   appended again (its existing record is returned).
+ * - The last row is checked before anything is chained onto it: an altered head stops appends
+ *   (audit_chain_broken), as the file log refuses to open a broken file.
+ * - Never a secret: the URL's password is never in a message or a record (redactUrl).
+ */
+import pg from 'pg';
+import type { PoolClient } from 'pg';
+import { BrokerError, errText } from '../errors.ts';
+import { recordedKey } from './kube-events.ts';
+import { checkEvent } from './log.ts';
+import type { AuditSink } from './sink.ts';
+import { GENESIS_HASH, OPTIONAL_STRING_FIELDS, type AuditEventInput, type AuditRecord, type VerifyResult } from './types.ts';
+import { canonicalRecordJson, ChainVerifier, recordLine, sha256Hex } from './verify.ts';
+
+/** Schema and table (created by `broker audit migrate`). */
+export const AUDIT_SCHEMA = 'task_broker';
+export const AUDIT_TABLE = `${AUDIT_SCHEMA}.audit`;
+/** The advisory lock that serialises appends to the one chain ("tbaudit1" as a 64-bit integer). */
+export const AUDIT_LOCK_KEY = '8386102735580079409';
+const PROBE_MS = 500;
+
+export function isPostgresUrl(value: string): boolean {
+  return /^postgres(ql)?:\/\//i.test(value);
+}
+
+/** The URL without its password (and without a password=... parameter), for every message. */
+export function redactUrl(url: string): string {
+  try {
+    const u = new URL(url);
+    if (u.password) u.password = '***';
+    if (u.searchParams.has('password')) u.searchParams.set('password', '***');
+    return u.toString();
+  } catch {
+    return 'postgres://(unparsable URL)';
+  }
+}
+
+export interface PostgresStoreOptions {
+  /** @internal For tests: the clock. */
+  now?: () => Date;
+  /** How long a connection attempt may take (default 3000 ms). */
+  connectTimeoutMs?: number;
+  /** How long one statement may take (default 5000 ms): a database that hangs fails closed in that time. */
+  statementTimeoutMs?: number;
+}
+
+interface Pending {
+  event: AuditEventInput;
+  key: string | undefined;
+  resolve: (record: AuditRecord) => void;
+  reject: (err: unknown) => void;
+}
+
+export interface AuditStoreStats {
+  records: number;
+  /** Transactions committed (one per batch). */
+  flushes: number;
+  /** Events found already recorded (by any replica) and not appended again. */
+  duplicates: number;
+}
+
+function newPool(url: string, options: PostgresStoreOptions): pg.Pool {
+  const statementTimeout = options.statementTimeoutMs ?? 5000;
+  const pool = new pg.Pool({
+    connectionString: url,
+    max: 4,
+    connectionTimeoutMillis: options.connectTimeoutMs ?? 3000,
+    idleTimeoutMillis: 10_000,
+    statement_timeout: statementTimeout,
+    query_timeout: statementTimeout + 1000,
+    application_name: 'task-broker',
+    // Durable at COMMIT whatever the server's or the role's default (a startup parameter: no extra query).
+    options: '-c synchronous_commit=on',
+  });
+  // An idle client whose server went away emits here; without a listener it would end the process.
+  pool.on('error', () => undefined);
+  return pool;
+}
+
+/** Translates a driver error into what the broker says, never with the URL's password. */
+function storeError(where: string, doing: string, err: unknown): BrokerError {
+  if (err instanceof BrokerError) return err;
+  const code = (err as { code?: string }).code;
+  if (code === '42P01' || code === '3F000') {
+    return new BrokerError('audit_unavailable', `the audit store ${where} has no audit table: run \`broker audit migrate ${where}\` first`, { cause: err });
+  }
+  return new BrokerError('audit_unavailable', `the audit store ${where} cannot ${doing}: ${errText(err)}`, { cause: err });
+}
+
+export class PostgresAuditStore implements AuditSink {
+  /** The URL without its password. */
+  readonly where: string;
+  readonly #pool: pg.Pool;
+  readonly #now: () => Date;
+  #queue: Pending[] = [];
+  #flushing = false;
+  #scheduled = false;
+  #idle: (() => void)[] = [];
+  #down: BrokerError | undefined;
+  #probe: ReturnType<typeof setInterval> | undefined;
+  #closed = false;
+  #closing: Promise<void> | undefined;
+  #nextSeq: number;
+  #stats: AuditStoreStats = { records: 0, flushes: 0, duplicates: 0 };
+
+  private constructor(where: string, pool: pg.Pool, nextSeq: number, options: PostgresStoreOptions) {
+    this.where = where;
+    this.#pool = pool;
+    this.#nextSeq = nextSeq;
+    this.#now = options.now ?? (() => new Date());
+  }
+
+  /**
+   * Connects and checks that the table is there and that this role may read and append to it.
+   * Rejects with audit_unavailable otherwise (naming `broker audit migrate` when the table is missing).
+   */
+  static async open(url: string, options: PostgresStoreOptions = {}): Promise<PostgresAuditStore> {
+    const where = redactUrl(url);
+    const pool = newPool(url, options);
+    try {
+      const rights = await pool.query<{ select: boolean; insert: boolean }>(
+        `SELECT has_table_privilege($1, 'SELECT') AS select, has_table_privilege($1, 'INSERT') AS insert`,
+        [AUDIT_TABLE],
+      );
+      const r = rights.rows[0];
+      if (!r?.select || !r.insert) {
+        throw new BrokerError('audit_unavailable', `the audit store ${where}: this role may not ${!r?.select ? 'read' : 'append to'} ${AUDIT_TABLE} (\`broker audit migrate --grant ROLE\`)`);
+      }
+      const head = await pool.query<{ seq: string }>(`SELECT seq FROM ${AUDIT_TABLE} ORDER BY seq DESC LIMIT 1`);
+      const next = head.rows[0] ? Number(head.rows[0].seq) + 1 : 0;
+      return new PostgresAuditStore(where, pool, next, options);
+    } catch (err) {
+      await pool.end().catch(() => undefined);
+      throw storeError(where, 'be opened', err);
+    }
+  }
+
+  get healthy(): boolean {
+    return this.#down === undefined && !this.#closed;
+  }
+
+  /** The seq the next record of this process would get, as far as it knows (other replicas append too). */
+  get nextSeq(): number {
+    return this.#nextSeq;
+  }
+
+  get stats(): Readonly<AuditStoreStats> {
+    return { ...this.#stats };
+  }
+
+  async append(event: AuditEventInput): Promise<AuditRecord> {
+    if (this.#closed) throw new BrokerError('audit_unavailable', `the audit store ${this.where} is closed`);
+    if (this.#down) throw this.#down;
+    const clean = checkEvent(event);
+    return new Promise<AuditRecord>((resolve, reject) => {
+      this.#queue.push({ event: clean, key: eventKeyOf(clean), resolve, reject });
+      this.#schedule();
+    });
+  }
+
+  /** The last `max` lines, oldest first (the webhook's start-up view of what is recorded). */
+  async tailLines(max: number): Promise<string[]> {
+    try {
+      const r = await this.#pool.query<{ line: string }>(`SELECT line FROM (SELECT seq, line FROM ${AUDIT_TABLE} ORDER BY seq DESC LIMIT $1) t ORDER BY seq`, [max]);
+      return r.rows.map((row) => row.line);
+    } catch (err) {
+      throw storeError(this.where, 'be read', err);
+    }
+  }
+
+  /** Waits for pending appends to commit (or fail), then closes the connections. Idempotent. */
+  close(): Promise<void> {
+    this.#closing ??= (async () => {
+      this.#closed = true;
+      if (this.#probe) clearInterval(this.#probe);
+      while (this.#flushing || this.#scheduled) await new Promise<void>((done) => this.#idle.push(done));
+      await this.#pool.end().catch(() => undefined);
+    })();
+    return this.#closing;
+  }
+
+  /** As AuditLog.discard: nothing to remove in a shared table, so this closes. */
+  discard(): Promise<void> {
+    return this.close();
+  }
+
+  #schedule(): void {
+    if (this.#flushing || this.#scheduled) return;
+    this.#scheduled = true;
+    setImmediate(() => {
+      this.#scheduled = false;
+      void this.#run();
+    });
+  }
+
+  async #run(): Promise<void> {
+    this.#flushing = true;
+    try {
+      while (this.#queue.length > 0) {
+        const batch = this.#queue.splice(0, this.#queue.length);
+        try {
+          await this.#commit(batch);
+        } catch (err) {
+          const failure = storeError(this.where, 'be written', err);
+          this.#fail(failure);
+          for (const p of [...batch, ...this.#queue.splice(0)]) p.reject(failure);
+          return;
+        }
+      }
+    } finally {
+      this.#flushing = false;
+      for (const wake of this.#idle.splice(0)) wake();
+    }
+  }
+
+  /** One transaction: lock the chain, read its head, append the batch's records after it, commit. */
+  async #commit(batch: Pending[]): Promise<void> {
+    let client: PoolClient;
+    try {
+      client = await this.#pool.connect();
+    } catch (err) {
+      throw storeError(this.where, 'be reached', err);
+    }
+    let broken = false;
+    try {
+      // One round trip (simple protocol): begin, take the chain's lock, read its head.
+      const results = (await client.query(
+        `BEGIN; SELECT pg_advisory_xact_lock(${AUDIT_LOCK_KEY}); SELECT seq, line FROM ${AUDIT_TABLE} ORDER BY seq DESC LIMIT 1`,
+      )) as unknown as Array<pg.QueryResult<{ seq: string; line: string }>>;
+      const head = results[2]!.rows[0];
+      let seq = 0;
+      let prev = GENESIS_HASH;
+      if (head) {
+        seq = Number(head.seq) + 1;
+        prev = headHash(head.line, Number(head.seq), this.where);
+      }
+      const keys = [...new Set(batch.map((p) => p.key).filter((k): k is string => k !== undefined))];
+      const existing = new Map<string, AuditRecord>();
+      if (keys.length > 0) {
+        const found = await client.query<{ event_key: string; line: string }>(`SELECT event_key, line FROM ${AUDIT_TABLE} WHERE event_key = ANY($1::text[])`, [keys]);
+        for (const row of found.rows) existing.set(row.event_key, JSON.parse(row.line) as AuditRecord);
+      }
+      const time = this.#now().toISOString();
+      const rows = { seq: [] as string[], time: [] as string[], type: [] as string[], task: [] as (string | null)[], key: [] as (string | null)[], line: [] as string[] };
+      const outcome: AuditRecord[] = [];
+      for (const p of batch) {
+        const had = p.key === undefined ? undefined : existing.get(p.key);
+        if (had) {
+          outcome.push(had);
+          this.#stats.duplicates++;
+          continue;
+        }
+        const { record, line, hash } = buildRecord(p.event, seq, time, prev);
+        rows.seq.push(String(seq));
+        rows.time.push(time);
+        rows.type.push(record.type);
+        rows.task.push(record.task ?? null);
+        rows.key.push(p.key ?? null);
+        rows.line.push(line);
+        if (p.key !== undefined) existing.set(p.key, record);
+        outcome.push(record);
+        seq++;
+        prev = hash;
+      }
+      if (rows.seq.length > 0) {
+        await client.query(
+          `INSERT INTO ${AUDIT_TABLE} (seq, time, type, task, event_key, line) SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[])`,
+          [rows.seq, rows.time, rows.type, rows.task, rows.key, rows.line],
+        );
+      }
+      await client.query('COMMIT');
+      this.#nextSeq = seq;
+      this.#stats.flushes++;
+      this.#stats.records += rows.seq.length;
+      batch.forEach((p, i) => p.resolve(outcome[i]!));
+    } catch (err) {
+      broken = true;
+      await client.query('ROLLBACK').catch(() => undefined);
+      throw err;
+    } finally {
+      // A client that saw an error is not reused: its connection may be half-gone.
+      client.release(broken);
+    }
+  }
+
+  #fail(failure: BrokerError): void {
+    this.#down = failure;
+    if (this.#probe || this.#closed) return;
+    this.#probe = setInterval(() => {
+      void this.#pool.query('SELECT 1').then(
+        () => {
+          if (this.#probe) clearInterval(this.#probe);
+          this.#probe = undefined;
+          this.#down = undefined;
+        },
+        () => undefined,
+      );
+    }, PROBE_MS);
+    this.#probe.unref();
+  }
+}
+
+/** The event key of an API server audit event's record (the webhook's dedup key), else undefined. */
+function eventKeyOf(event: AuditEventInput): string | undefined {
+  if (event.type !== 'k8s.request' || !event.details) return undefined;
+  const d = event.details;
+  const s = (k: string) => (typeof d[k] === 'string' ? (d[k] as string) : undefined);
+  const auditID = s('auditID');
+  const stage = s('stage');
+  return auditID !== undefined && stage !== undefined ? recordedKey(auditID, stage, s('requestReceivedTimestamp'), s('stageTimestamp')) : undefined;
+}
+
+/** A record as the file log builds it (log.ts append): same fields, same canonical line and hash. */
+function buildRecord(event: AuditEventInput, seq: number, time: string, prev: string): { record: AuditRecord; line: string; hash: string } {
+  const record: Record<string, unknown> = { seq, time, type: event.type, actor: event.actor };
+  for (const k of OPTIONAL_STRING_FIELDS) if (event[k] !== undefined) record[k] = event[k];
+  if (event.details !== undefined) record['details'] = event.details;
+  record['prev'] = prev;
+  const canonical = canonicalRecordJson(record);
+  const hash = sha256Hex(canonical);
+  record['hash'] = hash;
+  return { record: Object.freeze(record) as unknown as AuditRecord, line: recordLine(canonical, hash), hash };
+}
+
+/** The hash of the chain's last row, checked: nothing is chained onto an altered record. */
+function headHash(line: string, seq: number, where: string): string {
+  let rec: Record<string, unknown>;
+  try {
+    rec = JSON.parse(line) as Record<string, unknown>;
+  } catch {
+    throw new BrokerError('audit_chain_broken', `the audit store ${where}: the last record (seq ${seq}) is not valid JSON; nothing is appended after it (broker audit verify)`);
+  }
+  const canonical = canonicalRecordJson(rec);
+  const hash = sha256Hex(canonical);
+  if (rec['seq'] !== seq || hash !== rec['hash'] || recordLine(canonical, hash) !== line) {
+    throw new BrokerError('audit_chain_broken', `the audit store ${where}: the last record (seq ${seq}) was altered; nothing is appended after it (broker audit verify)`);
+  }
+  return hash;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading, verifying and migrating (the CLI)
+
+/**
+ * Reads the table in seq order from where it last stopped, verifying the chain row by row: the same
+ * surface as show.ts AuditReader, so `audit show` works on a store as on a file. A row is a line.
+ */
+export class PostgresAuditReader {
+  readonly where: string;
+  readonly #url: string;
+  readonly #verifier: ChainVerifier;
+  #after = -1;
+  #broken: Extract<VerifyResult, { ok: false }> | undefined;
+
+  constructor(url: string, onRecord?: (seq: number, hash: string) => void) {
+    this.#url = url;
+    this.where = redactUrl(url);
+    this.#verifier = new ChainVerifier(onRecord);
+  }
+
+  get broken(): Extract<VerifyResult, { ok: false }> | undefined {
+    return this.#broken;
+  }
+
+  async read(): Promise<AuditRecord[]> {
+    if (this.#broken) return [];
+    const client = new pg.Client({ connectionString: this.#url, connectionTimeoutMillis: 5000, application_name: 'task-broker audit' });
+    client.on('error', () => undefined);
+    let rows: Array<{ seq: string; line: string }>;
+    try {
+      await client.connect();
+      // One statement: one snapshot, and appends commit in seq order under the chain's lock, so what
+      // is read is a prefix of the chain (no row is skipped by a later read).
+      rows = (await client.query<{ seq: string; line: string }>(`SELECT seq, line FROM ${AUDIT_TABLE} WHERE seq > $1 ORDER BY seq`, [String(this.#after)])).rows;
+    } catch (err) {
+      throw storeError(this.where, 'be read', err);
+    } finally {
+      await client.end().catch(() => undefined);
+    }
+    const out: AuditRecord[] = [];
+    for (const row of rows) {
+      this.#verifier.push(row.line);
+      if (this.#verifier.broken) {
+        this.#broken = this.#verifier.finish(false) as Extract<VerifyResult, { ok: false }>;
+        return out;
+      }
+      this.#after = Number(row.seq);
+      out.push(JSON.parse(row.line) as AuditRecord);
+    }
+    return out;
+  }
+
+  result(_complete: boolean): VerifyResult {
+    if (this.#broken) return this.#broken;
+    const r = this.#verifier.finish(false);
+    if (!r.ok) this.#broken = r;
+    return r;
+  }
+}
+
+export interface MigrateResult {
+  created: boolean;
+  granted: string[];
+}
+
+/**
+ * Creates the schema, the table and its indexes if missing, and grants `roles` SELECT and INSERT on
+ * the table (nothing else: no UPDATE, DELETE or TRUNCATE). Safe to run twice, and concurrently (one
+ * transaction under the chain's advisory lock). Run by the table's owner, never by the broker's role.
+ */
+export async function migrate(url: string, roles: string[]): Promise<MigrateResult> {
+  const where = redactUrl(url);
+  const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: 5000, application_name: 'task-broker migrate' });
+  client.on('error', () => undefined);
+  try {
+    await client.connect();
+    await client.query('BEGIN');
+    await client.query(`SELECT pg_advisory_xact_lock(${AUDIT_LOCK_KEY})`);
+    const had = await client.query<{ t: string | null }>(`SELECT to_regclass($1)::text AS t`, [AUDIT_TABLE]);
+    await client.query(`CREATE SCHEMA IF NOT EXISTS ${AUDIT_SCHEMA}`);
+    await client.query(`CREATE TABLE IF NOT EXISTS ${AUDIT_TABLE} (
+      seq bigint PRIMARY KEY CHECK (seq >= 0),
+      time timestamptz NOT NULL,
+      type text NOT NULL,
+      task text,
+      event_key text UNIQUE,
+      line text NOT NULL
+    )`);
+    await client.query(`CREATE INDEX IF NOT EXISTS audit_task ON ${AUDIT_TABLE} (task)`);
+    await client.query(`REVOKE ALL ON ${AUDIT_TABLE} FROM PUBLIC`);
+    for (const role of roles) {
+      const r = client.escapeIdentifier(role);
+      await client.query(`GRANT USAGE ON SCHEMA ${AUDIT_SCHEMA} TO ${r}`);
+      await client.query(`REVOKE UPDATE, DELETE, TRUNCATE ON ${AUDIT_TABLE} FROM ${r}`);
+      await client.query(`GRANT SELECT, INSERT ON ${AUDIT_TABLE} TO ${r}`);
+    }
+    await client.query('COMMIT');
+    return { created: had.rows[0]?.t == null, granted: roles };
+  } catch (err) {
+    await client.query('ROLLBACK').catch(() => undefined);
+    const code = (err as { code?: string }).code;
+    if (code === '42704') throw new BrokerError('invalid_argument', `the audit store ${where}: ${errText(err)} (create the role first)`, { field: '--grant', cause: err });
+    throw new BrokerError('audit_unavailable', `the audit store ${where} cannot be migrated: ${errText(err)}`, { cause: err });
+  } finally {
+    await client.end().catch(() => undefined);
+  }
+}

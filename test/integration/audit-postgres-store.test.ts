@@ -1,0 +1,140 @@
+/**
+ * The PostgreSQL audit store (src/audit/postgres.ts) against a real PostgreSQL 15 (test/helpers/postgres.ts):
+ * the migration, one chain from concurrent writers, durability and fail-closed behaviour across a
+ * database restart, webhook events recorded once whichever writer gets them, role separation, and
+ * tampering named by the verifier. The broker processes on one store: audit-postgres.test.ts.
+ */
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { migrate, PostgresAuditReader, PostgresAuditStore, redactUrl } from '../../src/audit/postgres.ts';
+import { isBrokerError } from '../../src/errors.ts';
+import { TestPostgres } from '../helpers/postgres.ts';
+
+const MAIN = new URL('../../src/cli/main.ts', import.meta.url).pathname;
+let pg: TestPostgres;
+const open: PostgresAuditStore[] = [];
+
+before(async () => {
+  pg = await TestPostgres.start();
+});
+
+after(async () => {
+  for (const s of open) await s.close().catch(() => undefined);
+  await pg?.remove();
+});
+
+async function store(): Promise<PostgresAuditStore> {
+  const s = await PostgresAuditStore.open(pg.url('task_broker'), { connectTimeoutMs: 1000, statementTimeoutMs: 2000 });
+  open.push(s);
+  return s;
+}
+
+function broker(args: string[]): { status: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(process.execPath, [MAIN, ...args], { encoding: 'utf8', timeout: 60_000 });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+async function readAll(): Promise<{ records: number; chain: ReturnType<PostgresAuditReader['result']> }> {
+  const reader = new PostgresAuditReader(pg.url('task_broker'));
+  const records = await reader.read();
+  return { records: records.length, chain: reader.result(true) };
+}
+
+test('before the migration the store refuses to open, naming the command; migrate is safe to run twice', async () => {
+  await assert.rejects(store(), (err: unknown) => isBrokerError(err) && err.code === 'audit_unavailable' && /broker audit migrate/.test(err.message) && !err.message.includes(pg.brokerPassword));
+  const first = broker(['audit', 'migrate', pg.url('postgres'), '--grant', 'task_broker']);
+  assert.equal(first.status, 0, first.stderr);
+  assert.match(first.stdout, /table task_broker\.audit created; SELECT, INSERT \(only\) granted to task_broker/);
+  assert.ok(!first.stdout.includes(pg.superPassword), 'no password in the output');
+  const again = broker(['audit', 'migrate', pg.url('postgres'), '--grant', 'task_broker', '-o', 'json']);
+  assert.equal(again.status, 0, again.stderr);
+  assert.equal(JSON.parse(again.stdout).created, false);
+  const missing = await migrate(pg.url('postgres'), ['no_such_role']).catch((e: unknown) => e);
+  assert.ok(isBrokerError(missing) && missing.code === 'invalid_argument', String(missing));
+});
+
+test('three writers append concurrently: one chain, seq order = commit order, every append acknowledged is there', async () => {
+  const writers = [await store(), await store(), await store()];
+  const acked = await Promise.all(
+    writers.flatMap((w, i) => Array.from({ length: 300 }, (_, j) => w.append({ type: 'test.append', actor: `writer-${i}`, task: `t-${j % 7}` }))),
+  );
+  const seqs = new Set(acked.map((r) => r.seq));
+  assert.equal(seqs.size, 900, 'every acknowledged record has its own seq');
+  const { records, chain } = await readAll();
+  assert.equal(records, 900);
+  assert.ok(chain.ok, JSON.stringify(chain));
+  assert.ok(writers.every((w) => w.stats.flushes < 300), `group commit: ${writers.map((w) => w.stats.flushes).join(', ')} transactions for 300 appends each`);
+});
+
+test('an API server audit event is recorded once, whichever writer gets it', async () => {
+  const [a, b] = [await store(), await store()];
+  const event = {
+    type: 'k8s.request',
+    actor: 'system:apiserver',
+    task: 't-dup',
+    details: { auditID: 'aid-1', stage: 'ResponseComplete', requestReceivedTimestamp: '2026-01-01T00:00:00.000001Z', stageTimestamp: '2026-01-01T00:00:00.000002Z' },
+  };
+  const [r1, r2] = await Promise.all([a.append(event), b.append(event)]);
+  const r3 = await a.append(event);
+  assert.equal(r1.seq, r2.seq);
+  assert.equal(r1.seq, r3.seq);
+  const other = await b.append({ ...event, details: { ...event.details, stageTimestamp: '2026-01-01T00:00:00.000003Z' } });
+  assert.notEqual(other.seq, r1.seq, 'another event with the same auditID (other timestamps) is recorded');
+  const rows = await pg.query<{ n: string }>('postgres', `SELECT count(*) AS n FROM task_broker.audit WHERE task = 't-dup'`);
+  assert.equal(rows.rows[0]!.n, '2');
+});
+
+test("the broker's role may insert and select, never update or delete", async () => {
+  await assert.rejects(pg.query('task_broker', `UPDATE task_broker.audit SET line = line WHERE seq = 0`), /permission denied for table audit/);
+  await assert.rejects(pg.query('task_broker', `DELETE FROM task_broker.audit WHERE seq = 0`), /permission denied for table audit/);
+  await assert.rejects(pg.query('task_broker', `TRUNCATE task_broker.audit`), /permission denied for table audit/);
+});
+
+test('the database stopped: appends fail closed (audit_unavailable, unhealthy), and the store takes up again when it returns', async () => {
+  const s = await store();
+  const before = await s.append({ type: 'test.before', actor: 'me' });
+  await pg.pause();
+  const err = await s.append({ type: 'test.during', actor: 'me' }).catch((e: unknown) => e);
+  assert.ok(isBrokerError(err) && err.code === 'audit_unavailable', String(err));
+  assert.ok(!err.message.includes(pg.brokerPassword), 'the password is not in the message');
+  assert.ok(err.message.includes(redactUrl(pg.url('task_broker'))));
+  assert.equal(s.healthy, false);
+  await assert.rejects(s.append({ type: 'test.during', actor: 'me' }), /audit store/);
+  await pg.resume();
+  const deadline = Date.now() + 10_000;
+  while (!s.healthy && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+  assert.equal(s.healthy, true, 'healthy again once the database answers');
+  const after = await s.append({ type: 'test.after', actor: 'me' });
+  assert.ok(after.seq > before.seq);
+  const { chain } = await readAll();
+  assert.ok(chain.ok, JSON.stringify(chain));
+  const during = await pg.query('postgres', `SELECT 1 FROM task_broker.audit WHERE type = 'test.during'`);
+  assert.equal(during.rowCount, 0, 'nothing refused was recorded');
+});
+
+test('tampering by the superuser: audit verify names the record; an altered last record stops appends', async () => {
+  const ok = broker(['audit', 'verify', pg.url('task_broker')]);
+  assert.equal(ok.status, 0, ok.stderr);
+  assert.match(ok.stdout, /^ok: \d+ records, last hash [0-9a-f]{64}\n$/);
+
+  await pg.query('postgres', `UPDATE task_broker.audit SET line = replace(line, '"actor":"writer-1"', '"actor":"writer-9"') WHERE seq = (SELECT min(seq) FROM task_broker.audit WHERE line LIKE '%"actor":"writer-1"%')`);
+  const edited = broker(['audit', 'verify', pg.url('task_broker')]);
+  assert.equal(edited.status, 1);
+  assert.match(edited.stderr, /broken at line \d+ \(seq \d+\): hash does not match the record's contents \(the record was altered\) \[audit_chain_broken\]/);
+  assert.ok(!edited.stderr.includes(pg.brokerPassword));
+  await pg.query('postgres', `UPDATE task_broker.audit SET line = replace(line, '"actor":"writer-9"', '"actor":"writer-1"')`);
+  assert.equal(broker(['audit', 'verify', pg.url('task_broker')]).status, 0, 'put back, it holds again');
+
+  await pg.query('postgres', `DELETE FROM task_broker.audit WHERE seq = 100`);
+  const removed = broker(['audit', 'verify', pg.url('task_broker')]);
+  assert.equal(removed.status, 1);
+  assert.match(removed.stderr, /broken at line 101 \(seq 101\): seq 101 where 100 was expected \(a record was removed, inserted or moved\)/);
+
+  // The head altered: nothing more is chained onto it.
+  const s = await store();
+  await pg.query('postgres', `UPDATE task_broker.audit SET line = replace(line, '"actor":"me"', '"actor":"mE"') WHERE seq = (SELECT max(seq) FROM task_broker.audit)`);
+  const refused = await s.append({ type: 'test.after-tamper', actor: 'me' }).catch((e: unknown) => e);
+  assert.ok(isBrokerError(refused) && refused.code === 'audit_chain_broken', String(refused));
+  assert.equal(s.healthy, false);
+});
