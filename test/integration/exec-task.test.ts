@@ -189,7 +189,8 @@ describe('pods/exec in a gated task on the full cluster: refused, approved by an
     );
     assert.equal((await cli(['task', 'end', reader.id], agentEnv)).code, 0);
     // Recorded as denied, from the API server's side.
-    await story(reader.id, (recs) => recs.some((r) => isExec(r) && r.outcome === 'denied'));
+    // Both refusals: WebSocket's `get`, then SPDY's `create` (they may reach the broker in different webhook batches).
+    await story(reader.id, (recs) => recs.some((r) => isExec(r) && r.outcome === 'denied' && r.details?.verb === 'create'));
     const shown = await cli(['audit', 'show', '--task', reader.id, broker.auditLog], agentEnv);
     assert.equal(shown.code, 0, shown.stderr);
     assert.match(shown.stdout, /DENY create pods\/web\/exec -n shop \(403: /);
