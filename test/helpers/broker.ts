@@ -100,15 +100,24 @@ export class BrokerEnv {
   }
 
   async startBroker(
-    options: { auditLog?: string; extraArgs?: string[]; env?: NodeJS.ProcessEnv; shellPrefix?: string; tls?: { cert: string; key: string }; listen?: string } = {},
+    options: {
+      auditLog?: string;
+      /** A PostgreSQL audit store (postgres://...) in place of the audit log file. */
+      auditStore?: string;
+      extraArgs?: string[];
+      env?: NodeJS.ProcessEnv;
+      shellPrefix?: string;
+      tls?: { cert: string; key: string };
+      listen?: string;
+    } = {},
   ): Promise<BrokerProcess> {
-    const auditLog = options.auditLog ?? join(this.dir, 'audit.jsonl');
+    const auditLog = options.auditStore ?? options.auditLog ?? join(this.dir, 'audit.jsonl');
     const args = [
       MAIN,
       'serve',
       '--config',
       this.policyFile,
-      '--audit-log',
+      options.auditStore === undefined ? '--audit-log' : '--audit-store',
       auditLog,
       '--kubeconfig',
       this.brokerKubeconfig,

@@ -1,0 +1,178 @@
+/**
+ * Three broker processes on one PostgreSQL audit store (src/audit/postgres.ts) and one real API server:
+ * one task's story told by all three in one chain, webhook batches recorded once whichever replica
+ * gets them, the brokers failing closed while the database is away and taking up again when it
+ * returns, and tampering in the database named by `broker audit verify`.
+ */
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { randomBytes, randomUUID } from 'node:crypto';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { BrokerEnv, type BrokerProcess } from '../helpers/broker.ts';
+import { kubectl, writeTokenKubeconfig } from '../helpers/kube.ts';
+import { TestPostgres } from '../helpers/postgres.ts';
+import { until } from '../helpers/wait.ts';
+
+const MAIN = new URL('../../src/cli/main.ts', import.meta.url).pathname;
+const WEBHOOK = '/v1/audit/kubernetes';
+
+function cli(args: string[]): { status: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(process.execPath, [MAIN, ...args], { encoding: 'utf8', timeout: 60_000 });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+/** An audit.k8s.io/v1 event of a task's ServiceAccount, shaped as the API server sends them. */
+function requestEvent(taskNamespace: string, taskId: string, at: Date): Record<string, unknown> {
+  const t = at.toISOString().replace('Z', '000Z');
+  return {
+    kind: 'Event',
+    apiVersion: 'audit.k8s.io/v1',
+    level: 'Metadata',
+    auditID: randomUUID(),
+    stage: 'ResponseComplete',
+    requestURI: '/api/v1/namespaces/team-a/pods?limit=500',
+    verb: 'list',
+    user: { username: `system:serviceaccount:${taskNamespace}:task-${taskId}`, groups: ['system:serviceaccounts', 'system:authenticated'] },
+    sourceIPs: ['127.0.0.1'],
+    userAgent: 'kubectl/v1.34.0',
+    objectRef: { resource: 'pods', namespace: 'team-a', apiVersion: 'v1' },
+    responseStatus: { metadata: {}, code: 200 },
+    requestReceivedTimestamp: t,
+    stageTimestamp: t,
+    annotations: { 'authorization.k8s.io/decision': 'allow', 'authorization.k8s.io/reason': 'RBAC: allowed by RoleBinding' },
+  };
+}
+
+describe('three brokers on one PostgreSQL audit store', () => {
+  let pg: TestPostgres | undefined;
+  let env: BrokerEnv | undefined;
+  let brokers: BrokerProcess[] = [];
+  let alpha: string;
+  let store: string;
+  let webhookToken: string;
+
+  before(async () => {
+    pg = await TestPostgres.start();
+    const migrated = cli(['audit', 'migrate', pg.url('postgres'), '--grant', 'task_broker']);
+    assert.equal(migrated.status, 0, migrated.stderr);
+    env = await BrokerEnv.start();
+    alpha = await env.agentToken('alpha');
+    webhookToken = randomBytes(24).toString('base64url');
+    const tokenFile = join(env.dir, 'webhook.token');
+    writeFileSync(tokenFile, webhookToken + '\n', { mode: 0o600 });
+    store = pg.url('task_broker');
+    brokers = await Promise.all([0, 1, 2].map(() => env!.startBroker({ auditStore: store, extraArgs: ['--audit-webhook-token-file', tokenFile] })));
+  });
+
+  after(async () => {
+    for (const b of brokers) await b.stop().catch(() => undefined);
+    await env?.stop();
+    await pg?.remove();
+  });
+
+  const post = (b: BrokerProcess, body: unknown) =>
+    fetch(b.url + WEBHOOK, { method: 'POST', headers: { authorization: `Bearer ${webhookToken}`, 'content-type': 'application/json' }, body: JSON.stringify(body) });
+
+  test('a task started on one, its credential from another, ended on the third: one story, in order, on one chain', async () => {
+    const [one, two, three] = brokers as [BrokerProcess, BrokerProcess, BrokerProcess];
+    const start = await one.request('POST', '/v1/tasks', alpha, { template: 'read-pods', namespace: 'team-a', name: 'shared', ttl: '10m', reason: 'three replicas' });
+    assert.equal(start.status, 201, JSON.stringify(start.body));
+    const id = start.body.id as string;
+    // The second broker sees the task through the cluster (its watch), then mints for it.
+    const cred = await until('the second broker to serve the task', 15_000, async () => {
+      const r = await two.request('POST', '/v1/tasks/shared/credential', alpha);
+      return r.status === 200 ? r : undefined;
+    });
+    const kc = writeTokenKubeconfig(join(env!.dir, 'shared.kubeconfig'), env!.cluster, cred.body.token);
+    assert.equal((await kubectl(kc, 'get', 'pods', '-n', 'team-a')).code, 0);
+    const asked = new Date();
+    const ended = await until('the third broker to end the task', 15_000, async () => {
+      const r = await three.request('DELETE', '/v1/tasks/shared', alpha);
+      return r.status === 200 ? r : undefined;
+    });
+    assert.equal(ended.status, 200);
+
+    // The API server's batch, retried to every replica (after the end; placed by when it was received).
+    const batch = { kind: 'EventList', apiVersion: 'audit.k8s.io/v1', metadata: {}, items: [requestEvent(env!.policy.broker.taskNamespace, id, asked)] };
+    const answers = await Promise.all(brokers.map(async (b) => (await post(b, batch)).json() as Promise<{ recorded: number; duplicates: number }>));
+    assert.deepEqual(answers.map((a) => a.recorded + a.duplicates), [1, 1, 1]);
+    const requests = await pg!.query<{ n: string }>('postgres', `SELECT count(*) AS n FROM task_broker.audit WHERE type = 'k8s.request' AND task = $1`, [id]);
+    assert.equal(requests.rows[0]!.n, '1', 'recorded once, whichever replicas got the batch');
+
+    const shown = cli(['audit', 'show', '--task', id, store]);
+    assert.equal(shown.status, 0, shown.stderr);
+    const story = shown.stdout;
+    const order = [/task requested: read-pods in team-a/, /task started/, /credential minted jti/, /ALLOW list pods -n team-a/, /task ended/];
+    let at = 0;
+    for (const re of order) {
+      const m = re.exec(story.slice(at));
+      assert.ok(m, `${re} after position ${at} in:\n${story}`);
+      at += m.index + m[0].length;
+    }
+    assert.ok(!story.includes(pg!.brokerPassword) && !shown.stderr.includes(pg!.brokerPassword));
+
+    // Each step was recorded by the broker that served it: three writers, one chain.
+    const pids = await pg!.query<{ line: string }>('postgres', `SELECT line FROM task_broker.audit WHERE type = 'broker.started' ORDER BY seq`);
+    assert.deepEqual(new Set(pids.rows.map((r) => JSON.parse(r.line).details.pid as number)), new Set(brokers.map((b) => b.pid)));
+    const verified = cli(['audit', 'verify', store]);
+    assert.equal(verified.status, 0, verified.stderr);
+    assert.match(verified.stdout, /^ok: \d+ records, last hash [0-9a-f]{64}\n$/);
+    for (const b of brokers) assert.ok(!b.stderr.includes(pg!.brokerPassword), 'no broker prints the password');
+    const leaked = await pg!.query('postgres', `SELECT 1 FROM task_broker.audit WHERE line LIKE $1`, [`%${pg!.brokerPassword}%`]);
+    assert.equal(leaked.rowCount, 0, 'no record holds the password');
+  });
+
+  test('the database stopped: every broker fails closed (503, nothing minted, nothing started) and takes up again when it returns', async () => {
+    const [one, two, three] = brokers as [BrokerProcess, BrokerProcess, BrokerProcess];
+    const start = await one.request('POST', '/v1/tasks', alpha, { template: 'read-pods', namespace: 'team-a', name: 'outage', ttl: '10m' });
+    assert.equal(start.status, 201, JSON.stringify(start.body));
+    await until('the third broker to see the task', 15_000, async () => (await three.request('GET', '/v1/tasks', alpha)).body.tasks?.some((t: { name: string }) => t.name === 'outage'));
+    const objects = await env!.taskObjects();
+    await pg!.pause();
+    try {
+      for (const b of brokers) {
+        const cred = await b.request('POST', '/v1/tasks/outage/credential', alpha);
+        assert.equal(cred.status, 503, JSON.stringify(cred.body));
+        assert.equal(cred.body.token, undefined, 'no token in a refusal');
+        assert.equal(cred.body.error?.code, 'audit_unavailable');
+      }
+      const refused = await two.request('POST', '/v1/tasks', alpha, { template: 'read-pods', namespace: 'team-a', name: 'during-outage', ttl: '10m' });
+      assert.equal(refused.status, 503, JSON.stringify(refused.body));
+      assert.deepEqual(await env!.taskObjects(), objects, 'nothing started while the store is away');
+      for (const b of brokers) assert.equal((await b.request('GET', '/readyz', undefined)).status, 503);
+    } finally {
+      await pg!.resume();
+    }
+    for (const b of brokers) await until('the broker to be ready again', 15_000, async () => (await b.request('GET', '/readyz', undefined)).status === 200);
+    for (const b of brokers) assert.equal((await b.request('POST', '/v1/tasks/outage/credential', alpha)).status, 200);
+    assert.equal((await two.request('DELETE', '/v1/tasks/outage', alpha)).status, 200);
+    const none = await pg!.query('postgres', `SELECT 1 FROM task_broker.audit WHERE line LIKE '%during-outage%'`);
+    assert.equal(none.rowCount, 0);
+    assert.equal(cli(['audit', 'verify', store]).status, 0);
+  });
+
+  test("tampering in the database is named by audit verify; the brokers' role cannot update", async () => {
+    await assert.rejects(pg!.query('task_broker', `UPDATE task_broker.audit SET line = line WHERE type = 'task.started'`), /permission denied for table audit/);
+    const target = await pg!.query<{ seq: string }>('postgres', `SELECT seq FROM task_broker.audit WHERE type = 'task.started' ORDER BY seq LIMIT 1`);
+    const seq = Number(target.rows[0]!.seq);
+    await pg!.query('postgres', `UPDATE task_broker.audit SET line = replace(line, '"outcome":"allowed"', '"outcome":"denied"') WHERE seq = $1`, [seq]);
+    const edited = cli(['audit', 'verify', store]);
+    assert.equal(edited.status, 1, edited.stdout);
+    assert.match(edited.stderr, new RegExp(`broken at line ${seq + 1} \\(seq ${seq}\\): hash does not match the record's contents \\(the record was altered\\) \\[audit_chain_broken\\]`));
+    const shown = cli(['audit', 'show', store]);
+    assert.equal(shown.status, 1);
+    assert.match(shown.stderr, new RegExp(`broken at line ${seq + 1} \\(seq ${seq}\\)`));
+    await pg!.query('postgres', `UPDATE task_broker.audit SET line = replace(line, '"outcome":"denied"', '"outcome":"allowed"') WHERE seq = $1`, [seq]);
+    assert.equal(cli(['audit', 'verify', store]).status, 0);
+
+    await pg!.query('postgres', `DELETE FROM task_broker.audit WHERE seq = $1`, [seq]);
+    const removed = cli(['audit', 'verify', store, '-o', 'json']);
+    assert.equal(removed.status, 1);
+    const result = JSON.parse(removed.stdout);
+    assert.equal(result.ok, false);
+    assert.equal(result.seq, seq + 1);
+    assert.match(result.reason, new RegExp(`seq ${seq + 1} where ${seq} was expected \\(a record was removed, inserted or moved\\)`));
+  });
+});
