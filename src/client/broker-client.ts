@@ -168,6 +168,11 @@ export class BrokerClient {
     return this.#call('DELETE', `/v1/agents/${encodeURIComponent(name)}/key`);
   }
 
+  /** Where people sign in (`GET /v1/login`, asked without a credential: '' sends none). */
+  loginIssuers(): Promise<{ issuers: Array<{ issuer: string; clientId: string }> }> {
+    return this.#call('GET', '/v1/login', undefined, '');
+  }
+
   cluster(): Promise<ClusterInfo> {
     return this.#call<ClusterInfo>('GET', '/v1/cluster');
   }
@@ -185,7 +190,7 @@ export class BrokerClient {
         dispatcher: this.#dispatcher,
         signal,
         headers: {
-          ...(authorization === undefined ? {} : { authorization }),
+          ...(authorization ? { authorization } : {}),
           accept: 'application/json',
           ...(body === undefined ? {} : { 'content-type': 'application/json' }),
         },

@@ -674,6 +674,7 @@ interface RawIssuer {
   groupsClaim?: string;
   algorithms?: string[];
   claims?: RawClaims;
+  login?: { clientId: string };
 }
 interface RawApproval {
   approvers?: string[];
@@ -726,6 +727,7 @@ function toIssuer(raw: RawIssuer): OidcIssuer {
     ...(raw.groupsClaim === undefined ? {} : { groupsClaim: raw.groupsClaim }),
     algorithms: raw.algorithms ? [...new Set(raw.algorithms)] : [...DEFAULT_ALGORITHMS],
     claims: toClaims(raw.claims),
+    ...(raw.login === undefined ? {} : { login: { clientId: raw.login.clientId } }),
   };
 }
 

@@ -78,6 +78,7 @@ export const POLICY_SCHEMA = {
         groupsClaim: ref('text'),
         algorithms: arrayOf(ref('algorithm'), 1),
         claims: ref('claims'),
+        login: closed({ clientId: ref('text') }, ['clientId']),
       },
       ['issuer', 'audience'],
     ),

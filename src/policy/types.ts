@@ -37,6 +37,8 @@ export interface OidcIssuer {
   algorithms: string[];
   /** Conditions every token of this issuer must meet (for a CI issuer: `repository_owner`, ...). */
   claims: ClaimConditions;
+  /** People sign in here with `broker login` (YAML `login.clientId`: the CLI's public client); `GET /v1/login` lists such issuers. */
+  login?: { clientId: string };
 }
 
 export interface Agent {

@@ -68,6 +68,8 @@ export interface AppDeps {
   limits?: Partial<Limits>;
   /** The API server's audit webhook (src/server/kube-audit.ts); without it POST /v1/audit/kubernetes answers 404. */
   kubeAudit?: KubeAuditConfig | undefined;
+  /** The issuers people sign in at with `broker login` (GET /v1/login), from the running policy. */
+  loginIssuers?: (() => Array<{ issuer: string; clientId: string }>) | undefined;
   /** fastify's `logger`, `logController` and `childLoggerFactory` options (pino and the request log, src/server/request-log.ts); default no logging. */
   logging?: { logger: Record<string, unknown>; logController: unknown; childLoggerFactory?: unknown } | undefined;
   /**
@@ -84,6 +86,8 @@ declare module 'fastify' {
 }
 
 const taskRef = { type: 'string', minLength: 1, maxLength: 63 } as const;
+/** Answered without a credential: where to get one. */
+export const LOGIN_PATH = '/v1/login';
 
 const startSchema = {
   body: {
@@ -177,7 +181,8 @@ export function buildApp(deps: AppDeps): FastifyInstance {
       return done(err as Error);
     }
     reply.header('x-request-id', req.id);
-    if (!req.url.startsWith('/v1/') || isKubeAuditPath(req.url)) return proceed(); // the API server's webhook checks its own token (kube-audit.ts)
+    // The API server's webhook checks its own token (kube-audit.ts); where to sign in is asked before one has any identity.
+    if (!req.url.startsWith('/v1/') || isKubeAuditPath(req.url) || req.url === LOGIN_PATH) return proceed();
     const authenticators = deps.authenticators;
     // The same credential as the request before on this keep-alive connection: known without any work.
     const known = acceptedBefore(authenticators, req);
@@ -224,6 +229,9 @@ export function buildApp(deps: AppDeps): FastifyInstance {
   app.setNotFoundHandler(async (_req, reply) => reply.code(404).send({ error: { code: 'not_found', message: 'no such endpoint' } }));
 
   app.get('/healthz', async () => 'ok\n');
+
+  // Where people sign in (`broker login` with no --issuer): the policy's issuers that name a login client. Public, as an identity provider's discovery is.
+  app.get(LOGIN_PATH, async () => ({ issuers: deps.loginIssuers?.() ?? [] }));
   app.get('/readyz', async (_req, reply) => {
     const problems = [!deps.store.synced && 'task watch not synced', !deps.audit.healthy && 'audit log unwritable'].filter(Boolean);
     if (problems.length) return reply.code(503).send(`not ready: ${problems.join(', ')}\n`);

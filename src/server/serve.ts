@@ -321,6 +321,7 @@ async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<R
     limits,
     kubeAudit,
     logging,
+    loginIssuers: () => holder.policy.issuers.flatMap((i) => (i.login ? [{ issuer: i.issuer, clientId: i.login.clientId }] : [])),
     // Checked in the app's one onRequest hook: no hook of its own left installed after start-up.
     held: () => (gateOpen ? undefined : started),
     ...(p.https ? { https: p.https } : {}),

@@ -25,7 +25,8 @@ describe('broker login (issue 14)', () => {
   let broker: BrokerProcess;
   const secrets: string[] = [];
 
-  const baseEnv = (): NodeJS.ProcessEnv => ({ PATH: process.env['PATH'] ?? '/usr/bin:/bin', BROKER_URL: broker.url, NO_COLOR: '1', BROKER_OIDC_ISSUER: idp.issuer, ...keyring.env });
+  // No issuer given: `broker login` asks the broker where to sign in (GET /v1/login, from the policy's issuers[].login).
+  const baseEnv = (): NodeJS.ProcessEnv => ({ PATH: process.env['PATH'] ?? '/usr/bin:/bin', BROKER_URL: broker.url, NO_COLOR: '1', ...keyring.env });
   const cli = (args: string[], base: NodeJS.ProcessEnv = baseEnv()): Promise<RunResult> => run(process.execPath, [MAIN, ...args], base);
 
   /** `broker login ...` in the background; the test user agent signs in at the URL it prints. */
@@ -64,6 +65,7 @@ describe('broker login (issue 14)', () => {
   - issuer: ${idp.issuer}
     audience: [${CLI_CLIENT_ID}, ${BROKER_RESOURCE}]
     groupsClaim: groups
+    login: { clientId: ${CLI_CLIENT_ID} }
 people:
   - name: alice
     identities: [{ oidc: { issuer: "${idp.issuer}", subject: alice } }]
@@ -184,6 +186,13 @@ approvers:
     const found: string[] = [];
     for (const root of new Set([keyring.home, tmpdir()])) scan(root, secrets, found, 0);
     assert.deepEqual(found, []);
+  });
+
+  test('where to sign in: GET /v1/login names the policy\'s login issuers without a credential; every other route still needs one', async () => {
+    const res = await fetch(`${broker.url}/v1/login`);
+    assert.equal(res.status, 200);
+    assert.deepEqual(await res.json(), { issuers: [{ issuer: idp.issuer, clientId: CLI_CLIENT_ID }] });
+    assert.equal((await fetch(`${broker.url}/v1/tasks`)).status, 401);
   });
 
   function keychainFor(): string | undefined {
