@@ -153,6 +153,52 @@ describe('three brokers on one PostgreSQL audit store', () => {
     assert.equal(cli(['audit', 'verify', store]).status, 0);
   });
 
+  test('kill -9 of one replica under load: the others carry on, and every credential answered is on the chain', async () => {
+    const [one, two] = brokers as [BrokerProcess, BrokerProcess, BrokerProcess];
+    const start = await one.request('POST', '/v1/tasks', alpha, { template: 'read-pods', namespace: 'team-a', name: 'load', ttl: '10m' });
+    assert.equal(start.status, 201, JSON.stringify(start.body));
+    const id = start.body.id as string;
+    for (const b of brokers) await until('every broker to see the task', 15_000, async () => (await b.request('GET', '/v1/tasks', alpha)).body.tasks?.some((t: { name: string }) => t.name === 'load'));
+    // One mint per broker first: concurrent first requests share one mint (tasks/service.ts #mintOnce),
+    // recorded once under the first request's id; every later answer is a credential.served of its own.
+    for (const b of brokers) assert.equal((await b.request('POST', '/v1/tasks/load/credential', alpha)).status, 200);
+    const acked: Array<{ broker: number; requestId: string; afterKill: boolean }> = [];
+    let killed = false;
+    let stop = false;
+    const loop = async (i: number) => {
+      const b = brokers[i]!;
+      while (!stop) {
+        try {
+          const res = await fetch(`${b.url}/v1/tasks/load/credential`, { method: 'POST', headers: { authorization: `Bearer ${alpha}` } });
+          const body = (await res.json()) as { token?: string };
+          if (res.status === 200 && body.token) acked.push({ broker: i, requestId: res.headers.get('x-request-id')!, afterKill: killed });
+          if (res.status === 429) await new Promise((r) => setTimeout(r, 20));
+        } catch {
+          if (i === 1 && killed) return; // the killed replica's connections fail: expected
+          await new Promise((r) => setTimeout(r, 20));
+        }
+      }
+    };
+    const loops = [0, 1, 2].flatMap((i) => [loop(i), loop(i), loop(i), loop(i)]);
+    await new Promise((r) => setTimeout(r, 1500));
+    killed = true;
+    two.kill('SIGKILL');
+    await new Promise((r) => setTimeout(r, 1500));
+    stop = true;
+    await Promise.all(loops);
+    assert.ok(acked.some((a) => a.broker === 1), 'the killed replica answered before it was killed');
+    for (const i of [0, 2]) assert.ok(acked.some((a) => a.broker === i && a.afterKill), `replica ${i} carried on after the kill`);
+    const rows = await pg!.query<{ line: string }>('postgres', `SELECT line FROM task_broker.audit WHERE task = $1 AND type LIKE 'credential.%'`, [id]);
+    const recorded = new Set(rows.rows.map((r) => JSON.parse(r.line).requestId as string));
+    const lost = acked.filter((a) => !recorded.has(a.requestId));
+    assert.deepEqual(lost, [], `${acked.length} credentials answered, ${recorded.size} recorded`);
+    const verified = cli(['audit', 'verify', store]);
+    assert.equal(verified.status, 0, verified.stderr);
+    // A replacement replica, as a Deployment would start.
+    brokers[1] = await env!.startBroker({ auditStore: store });
+    assert.equal((await brokers[1].request('DELETE', '/v1/tasks/load', alpha)).status, 200);
+  });
+
   test("tampering in the database is named by audit verify; the brokers' role cannot update", async () => {
     await assert.rejects(pg!.query('task_broker', `UPDATE task_broker.audit SET line = line WHERE type = 'task.started'`), /permission denied for table audit/);
     const target = await pg!.query<{ seq: string }>('postgres', `SELECT seq FROM task_broker.audit WHERE type = 'task.started' ORDER BY seq LIMIT 1`);
