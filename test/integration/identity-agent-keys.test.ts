@@ -6,7 +6,7 @@
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readdirSync, readFileSync, statSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -15,6 +15,7 @@ import { agentKeyAccount, keychainGet } from '../../src/identity/keychain.ts';
 import { BrokerEnv, POLICY_FILE, type BrokerProcess } from '../helpers/broker.ts';
 import { TestKeyring } from '../helpers/keyring.ts';
 import { kubectl, run, writeTokenKubeconfig, type RunResult } from '../helpers/kube.ts';
+import { scanFiles } from '../helpers/scan.ts';
 import { kubectlWith, pluginBuilds, writePluginKubeconfig } from '../helpers/exec-plugin.ts';
 
 const MAIN = new URL('../../src/cli/main.ts', import.meta.url).pathname;
@@ -234,7 +235,7 @@ describe('agent keys (issue 14)', () => {
     const found: string[] = [];
     // The CLI ran with HOME the keyring's home; TMPDIR is the one everything here shares.
     const started = Date.now();
-    for (const root of new Set([keyring.home, tmpdir()])) scan(root, needles, found, 0);
+    for (const root of new Set([keyring.home, tmpdir()])) scanFiles(root, needles, found, 0);
     console.log(`scanned HOME and TMPDIR for ${needles.length} secrets in ${Date.now() - started} ms`);
     assert.deepEqual(found, []);
   });
@@ -258,28 +259,3 @@ describe('agent keys (issue 14)', () => {
     assert.fail(`${what}: no auth.failed record with reason ${re}: ${JSON.stringify(failures.slice(-3))}`);
   }
 });
-
-/** Files (up to 1 MB each, 8 levels deep) under `dir` that hold any of `needles`. */
-function scan(dir: string, needles: string[], found: string[], depth: number): void {
-  if (depth > 8) return;
-  let entries;
-  try {
-    entries = readdirSync(dir, { withFileTypes: true });
-  } catch {
-    return;
-  }
-  for (const e of entries) {
-    const path = join(dir, e.name);
-    if (e.isDirectory()) {
-      if (!['node_modules', '.git'].includes(e.name) && !e.name.startsWith('go-build')) scan(path, needles, found, depth + 1);
-    } else if (e.isFile()) {
-      try {
-        if (statSync(path).size > 1024 * 1024) continue; // identity material is small; build caches and logs are not
-        const text = readFileSync(path, 'latin1');
-        if (needles.some((n) => text.includes(n))) found.push(path);
-      } catch {
-        // unreadable (a socket, permissions): not ours
-      }
-    }
-  }
-}

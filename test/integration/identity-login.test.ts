@@ -6,13 +6,14 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { readdirSync, readFileSync, statSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { keychainGet, keychainSet, loginAccount } from '../../src/identity/keychain.ts';
 import { BrokerEnv, POLICY_FILE, type BrokerProcess } from '../helpers/broker.ts';
 import { TestKeyring } from '../helpers/keyring.ts';
 import { kubectl, run, writeTokenKubeconfig, type RunResult } from '../helpers/kube.ts';
+import { scanFiles } from '../helpers/scan.ts';
 import { kubectlWith, pluginBuilds, writePluginKubeconfig } from '../helpers/exec-plugin.ts';
 import { BROKER_RESOURCE, CLI_CLIENT_ID, signInAs, TestProvider } from '../helpers/oidc-provider.ts';
 
@@ -184,7 +185,7 @@ approvers:
   test('no refresh token in any file under HOME or TMPDIR', () => {
     assert.equal(secrets.length, 4);
     const found: string[] = [];
-    for (const root of new Set([keyring.home, tmpdir()])) scan(root, secrets, found, 0);
+    for (const root of new Set([keyring.home, tmpdir()])) scanFiles(root, secrets, found, 0);
     assert.deepEqual(found, []);
   });
 
@@ -200,28 +201,3 @@ approvers:
     return keychainGet(loginAccount(broker.url));
   }
 });
-
-/** Files (up to 1 MB each, 8 levels deep) under `dir` that hold any of `needles`. */
-function scan(dir: string, needles: string[], found: string[], depth: number): void {
-  if (depth > 8) return;
-  let entries;
-  try {
-    entries = readdirSync(dir, { withFileTypes: true });
-  } catch {
-    return;
-  }
-  for (const e of entries) {
-    const path = join(dir, e.name);
-    if (e.isDirectory()) {
-      if (!['node_modules', '.git'].includes(e.name) && !e.name.startsWith('go-build')) scan(path, needles, found, depth + 1);
-    } else if (e.isFile()) {
-      try {
-        if (statSync(path).size > 1024 * 1024) continue;
-        const text = readFileSync(path, 'latin1');
-        if (needles.some((n) => text.includes(n))) found.push(path);
-      } catch {
-        // unreadable: not ours
-      }
-    }
-  }
-}
