@@ -17,7 +17,6 @@ export type AuditEventType =
   | 'credential.served'
   | 'credential.refused'
   | 'session.issued'
-  | 'session.served'
   | 'task.ended'
   | 'task.expired'
   | 'auth.failed'
