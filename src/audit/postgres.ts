@@ -6,7 +6,8 @@
  * - One chain across all replicas. A batch is appended in one transaction that first takes a
  *   transaction-scoped advisory lock (AUDIT_LOCK_KEY), reads the last row and chains onto it: the
  *   replicas' batches are serialised, each process's concurrent appends share one transaction
- *   (group commit, as the file log shares an fdatasync). An advisory lock needs no UPDATE right, so
+ *   (group commit, as the file log shares an fdatasync). Two round trips a transaction (begin, lock
+ *   and head read; insert and commit), and up to two transactions of a process in flight. An advisory lock needs no UPDATE right, so
  *   the broker's role keeps only SELECT and INSERT (`broker audit migrate --grant`).
  * - Durable: `append` resolves once COMMIT has returned, with synchronous_commit on for the session
  *   (a startup parameter of every connection, whatever the server's default), so the WAL is flushed.
@@ -35,6 +36,8 @@ export const AUDIT_TABLE = `${AUDIT_SCHEMA}.audit`;
 /** The advisory lock that serialises appends to the one chain ("tbaudit1" as a 64-bit integer). */
 export const AUDIT_LOCK_KEY = '8386102735580079409';
 const PROBE_MS = 500;
+/** Transactions of one process in flight at once (the second queues on the chain's lock in the database). */
+const MAX_IN_FLIGHT = 2;
 
 export function isPostgresUrl(value: string): boolean {
   return /^postgres(ql)?:\/\//i.test(value);
@@ -110,7 +113,8 @@ export class PostgresAuditStore implements AuditSink {
   readonly #pool: pg.Pool;
   readonly #now: () => Date;
   #queue: Pending[] = [];
-  #flushing = false;
+  /** Transactions in flight (at most MAX_IN_FLIGHT). */
+  #inFlight = 0;
   #scheduled = false;
   #idle: (() => void)[] = [];
   #down: BrokerError | undefined;
@@ -190,7 +194,7 @@ export class PostgresAuditStore implements AuditSink {
     this.#closing ??= (async () => {
       this.#closed = true;
       if (this.#probe) clearInterval(this.#probe);
-      while (this.#flushing || this.#scheduled) await new Promise<void>((done) => this.#idle.push(done));
+      while (this.#inFlight > 0 || this.#scheduled) await new Promise<void>((done) => this.#idle.push(done));
       await this.#pool.end().catch(() => undefined);
     })();
     return this.#closing;
@@ -202,7 +206,7 @@ export class PostgresAuditStore implements AuditSink {
   }
 
   #schedule(): void {
-    if (this.#flushing || this.#scheduled) return;
+    if (this.#inFlight >= MAX_IN_FLIGHT || this.#scheduled || this.#queue.length === 0) return;
     this.#scheduled = true;
     setImmediate(() => {
       this.#scheduled = false;
@@ -210,24 +214,30 @@ export class PostgresAuditStore implements AuditSink {
     });
   }
 
+  /**
+   * One batch: everything queued, in one transaction. Up to MAX_IN_FLIGHT run at once: the second
+   * waits for the chain's lock in the database, not here, so it starts as soon as the first commits
+   * (and it reads the head after the first, so the chain holds whatever order they commit in).
+   */
   async #run(): Promise<void> {
-    this.#flushing = true;
+    if (this.#queue.length === 0) return this.#wake();
+    const batch = this.#queue.splice(0, this.#queue.length);
+    this.#inFlight++;
     try {
-      while (this.#queue.length > 0) {
-        const batch = this.#queue.splice(0, this.#queue.length);
-        try {
-          await this.#commit(batch);
-        } catch (err) {
-          const failure = storeError(this.where, 'be written', err);
-          this.#fail(failure);
-          for (const p of [...batch, ...this.#queue.splice(0)]) p.reject(failure);
-          return;
-        }
-      }
+      await this.#commit(batch);
+    } catch (err) {
+      const failure = storeError(this.where, 'be written', err);
+      this.#fail(failure);
+      for (const p of [...batch, ...this.#queue.splice(0)]) p.reject(failure);
     } finally {
-      this.#flushing = false;
-      for (const wake of this.#idle.splice(0)) wake();
+      this.#inFlight--;
+      this.#schedule();
+      this.#wake();
     }
+  }
+
+  #wake(): void {
+    if (this.#inFlight === 0 && !this.#scheduled) for (const wake of this.#idle.splice(0)) wake();
   }
 
   /** One transaction: lock the chain, read its head, append the batch's records after it, commit. */
@@ -271,7 +281,8 @@ export class PostgresAuditStore implements AuditSink {
         rows.seq.push(String(seq));
         rows.time.push(time);
         rows.type.push(record.type);
-        rows.task.push(record.task ?? null);
+        // PostgreSQL text holds no NUL; the line has it escaped (JSON), this index column drops it.
+        rows.task.push(record.task?.replaceAll('\0', '') ?? null);
         rows.key.push(p.key ?? null);
         rows.line.push(line);
         if (p.key !== undefined) existing.set(p.key, record);
@@ -279,13 +290,10 @@ export class PostgresAuditStore implements AuditSink {
         seq++;
         prev = hash;
       }
-      if (rows.seq.length > 0) {
-        await client.query(
-          `INSERT INTO ${AUDIT_TABLE} (seq, time, type, task, event_key, line) SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[])`,
-          [rows.seq, rows.time, rows.type, rows.task, rows.key, rows.line],
-        );
-      }
-      await client.query('COMMIT');
+      // The insert and the commit in one round trip (simple protocol: the values as escaped literals).
+      const lit = (v: string | null) => (v === null ? 'NULL' : client.escapeLiteral(v));
+      const values = rows.seq.map((q, i) => `(${q},${lit(rows.time[i]!)},${lit(rows.type[i]!)},${lit(rows.task[i]!)},${lit(rows.key[i]!)},${lit(rows.line[i]!)})`);
+      await client.query(`${values.length > 0 ? `INSERT INTO ${AUDIT_TABLE} (seq, time, type, task, event_key, line) VALUES ${values.join(',')}; ` : ''}COMMIT`);
       this.#nextSeq = seq;
       this.#stats.flushes++;
       this.#stats.records += rows.seq.length;

@@ -67,6 +67,19 @@ test('three writers append concurrently: one chain, seq order = commit order, ev
   assert.ok(writers.every((w) => w.stats.flushes < 300), `group commit: ${writers.map((w) => w.stats.flushes).join(', ')} transactions for 300 appends each`);
 });
 
+test('what an agent chose reaches the row as written: quotes, backslashes, NUL, non-ASCII', async () => {
+  const s = await store();
+  const odd = `it's \\ "quoted" \0 é 🙂 '); DROP TABLE task_broker.audit; --`;
+  const r = await s.append({ type: 'test.odd', actor: 'me', task: `t-odd\0x`, reason: odd, details: { uri: odd } });
+  const row = await pg.query<{ line: string; task: string }>('postgres', 'SELECT line, task FROM task_broker.audit WHERE seq = $1', [r.seq]);
+  const back = JSON.parse(row.rows[0]!.line);
+  assert.equal(back.reason, odd);
+  assert.equal(back.details.uri, odd);
+  assert.equal(back.task, 't-odd\0x');
+  assert.equal(row.rows[0]!.task, 't-oddx');
+  assert.ok((await readAll()).chain.ok);
+});
+
 test('an API server audit event is recorded once, whichever writer gets it', async () => {
   const [a, b] = [await store(), await store()];
   const event = {
