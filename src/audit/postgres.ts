@@ -38,6 +38,8 @@ export const AUDIT_LOCK_KEY = '8386102735580079409';
 const PROBE_MS = 500;
 /** Transactions of one process in flight at once (the second queues on the chain's lock in the database). */
 const MAX_IN_FLIGHT = 2;
+/** Rows read at a time by verify and show. */
+const READ_CHUNK = 10_000;
 
 export function isPostgresUrl(value: string): boolean {
   return /^postgres(ql)?:\/\//i.test(value);
@@ -387,32 +389,45 @@ export class PostgresAuditReader {
     return this.#broken;
   }
 
-  async read(): Promise<AuditRecord[]> {
+  /**
+   * The records of the rows appended since the last call, verified (none once broken). Read in
+   * chunks of READ_CHUNK rows: appends commit in seq order under the chain's lock, so every snapshot
+   * holds a prefix of the chain and chunk after chunk reads it whole. `keep: false` (verify) returns
+   * none and holds only a chunk at a time.
+   */
+  async read(options: { keep?: boolean } = {}): Promise<AuditRecord[]> {
     if (this.#broken) return [];
+    const keep = options.keep !== false;
     const client = new pg.Client({ connectionString: this.#url, connectionTimeoutMillis: 5000, application_name: 'task-broker audit' });
     client.on('error', () => undefined);
-    let rows: Array<{ seq: string; line: string }>;
+    const out: AuditRecord[] = [];
     try {
-      await client.connect();
-      // One statement: one snapshot, and appends commit in seq order under the chain's lock, so what
-      // is read is a prefix of the chain (no row is skipped by a later read).
-      rows = (await client.query<{ seq: string; line: string }>(`SELECT seq, line FROM ${AUDIT_TABLE} WHERE seq > $1 ORDER BY seq`, [String(this.#after)])).rows;
-    } catch (err) {
-      throw storeError(this.where, 'be read', err);
+      try {
+        await client.connect();
+      } catch (err) {
+        throw storeError(this.where, 'be read', err);
+      }
+      for (;;) {
+        let rows: Array<{ seq: string; line: string }>;
+        try {
+          rows = (await client.query<{ seq: string; line: string }>(`SELECT seq, line FROM ${AUDIT_TABLE} WHERE seq > $1 ORDER BY seq LIMIT ${READ_CHUNK}`, [String(this.#after)])).rows;
+        } catch (err) {
+          throw storeError(this.where, 'be read', err);
+        }
+        for (const row of rows) {
+          this.#verifier.push(row.line);
+          if (this.#verifier.broken) {
+            this.#broken = this.#verifier.finish(false) as Extract<VerifyResult, { ok: false }>;
+            return out;
+          }
+          this.#after = Number(row.seq);
+          if (keep) out.push(JSON.parse(row.line) as AuditRecord);
+        }
+        if (rows.length < READ_CHUNK) return out;
+      }
     } finally {
       await client.end().catch(() => undefined);
     }
-    const out: AuditRecord[] = [];
-    for (const row of rows) {
-      this.#verifier.push(row.line);
-      if (this.#verifier.broken) {
-        this.#broken = this.#verifier.finish(false) as Extract<VerifyResult, { ok: false }>;
-        return out;
-      }
-      this.#after = Number(row.seq);
-      out.push(JSON.parse(row.line) as AuditRecord);
-    }
-    return out;
   }
 
   result(_complete: boolean): VerifyResult {

@@ -142,7 +142,7 @@ async function verifyStore(url: string, opts: VerifyCommandOptions): Promise<voi
   const reader = new PostgresAuditReader(url, (seq, hash) => {
     if (expected === undefined && hash === opts.expect) expected = { hash, seq, line: seq + 1 };
   });
-  await reader.read();
+  await reader.read({ keep: false });
   const chain = reader.result(true);
   let result: LiveVerifyResult = chain;
   if (chain.ok && opts.expectLast !== undefined && chain.lastHash !== opts.expectLast) {

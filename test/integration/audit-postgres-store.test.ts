@@ -56,15 +56,19 @@ test('before the migration the store refuses to open, naming the command; migrat
 
 test('three writers append concurrently: one chain, seq order = commit order, every append acknowledged is there', async () => {
   const writers = [await store(), await store(), await store()];
+  // 10 500 records: more than one chunk (10 000 rows) for the readers.
   const acked = await Promise.all(
-    writers.flatMap((w, i) => Array.from({ length: 300 }, (_, j) => w.append({ type: 'test.append', actor: `writer-${i}`, task: `t-${j % 7}` }))),
+    writers.flatMap((w, i) => Array.from({ length: 3500 }, (_, j) => w.append({ type: 'test.append', actor: `writer-${i}`, task: `t-${j % 7}` }))),
   );
   const seqs = new Set(acked.map((r) => r.seq));
-  assert.equal(seqs.size, 900, 'every acknowledged record has its own seq');
+  assert.equal(seqs.size, 10_500, 'every acknowledged record has its own seq');
   const { records, chain } = await readAll();
-  assert.equal(records, 900);
+  assert.equal(records, 10_500);
   assert.ok(chain.ok, JSON.stringify(chain));
-  assert.ok(writers.every((w) => w.stats.flushes < 300), `group commit: ${writers.map((w) => w.stats.flushes).join(', ')} transactions for 300 appends each`);
+  assert.ok(writers.every((w) => w.stats.flushes < 3500), `group commit: ${writers.map((w) => w.stats.flushes).join(', ')} transactions for 3500 appends each`);
+  const verified = broker(['audit', 'verify', pg.url('task_broker'), '-o', 'json']);
+  assert.equal(verified.status, 0, verified.stderr);
+  assert.equal(JSON.parse(verified.stdout).records, 10_500);
 });
 
 test('what an agent chose reaches the row as written: quotes, backslashes, NUL, non-ASCII', async () => {
