@@ -52,16 +52,16 @@ if (process.argv[4] === '--worker') {
   process.send!({ ready: true });
   await new Promise<void>((go) => process.once('message', () => go()));
   const seconds = await drive((e) => store.append(e), `replica-${process.pid}`);
-  const { flushes } = store.stats;
+  const { flushes, fast, fastMissed } = store.stats;
   await store.close();
-  process.send!({ seconds, flushes });
+  process.send!({ seconds, flushes, fast, missed: fastMissed });
   process.exit(0);
 }
 
-async function replicas(urls: string[]): Promise<{ seconds: number; flushes: number; each: number[] }> {
+async function replicas(urls: string[]): Promise<{ seconds: number; flushes: number; fast: number; missed: number; each: number[] }> {
   const children = urls.map((url) => fork(new URL(import.meta.url).pathname, [String(total), String(callers), '--worker', url], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] }));
-  const next = (c: (typeof children)[number]) => new Promise<{ seconds: number; flushes: number; ready?: boolean }>((done, fail) => {
-    c.once('message', (m) => done(m as { seconds: number; flushes: number }));
+  const next = (c: (typeof children)[number]) => new Promise<{ seconds: number; flushes: number; fast: number; ready?: boolean }>((done, fail) => {
+    c.once('message', (m) => done(m as { seconds: number; flushes: number; fast: number }));
     c.once('exit', (code) => fail(new Error(`a replica exited with ${code}`)));
   });
   await Promise.all(children.map(next));
@@ -70,7 +70,7 @@ async function replicas(urls: string[]): Promise<{ seconds: number; flushes: num
   for (const c of children) c.send('go');
   const done = await Promise.all(results);
   const seconds = (performance.now() - t0) / 1000;
-  return { seconds, flushes: done.reduce((n, d) => n + d.flushes, 0), each: done.map((d) => d.seconds) };
+  return { seconds, flushes: done.reduce((n, d) => n + d.flushes, 0), fast: done.reduce((n, d) => n + d.fast, 0), missed: done.reduce((n, d) => n + (d as { missed?: number }).missed!, 0), each: done.map((d) => d.seconds) };
 }
 
 const line = (name: string, records: number, seconds: number, flushes: number, what: string) =>
@@ -93,18 +93,19 @@ try {
   const solo = await PostgresAuditStore.open(url('solo'));
   const soloSeconds = await drive((e) => solo.append(e), 'solo');
   const soloFlushes = solo.stats.flushes;
+  const soloFast = solo.stats.fast;
   await solo.close();
-  line('postgres, 1 process', total, soloSeconds, soloFlushes, 'commits');
+  line('postgres, 1 process', total, soloSeconds, soloFlushes, `commits, ${soloFast} in one round trip`);
 
   const shared = await replicas([url('one'), url('one'), url('one')]);
-  line('postgres, 3 processes, one chain', 3 * total, shared.seconds, shared.flushes, 'commits');
+  line('postgres, 3 processes, one chain', 3 * total, shared.seconds, shared.flushes, `commits, ${shared.fast} in one round trip, ${shared.missed} tried that in vain`);
   const reader = new PostgresAuditReader(url('one'));
   await reader.read();
   const chain = reader.result(true);
   if (!chain.ok || chain.records !== 3 * total) throw new Error(`the shared chain does not hold: ${JSON.stringify(chain)}`);
 
   const own = await replicas([url('a'), url('b'), url('c')]);
-  line('postgres, 3 processes, a chain each', 3 * total, own.seconds, own.flushes, 'commits');
+  line('postgres, 3 processes, a chain each', 3 * total, own.seconds, own.flushes, `commits, ${own.fast} in one round trip`);
   console.log(`one chain against a chain each: ${((3 * total) / shared.seconds / ((3 * total) / own.seconds)).toFixed(2)}x; 3 processes on one chain against the file log of one: ${((3 * total) / shared.seconds / (total / fileSeconds)).toFixed(2)}x`);
 } finally {
   await pg.remove();

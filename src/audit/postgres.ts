@@ -66,6 +66,18 @@ export interface PostgresStoreOptions {
   statementTimeoutMs?: number;
 }
 
+/** The chain's last record (null: the chain is empty). */
+type Head = { seq: number; line: string; hash: string } | null;
+
+interface Built {
+  values: Array<{ seq: number; time: string; type: string; task: string | null; key: string | null; line: string }>;
+  outcome: AuditRecord[];
+  /** The last record after the batch. */
+  tail: Head;
+  duplicates: number;
+  keys: string[];
+}
+
 interface Pending {
   event: AuditEventInput;
   key: string | undefined;
@@ -79,6 +91,9 @@ export interface AuditStoreStats {
   flushes: number;
   /** Events found already recorded (by any replica) and not appended again. */
   duplicates: number;
+  /** Transactions that went the fast way (one round trip: #commit), and those that tried and found another writer's record. */
+  fast: number;
+  fastMissed: number;
 }
 
 function newPool(url: string, options: PostgresStoreOptions): pg.Pool {
@@ -124,7 +139,11 @@ export class PostgresAuditStore implements AuditSink {
   #closed = false;
   #closing: Promise<void> | undefined;
   #nextSeq: number;
-  #stats: AuditStoreStats = { records: 0, flushes: 0, duplicates: 0 };
+  #stats: AuditStoreStats = { records: 0, flushes: 0, duplicates: 0, fast: 0, fastMissed: 0 };
+  /** The chain's last record as this process last left it (null: empty; undefined: unknown). */
+  #tail: Head | undefined;
+  /** Whether the next batch may go the fast way (#commit). */
+  #fast = false;
 
   private constructor(where: string, pool: pg.Pool, nextSeq: number, options: PostgresStoreOptions) {
     this.where = where;
@@ -242,7 +261,12 @@ export class PostgresAuditStore implements AuditSink {
     if (this.#inFlight === 0 && !this.#scheduled) for (const wake of this.#idle.splice(0)) wake();
   }
 
-  /** One transaction: lock the chain, read its head, append the batch's records after it, commit. */
+  /**
+   * One batch, committed. The fast way, when this process appended the chain's last record as far as
+   * it knows (no other writer seen since): one round trip that inserts only if the head is still that
+   * very line and no event key of the batch is recorded yet. Otherwise, or when that inserts nothing:
+   * lock, read and check the head, drop recorded event keys, insert, commit (two round trips).
+   */
   async #commit(batch: Pending[]): Promise<void> {
     let client: PoolClient;
     try {
@@ -252,62 +276,99 @@ export class PostgresAuditStore implements AuditSink {
     }
     let broken = false;
     try {
-      // One round trip (simple protocol): begin, take the chain's lock, read its head.
+      const tail = this.#fast ? this.#tail : undefined;
+      if (tail !== undefined) {
+        const built = this.#build(batch, tail, new Map());
+        this.#tail = built.tail; // the next batch may build on this one while it is in flight
+        if (await this.#insertIf(client, built, tail)) {
+          this.#stats.fast++;
+          return this.#done(batch, built);
+        }
+        this.#stats.fastMissed++;
+        this.#fast = false; // another writer appended (or a key is recorded): the careful way
+        this.#tail = undefined;
+      }
       const results = (await client.query(
         `BEGIN; SELECT pg_advisory_xact_lock(${AUDIT_LOCK_KEY}); SELECT seq, line FROM ${AUDIT_TABLE} ORDER BY seq DESC LIMIT 1`,
       )) as unknown as Array<pg.QueryResult<{ seq: string; line: string }>>;
-      const head = results[2]!.rows[0];
-      let seq = 0;
-      let prev = GENESIS_HASH;
-      if (head) {
-        seq = Number(head.seq) + 1;
-        prev = headHash(head.line, Number(head.seq), this.where);
-      }
+      const row = results[2]!.rows[0];
+      const head: Head = row ? { seq: Number(row.seq), line: row.line, hash: headHash(row.line, Number(row.seq), this.where) } : null;
+      const known = this.#tail;
       const keys = [...new Set(batch.map((p) => p.key).filter((k): k is string => k !== undefined))];
       const existing = new Map<string, AuditRecord>();
       if (keys.length > 0) {
         const found = await client.query<{ event_key: string; line: string }>(`SELECT event_key, line FROM ${AUDIT_TABLE} WHERE event_key = ANY($1::text[])`, [keys]);
-        for (const row of found.rows) existing.set(row.event_key, JSON.parse(row.line) as AuditRecord);
+        for (const r of found.rows) existing.set(r.event_key, JSON.parse(r.line) as AuditRecord);
       }
-      const time = this.#now().toISOString();
-      const rows = { seq: [] as string[], time: [] as string[], type: [] as string[], task: [] as (string | null)[], key: [] as (string | null)[], line: [] as string[] };
-      const outcome: AuditRecord[] = [];
-      for (const p of batch) {
-        const had = p.key === undefined ? undefined : existing.get(p.key);
-        if (had) {
-          outcome.push(had);
-          this.#stats.duplicates++;
-          continue;
-        }
-        const { record, line, hash } = buildRecord(p.event, seq, time, prev);
-        rows.seq.push(String(seq));
-        rows.time.push(time);
-        rows.type.push(record.type);
-        // PostgreSQL text holds no NUL; the line has it escaped (JSON), this index column drops it.
-        rows.task.push(record.task?.replaceAll('\0', '') ?? null);
-        rows.key.push(p.key ?? null);
-        rows.line.push(line);
-        if (p.key !== undefined) existing.set(p.key, record);
-        outcome.push(record);
-        seq++;
-        prev = hash;
-      }
-      // The insert and the commit in one round trip (simple protocol: the values as escaped literals).
-      const lit = (v: string | null) => (v === null ? 'NULL' : client.escapeLiteral(v));
-      const values = rows.seq.map((q, i) => `(${q},${lit(rows.time[i]!)},${lit(rows.type[i]!)},${lit(rows.task[i]!)},${lit(rows.key[i]!)},${lit(rows.line[i]!)})`);
-      await client.query(`${values.length > 0 ? `INSERT INTO ${AUDIT_TABLE} (seq, time, type, task, event_key, line) VALUES ${values.join(',')}; ` : ''}COMMIT`);
-      this.#nextSeq = seq;
-      this.#stats.flushes++;
-      this.#stats.records += rows.seq.length;
-      batch.forEach((p, i) => p.resolve(outcome[i]!));
+      const built = this.#build(batch, head, existing);
+      await client.query(`${built.values.length > 0 ? `${this.#insertSql(client, built)}; ` : ''}COMMIT`);
+      // Nobody else wrote since this process's last batch: the next may go the fast way.
+      this.#fast = known !== undefined && (known === null ? head === null : head !== null && known.line === head.line);
+      this.#tail = built.tail;
+      this.#done(batch, built);
     } catch (err) {
       broken = true;
+      this.#fast = false;
+      this.#tail = undefined;
       await client.query('ROLLBACK').catch(() => undefined);
       throw err;
     } finally {
       // A client that saw an error is not reused: its connection may be half-gone.
       client.release(broken);
     }
+  }
+
+  /** The batch's records after `head` (null: an empty chain), those whose event key is recorded left out. */
+  #build(batch: Pending[], head: Head, existing: Map<string, AuditRecord>): Built {
+    let seq = head ? head.seq + 1 : 0;
+    let prev = head ? head.hash : GENESIS_HASH;
+    let tail: Head = head;
+    const time = this.#now().toISOString();
+    const values: Built['values'] = [];
+    const outcome: AuditRecord[] = [];
+    let duplicates = 0;
+    for (const p of batch) {
+      const had = p.key === undefined ? undefined : existing.get(p.key);
+      if (had) {
+        outcome.push(had);
+        duplicates++;
+        continue;
+      }
+      const { record, line, hash } = buildRecord(p.event, seq, time, prev);
+      // PostgreSQL text holds no NUL; the line has it escaped (JSON), the task index column drops it.
+      values.push({ seq, time, type: record.type, task: record.task?.replaceAll('\0', '') ?? null, key: p.key ?? null, line });
+      if (p.key !== undefined) existing.set(p.key, record);
+      outcome.push(record);
+      tail = { seq, line, hash };
+      seq++;
+      prev = hash;
+    }
+    return { values, outcome, tail, duplicates, keys: [...new Set(batch.map((p) => p.key).filter((k): k is string => k !== undefined))] };
+  }
+
+  /** The INSERT of a batch, its values as escaped literals (simple protocol: it shares a round trip). */
+  #insertSql(client: PoolClient, built: Built, where = ''): string {
+    const lit = (v: string | null) => (v === null ? 'NULL' : client.escapeLiteral(v));
+    const rows = built.values.map((v) => `(${v.seq},${lit(v.time)}::timestamptz,${lit(v.type)},${lit(v.task)},${lit(v.key)},${lit(v.line)})`);
+    return `INSERT INTO ${AUDIT_TABLE} (seq, time, type, task, event_key, line) SELECT * FROM (VALUES ${rows.join(',')}) AS v(seq, time, type, task, event_key, line)${where}`;
+  }
+
+  /** The fast way: inserts (and commits) only if the head is still `expected` and none of the keys is recorded. */
+  async #insertIf(client: PoolClient, built: Built, expected: Head): Promise<boolean> {
+    if (built.values.length === 0) return true;
+    const lit = (v: string) => client.escapeLiteral(v);
+    let where = ` WHERE (SELECT line FROM ${AUDIT_TABLE} ORDER BY seq DESC LIMIT 1) IS NOT DISTINCT FROM ${expected === null ? 'NULL' : lit(expected.line)}`;
+    if (built.keys.length > 0) where += ` AND NOT EXISTS (SELECT 1 FROM ${AUDIT_TABLE} WHERE event_key IN (${built.keys.map(lit).join(',')}))`;
+    const results = (await client.query(`BEGIN; SELECT pg_advisory_xact_lock(${AUDIT_LOCK_KEY}); ${this.#insertSql(client, built, where)}; COMMIT`)) as unknown as pg.QueryResult[];
+    return results[2]!.rowCount === built.values.length;
+  }
+
+  #done(batch: Pending[], built: Built): void {
+    if (built.tail) this.#nextSeq = built.tail.seq + 1;
+    this.#stats.flushes++;
+    this.#stats.records += built.values.length;
+    this.#stats.duplicates += built.duplicates;
+    batch.forEach((p, i) => p.resolve(built.outcome[i]!));
   }
 
   #fail(failure: BrokerError): void {

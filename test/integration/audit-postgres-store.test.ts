@@ -98,6 +98,13 @@ test('an API server audit event is recorded once, whichever writer gets it', asy
   assert.equal(r1.seq, r3.seq);
   const other = await b.append({ ...event, details: { ...event.details, stageTimestamp: '2026-01-01T00:00:00.000003Z' } });
   assert.notEqual(other.seq, r1.seq, 'another event with the same auditID (other timestamps) is recorded');
+  // A writer going the fast way (one round trip: it appended the last records itself) finds it too.
+  const c = await store();
+  for (let i = 0; i < 3; i++) await c.append({ type: 'test.warm', actor: 'me' });
+  assert.ok(c.stats.fast > 0, 'the writer went the fast way');
+  const r4 = await c.append(event);
+  assert.equal(r4.seq, r1.seq);
+  assert.equal(c.stats.fastMissed, 1, 'the fast way inserted nothing: the key is recorded');
   const rows = await pg.query<{ n: string }>('postgres', `SELECT count(*) AS n FROM task_broker.audit WHERE task = 't-dup'`);
   assert.equal(rows.rows[0]!.n, '2');
 });
@@ -148,8 +155,10 @@ test('tampering by the superuser: audit verify names the record; an altered last
   assert.equal(removed.status, 1);
   assert.match(removed.stderr, /broken at line 101 \(seq 101\): seq 101 where 100 was expected \(a record was removed, inserted or moved\)/);
 
-  // The head altered: nothing more is chained onto it.
+  // The head altered: nothing more is chained onto it, also by a writer that appended the head itself.
   const s = await store();
+  for (let i = 0; i < 3; i++) await s.append({ type: 'test.before-tamper', actor: 'me' });
+  assert.ok(s.stats.fast > 0, 'the writer went the fast way');
   await pg.query('postgres', `UPDATE task_broker.audit SET line = replace(line, '"actor":"me"', '"actor":"mE"') WHERE seq = (SELECT max(seq) FROM task_broker.audit)`);
   const refused = await s.append({ type: 'test.after-tamper', actor: 'me' }).catch((e: unknown) => e);
   assert.ok(isBrokerError(refused) && refused.code === 'audit_chain_broken', String(refused));
