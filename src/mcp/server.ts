@@ -49,7 +49,8 @@ const INSTRUCTIONS =
   'or a Kubernetes MCP server pointed at it) only while the task runs, and call end_task as soon as you are done. A gated template ' +
   'needs a person to approve it: start_task says who, and waits for it when called with "wait": true. A Kubernetes tool that fails ' +
   'with "getting credentials: exec: ... failed" or "task ... is not active" has no active task behind its kubeconfig: start one (or ' +
-  'check task_status) before trying again.';
+  'check task_status) before trying again. Right after a new start, such a tool may fail once more with the previous task\'s "is not ' +
+  'active" while it picks up the new credential: call it again.';
 
 /** Strings the broker (or another agent, through it) chose, escaped: no control character reaches the agent's context. */
 export function clean<T>(value: T): T {
