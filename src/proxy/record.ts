@@ -90,6 +90,18 @@ export function proxyRecord(task: SessionTask, req: ProxiedRequest, res: Proxied
   };
 }
 
+/** An API server that could not be reached, or did not answer in time: the code and reason the proxy answers and records. */
+export function upstreamFailure(timedOut: boolean, err: NodeJS.ErrnoException, timeoutMs: number): { code: 502 | 504; reason: string } {
+  return timedOut
+    ? { code: 504, reason: `the API server did not answer within ${timeoutMs / 1000} s` }
+    : { code: 502, reason: `the proxy could not reach the API server (${err.code ?? err.message})` };
+}
+
+/** The first value of a header node:http or undici gives as a string or a list. */
+export function headerValue(v: string | string[] | undefined): string | undefined {
+  return Array.isArray(v) ? v[0] : v;
+}
+
 /** The message of a Kubernetes Status body (a refusal's reason), if the body is one. */
 export function statusMessage(body: Buffer | undefined): string | undefined {
   if (!body || body.length === 0 || body.length > 64 * 1024 || body[0] !== 0x7b) return undefined;

@@ -27,7 +27,7 @@ import type { AuditEventInput } from '../audit/types.ts';
 import { isBrokerError } from '../errors.ts';
 import { AuthFailureLog } from '../server/auth-failures.ts';
 import { Budget, sourceOf, type Rate } from '../server/limits.ts';
-import { outcomeOfStatus, proxyRecord, statusBody, statusMessage, statusReason, type ProxiedRequest, type SessionTask } from './record.ts';
+import { headerValue, outcomeOfStatus, proxyRecord, statusBody, statusMessage, statusReason, upstreamFailure, type ProxiedRequest, type SessionTask } from './record.ts';
 import { isStreaming, requestInfo, targetProblem } from './request-info.ts';
 import type { SessionTokens } from './session.ts';
 import { relayWebSocket, writeRaw } from './stream-session.ts';
@@ -119,7 +119,7 @@ export class KubeProxy {
   #ready = false;
   readonly #sourceBudget: Budget | undefined;
   readonly #agentBudget: Budget | undefined;
-  /** Answers being relayed as streams (watch, logs -f, large ones): cut when their task ends. */
+  /** Streams relayed now (watch, logs -f, large answers, WebSocket sessions and tunnels): cut when their task ends. */
   readonly #streams = new Set<{ task: string; cut: () => void }>();
   #streamCheck: NodeJS.Timeout | undefined;
 
@@ -155,13 +155,13 @@ export class KubeProxy {
       this.#onConnect(req, socket).catch(() => socket.destroy());
     });
     this.#server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
-      const source = (socket as Socket).remoteAddress ?? 'unknown';
+      const source = sourceOf((socket as Socket).remoteAddress);
       if (err.code === 'HPE_HEADER_OVERFLOW') {
-        this.#failures.note({ source: normalise(source), category: 'rejected' }, 'proxy: request headers over the size bound (431)');
+        this.#failures.note({ source, category: 'rejected' }, 'proxy: request headers over the size bound (431)');
         writeRaw(socket, 431, statusBody(431, 'RequestHeaderFieldsTooLarge', 'request headers are larger than the proxy accepts'));
         return;
       }
-      if (err.code !== 'ECONNRESET') this.#failures.note({ source: normalise(source), category: 'rejected' }, `proxy: malformed request (${err.code ?? 'error'})`);
+      if (err.code !== 'ECONNRESET') this.#failures.note({ source, category: 'rejected' }, `proxy: malformed request (${err.code ?? 'error'})`);
       writeRaw(socket, 400, statusBody(400, 'BadRequest', 'malformed HTTP request'));
     });
     this.#server.on('connection', (socket: Socket) => {
@@ -189,7 +189,11 @@ export class KubeProxy {
     const shownHost = host.includes(':') ? `[${host}]` : host;
     this.#failures.start();
     this.#streamCheck = setInterval(() => {
-      for (const st of this.#streams) if (!this.#o.tasks.active(st.task)) st.cut();
+      for (const st of this.#streams) {
+        if (this.#o.tasks.active(st.task)) continue;
+        this.#streams.delete(st); // cut once
+        st.cut();
+      }
     }, 250).unref();
     return (this.#url = `${this.#o.https ? 'https' : 'http'}://${shownHost}:${actual}`);
   }
@@ -214,7 +218,6 @@ export class KubeProxy {
       await this.#o.ready;
       this.#ready = true;
     }
-    const source = normalise(req.socket.remoteAddress ?? 'unknown');
     const bySource = this.#sourceBudget?.spend(sourceOf(req.socket.remoteAddress));
     if (bySource?.over) {
       return { ok: false, refusal: { code: 429, message: 'too many requests from this address: slow down', summary: { category: 'rate_limited' }, retryAfter: bySource.retryAfter } };
@@ -266,7 +269,8 @@ export class KubeProxy {
       url,
       info,
       userAgent: headerValue(req.headers['user-agent']),
-      source,
+      // The address itself for the record (as the webhook's sourceIPs has it), IPv4-mapped as IPv4.
+      source: normalise(req.socket.remoteAddress ?? 'unknown'),
       kubectlCommand: headerValue(req.headers['kubectl-command']),
       kubectlSession: headerValue(req.headers['kubectl-session']),
     };
@@ -287,19 +291,22 @@ export class KubeProxy {
     return { ok: true, admitted: { task: s, req: proxied, token, started } };
   }
 
-  /** Records a refusal (durably when it is a k8s.request record); false when it could not be recorded. */
-  async #recordRefusal(r: Refusal, source: string): Promise<boolean> {
+  /**
+   * Records a refusal (durably when it is a k8s.request record; else counted in the summary under the
+   * caller's address as the API listener counts it, IPv6 by its /64); false when it could not be recorded.
+   */
+  async #recordRefusal(r: Refusal, address: string | undefined): Promise<boolean> {
     if (r.record) {
       if (!(await this.#append(proxyRecord(r.record.task, r.record.req, { code: r.code, outcome: r.code >= 500 ? 'error' : 'denied', reason: r.message, refused: true })))) return false;
     } else if (r.summary) {
       this.#o.metrics?.proxyRequests.observe({ outcome: r.code === 429 ? 'refused' : 'unauthenticated' }, 0);
-      this.#failures.note({ source, category: r.summary.category, actor: r.summary.actor, agent: r.summary.agent }, `proxy: ${r.message}`);
+      this.#failures.note({ source: sourceOf(address), category: r.summary.category, actor: r.summary.actor, agent: r.summary.agent }, `proxy: ${r.message}`);
     }
     return true;
   }
 
   async #refuse(req: IncomingMessage, res: ServerResponse, r: Refusal): Promise<void> {
-    const recorded = await this.#recordRefusal(r, normalise(req.socket.remoteAddress ?? 'unknown'));
+    const recorded = await this.#recordRefusal(r, req.socket.remoteAddress);
     const [code, message] = recorded ? [r.code, r.message] : [503, 'the broker cannot record requests now (its audit log cannot be written): nothing is forwarded'];
     if (code === 429 && r.retryAfter !== undefined) res.setHeader('retry-after', String(Math.max(1, Math.ceil(r.retryAfter))));
     sendStatus(res, code, message);
@@ -334,12 +341,9 @@ export class KubeProxy {
     } catch (err) {
       const timedOut = err instanceof undiciErrors.HeadersTimeoutError;
       const gone = abort.signal.aborted;
-      const code = timedOut ? 504 : 502;
-      const message = timedOut
-        ? `the API server did not answer within ${this.#upstreamTimeoutMs / 1000} s`
-        : gone
-          ? 'the client closed the connection before the API server answered'
-          : `the proxy could not reach the API server (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`;
+      const failed = upstreamFailure(timedOut, err as NodeJS.ErrnoException, this.#upstreamTimeoutMs);
+      const code = failed.code;
+      const message = gone && !timedOut ? 'the client closed the connection before the API server answered' : failed.reason;
       const recorded = await this.#append(proxyRecord(task, proxied, { code: gone ? undefined : code, outcome: 'error', reason: message, bytesIn: counter.bytesIn, durationMs: performance.now() - admitted.started }));
       if (!gone) sendStatus(res, recorded ? code : 503, recorded ? message : 'the broker cannot record requests now: nothing is relayed');
       return;
@@ -396,14 +400,10 @@ export class KubeProxy {
     let bytesOut = 0;
     let failure: string | undefined;
     let taskEnded = false;
-    const stream = {
-      task: task.id,
-      cut: () => {
-        taskEnded = true;
-        body.destroy(new Error(`task ${task.id} has ended`));
-      },
-    };
-    this.#streams.add(stream);
+    const unwatch = this.#onTaskEnd(task.id, () => {
+      taskEnded = true;
+      body.destroy(new Error(`task ${task.id} has ended`));
+    });
     try {
       for (const chunk of held) {
         bytesOut += chunk.length;
@@ -423,11 +423,18 @@ export class KubeProxy {
       if (taskEnded) res.end();
       else res.destroy();
     } finally {
-      this.#streams.delete(stream);
+      unwatch();
     }
     await this.#append(
       proxyRecord(task, proxied, { code, auditID, outcome: failure && !failure.startsWith('the client') && !taskEnded ? 'error' : outcome, reason: failure, bytesIn: counter.bytesIn, bytesOut, durationMs: performance.now() - admitted.started, phase: 'end' }),
     );
+  }
+
+  /** Registers a stream of task `task` to be cut once the task is no longer active; returns the unregistering. */
+  #onTaskEnd(task: string, cut: () => void): () => void {
+    const stream = { task, cut };
+    this.#streams.add(stream);
+    return () => this.#streams.delete(stream);
   }
 
   /** Appends; false when the log refused (then nothing may be relayed). */
@@ -463,7 +470,7 @@ export class KubeProxy {
   async #onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): Promise<void> {
     const a = await this.#admit(req);
     if (!a.ok) {
-      const recorded = await this.#recordRefusal(a.refusal, normalise(req.socket.remoteAddress ?? 'unknown'));
+      const recorded = await this.#recordRefusal(a.refusal, req.socket.remoteAddress);
       writeRaw(socket, recorded ? a.refusal.code : 503, statusBody(recorded ? a.refusal.code : 503, statusReason(a.refusal.code), a.refusal.message));
       return;
     }
@@ -473,7 +480,7 @@ export class KubeProxy {
       const message =
         `the proxy records exec, attach and port-forward sessions over WebSocket only, and refuses the ${protocol || 'unnamed'} upgrade (SPDY) it cannot record: ` +
         'use kubectl 1.30 or newer, and do not set KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false or KUBECTL_PORT_FORWARD_WEBSOCKETS=false';
-      const recorded = await this.#recordRefusal({ code: 400, message, record: { task: admitted.task, req: admitted.req } }, admitted.req.source);
+      const recorded = await this.#recordRefusal({ code: 400, message, record: { task: admitted.task, req: admitted.req } }, req.socket.remoteAddress);
       writeRaw(socket, recorded ? 400 : 503, statusBody(400, 'BadRequest', message));
       return;
     }
@@ -490,6 +497,7 @@ export class KubeProxy {
       recordings: this.#o.recordings,
       maxRecordingBytes: this.#o.maxRecordingBytes ?? 64 * 1024 * 1024,
       isActive: () => this.#o.tasks.active(admitted.task.id) !== undefined,
+      onTaskEnd: (cut) => this.#onTaskEnd(admitted.task.id, cut),
       log: (l) => this.#log(l),
     });
   }
@@ -497,7 +505,7 @@ export class KubeProxy {
   async #onConnect(req: IncomingMessage, socket: Duplex): Promise<void> {
     const a = await this.#admit(req);
     const refusal = a.ok ? { code: 405, message: 'CONNECT is refused: the proxy forwards Kubernetes API requests only', record: { task: a.admitted.task, req: a.admitted.req } } : a.refusal;
-    const recorded = await this.#recordRefusal(refusal, normalise(req.socket.remoteAddress ?? 'unknown'));
+    const recorded = await this.#recordRefusal(refusal, req.socket.remoteAddress);
     writeRaw(socket, recorded ? refusal.code : 503, statusBody(refusal.code, statusReason(refusal.code), refusal.message));
   }
 }
@@ -569,9 +577,6 @@ function sendStatus(res: ServerResponse, code: number, message: string): void {
   res.end(body);
 }
 
-function headerValue(v: string | string[] | undefined): string | undefined {
-  return Array.isArray(v) ? v[0] : v;
-}
 
 /** IPv4-mapped IPv6 addresses as IPv4. */
 function normalise(address: string): string {

@@ -25,7 +25,7 @@ import type { Duplex } from 'node:stream';
 import { WebSocket, WebSocketServer, type RawData } from 'ws';
 import type { AuditEventInput, JsonValue } from '../audit/types.ts';
 import { cut, MAX } from '../audit/kube-events.ts';
-import { outcomeOfStatus, proxyRecord, statusBody, statusMessage, type ProxiedRequest, type SessionTask } from './record.ts';
+import { headerValue, outcomeOfStatus, proxyRecord, statusBody, statusMessage, statusReason, upstreamFailure, type ProxiedRequest, type SessionTask } from './record.ts';
 
 export interface RelayOptions {
   req: IncomingMessage;
@@ -42,6 +42,8 @@ export interface RelayOptions {
   recordings: string;
   maxRecordingBytes: number;
   isActive: () => boolean;
+  /** Calls `cut` once the task has ended (the proxy checks its open streams every 250 ms); returns the unregistering. */
+  onTaskEnd: (cut: () => void) => () => void;
   log: (line: string) => void;
 }
 
@@ -49,7 +51,6 @@ export interface RelayOptions {
 const CHANNELS: Record<number, string> = { 0: 'stdin', 1: 'stdout', 2: 'stderr', 3: 'error', 4: 'resize', 255: 'close' };
 const HIGH_WATER = 8 * 1024 * 1024;
 const LOW_WATER = 1024 * 1024;
-const TASK_CHECK_MS = 250;
 
 type Kind = 'exec' | 'attach' | 'portforward' | 'other';
 
@@ -87,9 +88,8 @@ export async function relayWebSocket(o: RelayOptions): Promise<void> {
       void refusalOf(res).then((r) => resolve({ ok: false, ...r }));
     });
     up.once('error', (err: NodeJS.ErrnoException) => {
-      const timedOut = /handshake has timed out/i.test(err.message);
-      const reason = timedOut ? `the API server did not answer within ${o.upstream.timeoutMs / 1000} s` : `the proxy could not reach the API server (${err.code ?? err.message})`;
-      resolve({ ok: false, code: timedOut ? 504 : 502, body: statusBody(timedOut ? 504 : 502, timedOut ? 'Timeout' : 'BadGateway', reason), reason });
+      const { code, reason } = upstreamFailure(/handshake has timed out/i.test(err.message), err, o.upstream.timeoutMs);
+      resolve({ ok: false, code, body: statusBody(code, statusReason(code), reason), reason });
     });
   });
   if (!opened.ok) {
@@ -178,14 +178,11 @@ export async function relayWebSocket(o: RelayOptions): Promise<void> {
       finished ??= finish();
     });
   };
-  const watch = setInterval(() => {
-    if (!o.isActive()) closeBoth(1008, `task ${o.task.id} has ended`);
-  }, TASK_CHECK_MS);
-  watch.unref();
+  const unwatch = o.onTaskEnd(() => closeBoth(1008, `task ${o.task.id} has ended`));
   const finish = async () => {
     // Both sides closed (or given up on), then the end record with what crossed.
     await Promise.all([client, up].map((ws) => (ws.readyState === WebSocket.CLOSED ? undefined : new Promise((r) => ws.once('close', r)))));
-    clearInterval(watch);
+    unwatch();
     const sealed = recording ? await recording.seal() : undefined;
     const extra: Record<string, JsonValue> = {
       stream: facts,
@@ -251,9 +248,8 @@ async function tunnel(o: RelayOptions, kind: Kind): Promise<void> {
   });
   request.on('error', (err: NodeJS.ErrnoException) => {
     clearTimeout(timer);
-    const timedOut = err.message === 'timeout';
-    const reason = timedOut ? `the API server did not answer within ${o.upstream.timeoutMs / 1000} s` : `the proxy could not reach the API server (${err.code ?? err.message})`;
-    void refuse(timedOut ? 504 : 502, reason, statusBody(timedOut ? 504 : 502, timedOut ? 'Timeout' : 'BadGateway', reason));
+    const { code, reason } = upstreamFailure(err.message === 'timeout', err, o.upstream.timeoutMs);
+    void refuse(code, reason, statusBody(code, statusReason(code), reason));
   });
   request.on('upgrade', (res: IncomingMessage, upSocket: Duplex, upHead: Buffer) => {
     clearTimeout(timer);
@@ -261,7 +257,8 @@ async function tunnel(o: RelayOptions, kind: Kind): Promise<void> {
       const auditID = headerValue(res.headers['audit-id']);
       if (!o.isActive() || !(await o.append(proxyRecord(o.task, o.request, { code: 101, auditID, outcome: 'allowed', phase: 'start', extra: { stream: facts } })))) {
         upSocket.destroy();
-        writeRaw(o.socket, o.isActive() ? 503 : 401, statusBody(o.isActive() ? 503 : 401, o.isActive() ? 'ServiceUnavailable' : 'Unauthorized', o.isActive() ? 'the broker cannot record requests now: the session is not opened' : `task ${o.task.id} is not active: it has ended`));
+        const active = o.isActive();
+        writeRaw(o.socket, active ? 503 : 401, statusBody(active ? 503 : 401, active ? 'ServiceUnavailable' : 'Unauthorized', active ? 'the broker cannot record requests now: the session is not opened' : `task ${o.task.id} is not active: it has ended`));
         return;
       }
       // The API server's 101, as it gave it, then the two byte streams joined.
@@ -283,14 +280,11 @@ async function tunnel(o: RelayOptions, kind: Kind): Promise<void> {
       upSocket.on('error', () => undefined);
       o.socket.pipe(upSocket);
       upSocket.pipe(o.socket);
-      const watch = setInterval(() => {
-        if (!o.isActive()) {
-          endReason = `task ${o.task.id} has ended`;
-          upSocket.destroy();
-          o.socket.destroy();
-        }
-      }, TASK_CHECK_MS);
-      watch.unref();
+      const unwatch = o.onTaskEnd(() => {
+        endReason = `task ${o.task.id} has ended`;
+        upSocket.destroy();
+        o.socket.destroy();
+      });
       const closed = (x: Duplex) => (x.destroyed ? Promise.resolve() : new Promise<void>((r) => x.once('close', () => r())));
       // One side gone: the other is ended (what it still holds is flushed), then destroyed.
       const follow = (a: Duplex, b: Duplex) =>
@@ -301,7 +295,7 @@ async function tunnel(o: RelayOptions, kind: Kind): Promise<void> {
       follow(o.socket, upSocket);
       follow(upSocket, o.socket);
       await Promise.all([closed(o.socket), closed(upSocket)]);
-      clearInterval(watch);
+      unwatch();
       await o.append(
         proxyRecord(o.task, o.request, { code: 101, auditID, outcome: 'allowed', reason: endReason, bytesIn: counts.in, bytesOut: counts.out, durationMs: performance.now() - o.started, phase: 'end', extra: { stream: facts } }),
       );
@@ -434,9 +428,6 @@ function sendableCode(code: number): boolean {
   return (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1014) || (code >= 3000 && code <= 4999);
 }
 
-function headerValue(v: string | string[] | undefined): string | undefined {
-  return Array.isArray(v) ? v[0] : v;
-}
 
 /** An HTTP answer on a socket that was to be upgraded (or CONNECTed): written whole, then closed. */
 export function writeRaw(socket: Duplex, code: number, body: string): void {
