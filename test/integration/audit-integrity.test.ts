@@ -10,20 +10,11 @@ import assert from 'node:assert/strict';
 import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { auditHeadName } from '../../src/audit/head.ts';
 import { verifyAuditFile } from '../../src/audit/verify.ts';
 import { BrokerEnv, type BrokerProcess } from '../helpers/broker.ts';
+import { until } from '../helpers/wait.ts';
 
-async function until<T>(what: string, timeoutMs: number, probe: () => Promise<T | undefined | false>): Promise<T> {
-  const t0 = Date.now();
-  for (;;) {
-    const v = await probe();
-    if (v) return v;
-    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(100);
-  }
-}
 
 describe('audit log integrity', () => {
   let env: BrokerEnv;

@@ -9,16 +9,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { verifyAuditFile } from '../../src/audit/verify.ts';
 import { BrokerEnv } from '../helpers/broker.ts';
 import { kubectl, writeTokenKubeconfig } from '../helpers/kube.ts';
+import { until } from '../helpers/wait.ts';
 
-async function until<T>(what: string, timeoutMs: number, probe: () => Promise<T | undefined | false>): Promise<T> {
-  const t0 = Date.now();
-  for (;;) {
-    const v = await probe();
-    if (v) return v;
-    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(250);
-  }
-}
 
 describe('broker lifecycle', () => {
   let env: BrokerEnv;

@@ -35,6 +35,7 @@ import { RecentTasks } from '../../src/tasks/recent.ts';
 import type { TaskStore } from '../../src/tasks/store.ts';
 import { BrokerProcess, mintToken, POLICY_FILE } from '../helpers/broker.ts';
 import { adminConfig, kubectl, run, writeTokenKubeconfig } from '../helpers/kube.ts';
+import { until } from '../helpers/wait.ts';
 
 const MAIN = new URL('../../src/cli/main.ts', import.meta.url).pathname;
 const PATH = '/v1/audit/kubernetes';
@@ -54,15 +55,6 @@ function freePort(): Promise<number> {
   });
 }
 
-async function until<T>(what: string, timeoutMs: number, probe: () => Promise<T | undefined | false> | T | undefined | false): Promise<T> {
-  const t0 = Date.now();
-  for (;;) {
-    const v = await probe();
-    if (v) return v;
-    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(200);
-  }
-}
 
 /** The complete records of a log (a torn last line is skipped). */
 function records(path: string): Rec[] {

@@ -19,7 +19,6 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import * as k8s from '@kubernetes/client-node';
 import { kubectlPath, LocalCluster } from '../../src/cluster/local-cluster.ts';
 import { EXIT } from '../../src/cli/exit-codes.ts';
@@ -28,6 +27,7 @@ import { applyPolicy } from '../../src/policy/apply.ts';
 import { parsePolicy } from '../../src/policy/parse.ts';
 import { BrokerProcess, mintToken } from '../helpers/broker.ts';
 import { adminConfig, run, writeTokenKubeconfig, type RunResult } from '../helpers/kube.ts';
+import { until } from '../helpers/wait.ts';
 
 const MAIN = new URL('../../src/cli/main.ts', import.meta.url).pathname;
 const NODE_BIN = new URL('../../.node/node_modules/node/bin', import.meta.url).pathname;
@@ -82,15 +82,6 @@ function freePort(): Promise<number> {
   });
 }
 
-async function until<T>(what: string, timeoutMs: number, probe: () => Promise<T | undefined | false> | T | undefined | false): Promise<T> {
-  const t0 = Date.now();
-  for (;;) {
-    const v = await probe();
-    if (v) return v;
-    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(250);
-  }
-}
 
 const EXPECTED = [
   'ServiceAccount web/ci-bot created: can hold tokens',

@@ -14,6 +14,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { verifyAuditFile } from '../../src/audit/verify.ts';
 import { BrokerEnv, BrokerProcess, POLICY_FILE } from '../helpers/broker.ts';
 import { run } from '../helpers/kube.ts';
+import { until } from '../helpers/wait.ts';
 
 const MAIN = new URL('../../src/cli/main.ts', import.meta.url).pathname;
 const BASE_POLICY = readFileSync(POLICY_FILE, 'utf8');
@@ -39,15 +40,6 @@ function records(path: string): Array<Record<string, any>> {
     .map((l) => JSON.parse(l) as Record<string, any>);
 }
 
-async function until<T>(what: string, timeoutMs: number, probe: () => T | undefined | false | Promise<T | undefined | false>): Promise<T> {
-  const t0 = Date.now();
-  for (;;) {
-    const v = await probe();
-    if (v) return v;
-    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(100);
-  }
-}
 
 /** The pid of a process that has exited: nobody runs under it now. */
 async function deadPid(): Promise<number> {
