@@ -12,13 +12,12 @@
  */
 import { randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import * as k8s from '@kubernetes/client-node';
-import { kubectlPath, LocalCluster } from '../src/cluster/local-cluster.ts';
+import { freePort, kubectlPath, LocalCluster } from '../src/cluster/local-cluster.ts';
 import { kubeApis, type KubeApis } from '../src/kube/config.ts';
 import { applyPolicy } from '../src/policy/apply.ts';
 import { parsePolicy } from '../src/policy/parse.ts';
@@ -32,16 +31,6 @@ const WARMUP = 3;
 const MAIN = new URL('../src/cli/main.ts', import.meta.url).pathname;
 const PATH = '/v1/audit/kubernetes';
 
-function freePort(): Promise<number> {
-  return new Promise((done, fail) => {
-    const srv = createServer();
-    srv.once('error', fail);
-    srv.listen(0, '127.0.0.1', () => {
-      const a = srv.address();
-      srv.close(() => (typeof a === 'object' && a ? done(a.port) : fail(new Error('no port'))));
-    });
-  });
-}
 
 const dir = mkdtempSync(join(tmpdir(), 'tb-webhook-bench-'));
 const clusters: LocalCluster[] = [];

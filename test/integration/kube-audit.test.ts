@@ -17,12 +17,11 @@ import { request as httpsRequest } from 'node:https';
 import assert from 'node:assert/strict';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import * as k8s from '@kubernetes/client-node';
-import { LocalCluster } from '../../src/cluster/local-cluster.ts';
+import { freePort, LocalCluster } from '../../src/cluster/local-cluster.ts';
 import { verifyAuditFile } from '../../src/audit/verify.ts';
 import { kubeApis, type KubeApis } from '../../src/kube/config.ts';
 import { applyPolicy } from '../../src/policy/apply.ts';
@@ -44,16 +43,6 @@ const DETAIL_KEYS = ['auditID', 'verb', 'resource', 'subresource', 'apiGroup', '
 
 type Rec = Record<string, any>;
 
-function freePort(): Promise<number> {
-  return new Promise((done, fail) => {
-    const srv = createServer();
-    srv.once('error', fail);
-    srv.listen(0, '127.0.0.1', () => {
-      const a = srv.address();
-      srv.close(() => (typeof a === 'object' && a ? done(a.port) : fail(new Error('no port'))));
-    });
-  });
-}
 
 
 /** The complete records of a log (a torn last line is skipped). */

@@ -16,11 +16,10 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as k8s from '@kubernetes/client-node';
-import { kubectlPath, LocalCluster } from '../../src/cluster/local-cluster.ts';
+import { freePort, kubectlPath, LocalCluster } from '../../src/cluster/local-cluster.ts';
 import { EXIT } from '../../src/cli/exit-codes.ts';
 import { kubeApis, type KubeApis } from '../../src/kube/config.ts';
 import { applyPolicy } from '../../src/policy/apply.ts';
@@ -71,16 +70,6 @@ approvers:
       - serviceAccount: approvers/alice
 `;
 
-function freePort(): Promise<number> {
-  return new Promise((done, fail) => {
-    const srv = createServer();
-    srv.once('error', fail);
-    srv.listen(0, '127.0.0.1', () => {
-      const a = srv.address();
-      srv.close(() => (typeof a === 'object' && a ? done(a.port) : fail(new Error('no port'))));
-    });
-  });
-}
 
 
 const EXPECTED = [

@@ -13,10 +13,10 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { run, type RunResult } from '../helpers/kube.ts';
+import { freePort } from '../../src/cluster/local-cluster.ts';
 
 const ROOT = new URL('../..', import.meta.url).pathname;
 const TIMEOUT_MS = 180_000;
@@ -31,16 +31,6 @@ function readmeBlock(): string {
   return block;
 }
 
-function freePort(): Promise<number> {
-  return new Promise((done, fail) => {
-    const srv = createServer();
-    srv.on('error', fail);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address() as { port: number };
-      srv.close(() => done(port));
-    });
-  });
-}
 
 test('the README walk-through runs as written: refused before the task, allowed while it lives, the log verifies, nothing left running', async () => {
   const block = readmeBlock();
