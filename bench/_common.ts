@@ -3,6 +3,7 @@
  * on Ctrl-C), percentiles, and a plain-text table.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { createRequire } from 'node:module';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { BrokerEnv, BrokerProcess } from '../test/helpers/broker.ts';
@@ -99,3 +100,15 @@ export function table(header: string[], rows: Array<Array<string | number>>): st
 
 export const ms = (x: number, digits = 1) => `${x.toFixed(digits)} ms`;
 export const met = (ok: boolean) => (ok ? 'met' : 'NOT met');
+
+/** What autocannon reports of a run (the fields the benchmarks read). */
+export interface CannonResult {
+  requests: { average: number; total: number };
+  latency: { p50: number; p99: number; average: number; max: number };
+  '2xx': number;
+  non2xx: number;
+  errors: number;
+  timeouts: number;
+}
+// autocannon is CommonJS and ships no type declarations: load it with require, typed here.
+export const autocannon = createRequire(import.meta.url)('autocannon') as (opts: Record<string, unknown>) => Promise<CannonResult>;

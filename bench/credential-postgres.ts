@@ -8,7 +8,6 @@
  *
  *   bin/bench credential-postgres [--connections 50] [--duration 8] [--warmup 2] [--rounds 4]
  */
-import { createRequire } from 'node:module';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -16,17 +15,8 @@ import { parseArgs } from 'node:util';
 import { migrate, PostgresAuditReader } from '../src/audit/postgres.ts';
 import { verifyAuditFile } from '../src/audit/verify.ts';
 import { TestPostgres } from '../test/helpers/postgres.ts';
-import { DEFAULT_TIMINGS, table, withEnv } from './_common.ts';
+import { autocannon, type CannonResult, DEFAULT_TIMINGS, table, withEnv } from './_common.ts';
 
-interface CannonResult {
-  requests: { average: number; total: number };
-  latency: { p50: number; p99: number };
-  '2xx': number;
-  non2xx: number;
-  errors: number;
-  timeouts: number;
-}
-const autocannon = createRequire(import.meta.url)('autocannon') as (opts: Record<string, unknown>) => Promise<CannonResult>;
 
 const { values: flags } = parseArgs({
   options: {

@@ -36,24 +36,13 @@
  */
 import { spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
-import { createRequire } from 'node:module';
 import { loadavg } from 'node:os';
 import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { verifyAuditFile } from '../src/audit/verify.ts';
-import { DEFAULT_TIMINGS, met, spawnListening, startCheckoutBroker, table, withEnv } from './_common.ts';
+import { autocannon, type CannonResult, DEFAULT_TIMINGS, met, spawnListening, startCheckoutBroker, table, withEnv } from './_common.ts';
 
-interface CannonResult {
-  requests: { average: number; total: number };
-  latency: { p50: number; p99: number; average: number; max: number };
-  '2xx': number;
-  non2xx: number;
-  errors: number;
-  timeouts: number;
-}
-// autocannon is CommonJS and ships no type declarations: load it with require, typed here.
-const autocannon = createRequire(import.meta.url)('autocannon') as (opts: Record<string, unknown>) => Promise<CannonResult>;
 
 const { values: flags } = parseArgs({
   options: {

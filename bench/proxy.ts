@@ -17,7 +17,6 @@
  *                   [--configmaps 10000] [--watches 500] [--watch-seconds 60] [--profile DIR] [--audit-log PATH]
  */
 import { readFileSync, writeFileSync, mkdirSync } from 'node:fs';
-import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
@@ -26,17 +25,8 @@ import { Agent, request } from 'undici';
 import { kubectlPath } from '../src/cluster/local-cluster.ts';
 import { BrokerEnv, type BrokerProcess } from '../test/helpers/broker.ts';
 import { run } from '../test/helpers/kube.ts';
-import { cpuMs, DEFAULT_TIMINGS, median, met, ms, percentile, table } from './_common.ts';
+import { autocannon, type CannonResult, cpuMs, DEFAULT_TIMINGS, median, met, ms, percentile, table } from './_common.ts';
 
-interface CannonResult {
-  requests: { average: number; total: number };
-  latency: { p50: number; p99: number; average: number };
-  '2xx': number;
-  non2xx: number;
-  errors: number;
-}
-// autocannon is CommonJS and ships no type declarations: load it with require, typed here.
-const autocannon = createRequire(import.meta.url)('autocannon') as (opts: Record<string, unknown>) => Promise<CannonResult>;
 
 const { values: flags } = parseArgs({
   options: {
