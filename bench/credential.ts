@@ -34,14 +34,13 @@
  * --profile DIR runs the broker with `--cpu-prof --cpu-prof-dir=DIR` (the profile is written when it
  * stops at the end of the run).
  */
-import { spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { verifyAuditFile } from '../src/audit/verify.ts';
-import { autocannon, type CannonResult, DEFAULT_TIMINGS, met, spawnListening, startCheckoutBroker, table, withEnv } from './_common.ts';
+import { autocannon, type CannonResult, cpuMs, DEFAULT_TIMINGS, met, spawnListening, startCheckoutBroker, table, withEnv } from './_common.ts';
 
 
 const { values: flags } = parseArgs({
@@ -94,19 +93,12 @@ const LIMITS_OFF = [
   ...['--max-connections', '0', '--max-connections-per-source', '0', '--request-timeout', 'off', '--headers-timeout', 'off', '--connection-timeout', 'off'],
 ];
 
-/** CPU time (user + system) of process `pid` so far, in ms, from /proc (Linux; clock ticks of 10 ms). */
-function cpuMs(pid: number, thread?: number): number {
-  const stat = readFileSync(thread === undefined ? `/proc/${pid}/stat` : `/proc/${pid}/task/${thread}/stat`, 'utf8');
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(fields[11]) + Number(fields[12])) * (1000 / CLOCK_TICKS);
-}
 /** The machine's busy and total CPU time so far (all cores, /proc/stat), in clock ticks. */
 function machineTicks(): { busy: number; total: number } {
   const fields = readFileSync('/proc/stat', 'utf8').split('\n', 1)[0]!.trim().split(/\s+/).slice(1, 9).map(Number);
   const total = fields.reduce((a, b) => a + b, 0);
   return { busy: total - fields[3]! - fields[4]!, total }; // less idle and iowait
 }
-const CLOCK_TICKS = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
 
 const loadAtStart = loadavg().map((l) => l.toFixed(2)).join(' ');
 
