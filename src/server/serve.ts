@@ -344,10 +344,7 @@ async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<R
       https: p.https,
       sessions,
       tasks: {
-        active: (id) => {
-          const t = store.get(id);
-          return t && t.state === 'active' && t.expiresAt.getTime() > Date.now() ? t : undefined;
-        },
+        active: (id) => holder.tasks.active(id),
         upstreamToken: (id) => holder.tasks.upstreamToken(id),
       },
       audit,

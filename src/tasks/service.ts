@@ -675,13 +675,19 @@ export class TaskService {
    * not active here: the request is refused.
    */
   async upstreamToken(taskId: string): Promise<string | undefined> {
-    const task = this.#store.get(taskId);
     const now = this.#now();
-    if (!task || task.state !== 'active' || task.expiresAt <= now) return undefined;
+    const task = this.active(taskId, now);
+    if (!task) return undefined;
     const minted = this.#tokens.get(task.id);
     if (minted && this.#hasEnoughLife(minted, now)) return minted.token;
     const caller: Caller = { agent: task.agent, subject: 'system:proxy', method: 'serviceAccount', principal: `agent:${task.agent}` };
     return (await this.#mintOnce(caller, task, undefined, 'system:proxy')).token;
+  }
+
+  /** The task `id` if it is active and not past its end (the proxy asks on every request); else undefined. */
+  active(id: string, now: Date = this.#now()): Task | undefined {
+    const task = this.#store.get(id);
+    return task && task.state === 'active' && task.expiresAt > now ? task : undefined;
   }
 
   /** Reuse while more than a third of the token's life is left (200 s of a 600 s token). */
