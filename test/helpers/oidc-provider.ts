@@ -74,7 +74,8 @@ export class TestProvider {
           token_endpoint_auth_method: 'none',
           grant_types: ['authorization_code', 'refresh_token', 'urn:ietf:params:oauth:grant-type:device_code'],
           response_types: ['code'],
-          redirect_uris: ['http://127.0.0.1/callback'],
+          // broker login's loopback redirect, and the web console's (broker serve --ui on loopback; any port, as for a native client).
+          redirect_uris: ['http://127.0.0.1/callback', 'http://127.0.0.1/ui/callback'],
         },
       ],
       extraClientMetadata: { properties: ['repository', 'ref'] },
