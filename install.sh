@@ -85,12 +85,33 @@ else
   step "native exec plugin: built .cache/bin/broker-credential"
 fi
 
-# test/cluster: kube-apiserver (with etcd), kubectl, kube-components (kube-scheduler and
+# helm, from its own module test/cluster/helm (helm v4 needs k8s.io v0.37): it renders and lints the
+# chart in deploy/helm/task-broker (test/integration/helm-chart.test.ts).
+HELM_VERSION=v4.3.1   # helm.sh/helm/v4 in test/cluster/helm/go.mod
+helm_stamp=$( { echo "$HELM_VERSION $go_version"; cd test/cluster/helm && sha256sum go.mod go.sum; } | sha256sum | cut -d' ' -f1)
+if [ -x "$bin_dir/helm" ] && [ -f "$bin_dir/.helm.stamp" ] && [ "$(cat "$bin_dir/.helm.stamp")" = "$helm_stamp" ]; then
+  step "test/cluster/helm: helm $HELM_VERSION up to date"
+else
+  step "test/cluster/helm: building helm $HELM_VERSION (minutes when cold; log in .cache/go-build-helm.log)"
+  mkdir -p "$bin_dir"
+  hv=helm.sh/helm/v4/internal/version
+  if ! (cd test/cluster/helm && CGO_ENABLED=0 GOSUMDB=off GOTOOLCHAIN=local GOFLAGS=-mod=readonly \
+        go build -trimpath -ldflags "-s -w -X $hv.version=$HELM_VERSION -X $hv.gitTreeState=clean" -o "$bin_dir/helm.new" helm.sh/helm/v4/cmd/helm) \
+        >"$root/.cache/go-build-helm.log" 2>&1; then
+    tail -n 20 "$root/.cache/go-build-helm.log" >&2
+    fail "building helm (test/cluster/helm) failed (full log: .cache/go-build-helm.log)"
+  fi
+  mv "$bin_dir/helm.new" "$bin_dir/helm"
+  echo "$helm_stamp" > "$bin_dir/.helm.stamp"
+  step "test/cluster/helm: built helm $HELM_VERSION"
+fi
+
+# test/cluster (helm/ apart: built above): kube-apiserver (with etcd), kubectl, kube-components (kube-scheduler and
 # kube-controller-manager in one program, and the cluster's certificates), and, from its own module
 # test/cluster/node (virtual-kubelet needs k8s.io v0.37), local-node: the node whose containers are
 # local processes.
 binaries=(kube-apiserver kubectl kube-components local-node)
-stamp=$( { echo "$KUBE_VERSION $go_version"; cd test/cluster && find . -name '*.go' -o -name go.mod -o -name go.sum | sort | xargs sha256sum; } | sha256sum | cut -d' ' -f1)
+stamp=$( { echo "$KUBE_VERSION $go_version"; cd test/cluster && find . -path ./helm -prune -o \( -name '*.go' -o -name go.mod -o -name go.sum \) -print | sort | xargs sha256sum; } | sha256sum | cut -d' ' -f1)
 all_built=1
 for b in "${binaries[@]}"; do [ -x "$bin_dir/$b" ] || all_built=0; done
 if [ "$all_built" = 1 ] && [ -f "$bin_dir/.stamp" ] && [ "$(cat "$bin_dir/.stamp")" = "$stamp" ]; then
