@@ -1,5 +1,5 @@
 import { delimiter } from 'node:path';
-import { Command } from 'commander';
+import { Command, Option } from 'commander';
 import { BrokerError } from '../errors.ts';
 // The policy parser (yaml, ajv) and the Kubernetes client load only when a command needs them.
 import type { AffectedTask, Change, ClusterRoleGate } from '../policy/apply.ts';
@@ -15,7 +15,8 @@ interface ApplyOptions {
   dryRun: boolean;
   auditLog?: string;
   endAffectedTasks: boolean;
-  output: OutputFormat;
+  /** yaml: the objects themselves, as manifests (with --dry-run only; for the Helm chart or kubectl apply). */
+  output: OutputFormat | 'yaml';
 }
 
 /** What `policy apply` prints with `-o json`. */
@@ -90,11 +91,16 @@ export function policyCommand(): Command {
     .option('--dry-run', 'show what would change without changing anything', false)
     .option('--audit-log <file>', "record a policy.applied event in this audit log (e.g. the broker's)")
     .option('--end-affected-tasks', 'end the active tasks whose template, or namespace, the policy removes (each recorded in --audit-log), then apply', false)
-    .addOption(outputOption())
+    .addOption(
+      new Option('-o, --output <format>', 'output format; yaml (with --dry-run): the objects apply would make exist, as manifests (for the Helm chart)')
+        .choices(['text', 'json', 'yaml'])
+        .default('text'),
+    )
     .addHelpText(
       'after',
       '\nExample:\n  broker policy apply policy.yaml --kubeconfig admin.kubeconfig --dry-run   # see what would change\n' +
-        '  broker policy apply policy.yaml --kubeconfig admin.kubeconfig',
+        '  broker policy apply policy.yaml --kubeconfig admin.kubeconfig\n' +
+        '  broker policy apply policy.yaml --kubeconfig admin.kubeconfig --dry-run -o yaml > rbac.yaml   # for the Helm chart (docs/deploy.md)',
     )
     .action((file: string, opts: ApplyOptions) => apply(file, opts));
   return cmd;
@@ -174,6 +180,11 @@ async function apply(file: string, opts: ApplyOptions): Promise<void> {
     import('../kube/config.ts'),
     import('../policy/apply.ts'),
   ]);
+  if (opts.output === 'yaml' && !opts.dryRun) {
+    throw new BrokerError('usage', '-o yaml prints the objects for another tool to create (the Helm chart, kubectl apply) and writes nothing: add --dry-run', {
+      field: '--output',
+    });
+  }
   // An administrator's kubeconfig, never an implicit one (~/.kube/config or in-cluster): --kubeconfig, else $KUBECONFIG, said which.
   const fromEnv = opts.kubeconfig === undefined ? process.env['KUBECONFIG'] || undefined : undefined;
   const kubeconfig = opts.kubeconfig ?? fromEnv;
@@ -237,6 +248,21 @@ async function apply(file: string, opts: ApplyOptions): Promise<void> {
   const { gatedReason } = await import('../policy/grants.ts');
   const reasons: Record<string, string> = {};
   for (const g of gates) for (const h of g.hits) reasons[pairText(h)] = gatedReason(h);
+  if (opts.output === 'yaml') {
+    // stdout holds only the manifests; what the text output would also say goes to stderr.
+    const [{ describeAffectedTask, desiredObjects }, { manifestsYaml }, { createHash }] = await Promise.all([
+      import('../policy/apply.ts'),
+      import('../policy/manifests.ts'),
+      import('node:crypto'),
+    ]);
+    for (const t of ended) process.stderr.write(`would end ${describeAffectedTask(t)}\n`);
+    for (const c of changes) {
+      if (c.action === 'delete') process.stderr.write(`would delete ${c.kind} ${c.namespace ? `${c.namespace}/` : ''}${c.name} (left by an earlier apply; the manifests carry no deletions)\n`);
+    }
+    for (const c of clusterRoles) if (c.hits.length > 0) process.stderr.write(`gated: template ${c.template} binds ClusterRole ${c.clusterRole}, which grants gated access (${c.hits.join(', ')})\n`);
+    process.stdout.write(manifestsYaml(desiredObjects(policy), createHash('sha256').update(text).digest('hex')));
+    return;
+  }
   if (opts.output === 'json') {
     const endedTasks = ended.map(({ id, agent, name, template, namespace, cause }) => ({ id, agent, name, template, namespace, cause }));
     printJson({ dryRun: opts.dryRun, changes, clusterRoles, reasons, endedTasks } satisfies PolicyApplyResult);
