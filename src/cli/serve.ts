@@ -43,6 +43,8 @@ interface ServeFlags {
   sessionRecordings?: string;
   proxyUpstreamTimeout?: number;
   proxyRateLimitAgent?: Rate | 'off';
+  ui?: boolean;
+  uiUrl?: string;
 }
 
 function duration(value: string): number {
@@ -73,6 +75,8 @@ export function serveCommand(): Command {
     .option('--session-recordings <dir>', 'where the proxy keeps exec and attach session recordings (default: the audit log\'s path + .sessions)')
     .addOption(limit('--proxy-rate-limit-agent <n/duration>', 'requests one agent may make through the proxy ("off": none)', rate, { max: 1000, windowMs: 1000 }))
     .addOption(new Option('--proxy-upstream-timeout <duration>', 'the API server must start answering a proxied request within this').argParser(duration).default(60_000, '60s'))
+    .option('--ui', 'also serve the web console for approvers and reviewers under /ui (docs/console.md)')
+    .option('--ui-url <url>', 'the URL browsers reach the broker at, for the console (its sign-in redirect is URL/ui/callback); default: the --listen address')
     .option('--allow-broad-credentials', 'start even when the broker\'s own credential can do far more than `policy apply` grants it (cluster-admin, escalate, ...); recorded')
     .addOption(new Option('--log-format <format>', 'request log and start-up summary on stderr: json (pino) or text').choices(LOG_FORMATS).default(undefined, 'text on a terminal, else json'))
     .addOption(new Option('--log-level <level>', 'least level logged; every request is logged at info (5xx at error, 429s of the limits at debug)').choices(LOG_LEVELS).default('info'))
@@ -119,6 +123,7 @@ export function serveCommand(): Command {
       } else if (flags.proxyPublicUrl || flags.sessionRecordings) {
         throw new InvalidArgumentError('--proxy-public-url and --session-recordings need --proxy-listen');
       }
+      if (flags.uiUrl && !flags.ui) throw new InvalidArgumentError('--ui-url needs --ui');
       let broker: Awaited<ReturnType<typeof import('../server/serve.ts').serve>>;
       try {
         // A port in use is refused before the server's modules are even loaded: at once.
@@ -146,6 +151,7 @@ export function serveCommand(): Command {
           logLevel: flags.logLevel,
           limits: limitsFrom(flags),
           proxy,
+          ...(flags.ui ? { ui: { url: flags.uiUrl } } : {}),
         });
       } catch (err) {
         process.off('SIGHUP', earlyHup);

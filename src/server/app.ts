@@ -77,6 +77,8 @@ export interface AppDeps {
    * (`broker serve` holds requests until `broker.started` is durable); undefined once open.
    */
   held?: () => Promise<void> | undefined;
+  /** Registers the web console's routes under /ui (`broker serve --ui`, src/console/plugin.ts); they authenticate by their own session. */
+  console?: ((app: FastifyInstance) => void) | undefined;
 }
 
 declare module 'fastify' {
@@ -268,6 +270,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
 
   registerAgentRoutes(app, deps); // /v1/agents: enrolment codes, enrolment, list, revoke (src/server/routes-agents.ts)
   registerInfoRoutes(app, deps); // GET /v1/whoami, /v1/templates, /v1/tasks[/:ref] (src/server/routes-info.ts)
+  deps.console?.(app); // /ui: the web console (src/console/plugin.ts)
 
   // The ended task, and what it left behind as far as this broker's audit webhook recorded (kube-audit.ts).
   app.delete<{ Params: { ref: string } }>('/v1/tasks/:ref', { schema: { params: { type: 'object', properties: { ref: taskRef } } } }, async (req) => {

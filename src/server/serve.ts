@@ -88,6 +88,8 @@ export interface ServeOptions {
   write?: (line: string) => void;
   /** The Kubernetes API proxy (src/proxy/server.ts): where it listens, with the broker's TLS (or plain HTTP on loopback). */
   proxy?: ProxyServeOptions | undefined;
+  /** Serve the web console under /ui (src/console/plugin.ts); `url`: the origin browsers reach it at (default: the listen address). */
+  ui?: { url?: string | undefined } | undefined;
 }
 
 export interface ProxyServeOptions {
@@ -149,6 +151,9 @@ export async function serve(opts: ServeOptions): Promise<RunningBroker> {
     });
   }
   if (opts.proxy) await probeListen(opts.proxy.host, opts.proxy.port);
+  if (opts.ui && !opts.ui.url && (opts.host === '0.0.0.0' || opts.host === '::')) {
+    throw new BrokerError('invalid_argument', `the web console needs the URL browsers reach the broker at (its sign-in redirect and origin): add --ui-url https://HOST:PORT`, { field: '--ui-url' });
+  }
   const format = opts.logFormat ?? defaultLogFormat();
   const write = opts.write ?? stderrLines.write;
 
@@ -326,6 +331,23 @@ async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<R
     held: () => (gateOpen ? undefined : started),
     ...(p.https ? { https: p.https } : {}),
   };
+  let consoleOrigin = opts.ui?.url?.replace(/\/+$/, '') ?? '';
+  if (opts.ui) {
+    const { registerConsole } = await import('../console/plugin.ts');
+    deps.console = (app) =>
+      registerConsole(app, {
+        approvals: () => holder.approvals,
+        tasks: () => holder.tasks,
+        policy: () => holder.policy,
+        authenticators: () => holder.authenticators,
+        store,
+        audit,
+        auditLogPath: opts.auditLog,
+        recordings: opts.proxy ? (opts.proxy.recordings ?? `${opts.auditLog!}.sessions`) : undefined,
+        origin: () => consoleOrigin,
+        secure: p.https !== undefined,
+      });
+  }
   const app = (opened.app = buildApp(deps));
 
   // 5. Listen, holding every request at the gate until broker.started is durable.
@@ -336,6 +358,8 @@ async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<R
   } catch (err) {
     throw listenError(opts.host, opts.port, err);
   }
+  consoleOrigin ||= url;
+  if (opts.ui) app.log.info(`web console on ${consoleOrigin}/ui (sign-in redirect ${consoleOrigin}/ui/callback)`);
   let proxyUrl: string | undefined;
   if (opts.proxy && sessions) {
     const own = kube.config.getCurrentCluster()!;

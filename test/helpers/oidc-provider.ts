@@ -20,6 +20,8 @@ export interface CiClient {
 }
 
 export const CLI_CLIENT_ID = 'task-broker-cli';
+/** The web console's public client (a web application: its redirect is the broker's https URL). */
+export const CONSOLE_CLIENT_ID = 'task-broker-console';
 /** The resource indicator (and so the `aud`) of CI tokens meant for the broker. */
 export const BROKER_RESOURCE = 'urn:task-broker';
 
@@ -27,23 +29,26 @@ export class TestProvider {
   readonly issuer: string;
   readonly #server: Server;
   readonly #clients: CiClient[];
+  readonly #consoleRedirect: string | undefined;
   /** Private signing keys, newest first; the provider publishes all of them and signs with the first. */
   keys: jose.JWK[];
   #handler: (req: IncomingMessage, res: ServerResponse) => void = () => undefined;
 
-  private constructor(server: Server, issuer: string, clients: CiClient[], keys: jose.JWK[]) {
+  private constructor(server: Server, issuer: string, clients: CiClient[], keys: jose.JWK[], consoleRedirect?: string) {
     this.#server = server;
+    this.#consoleRedirect = consoleRedirect;
     this.issuer = issuer;
     this.#clients = clients;
     this.keys = keys;
     server.on('request', (req, res) => this.#handler(req, res));
   }
 
-  static async start(clients: CiClient[] = []): Promise<TestProvider> {
+  /** `consoleRedirect`: also register the public web client CONSOLE_CLIENT_ID with this redirect URI (the web console's, https://HOST:PORT/ui/callback). */
+  static async start(clients: CiClient[] = [], options: { consoleRedirect?: string } = {}): Promise<TestProvider> {
     const server = createServer();
     await new Promise<void>((done) => server.listen(0, '127.0.0.1', done));
     const issuer = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
-    const p = new TestProvider(server, issuer, clients, [await newKey()]);
+    const p = new TestProvider(server, issuer, clients, [await newKey()], options.consoleRedirect);
     p.#mount();
     return p;
   }
@@ -77,6 +82,9 @@ export class TestProvider {
           // broker login's loopback redirect, and the web console's (broker serve --ui on loopback; any port, as for a native client).
           redirect_uris: ['http://127.0.0.1/callback', 'http://127.0.0.1/ui/callback'],
         },
+        ...(this.#consoleRedirect
+          ? [{ client_id: CONSOLE_CLIENT_ID, application_type: 'web', token_endpoint_auth_method: 'none', grant_types: ['authorization_code'], response_types: ['code'], redirect_uris: [this.#consoleRedirect] }]
+          : []),
       ],
       extraClientMetadata: { properties: ['repository', 'ref'] },
       features: {

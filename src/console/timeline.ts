@@ -1,0 +1,149 @@
+/**
+ * What the console's task page shows from the audit log file: the task's story, as
+ * `broker audit show --task` builds it (src/audit/show.ts: the same grouping and the same words), and
+ * whether the whole chain verifies (src/audit/verify.ts, incrementally: only what was appended since
+ * the last look is read, and nothing is kept but the verdict).
+ *
+ * A task's records are found by one pass over the file that parses only the lines that can belong to
+ * it (those naming its id, and the task and approval records that tie a request to a task before it
+ * has one), so a page costs one read of the file whatever the log's size, and memory only for that
+ * task's records. The page shows them a page at a time.
+ */
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { AuditReader, buildStories, eventMicros, summarize, type Story, type Summary } from '../audit/show.ts';
+import type { AuditRecord, JsonValue, VerifyResult } from '../audit/types.ts';
+import { terminalText } from './html.ts';
+
+/** The chain's verdict over the whole file, brought up to date on each call (one reader, incremental). */
+export class ChainStatus {
+  readonly #reader: AuditReader;
+  #running: Promise<VerifyResult> | undefined;
+
+  constructor(path: string) {
+    this.#reader = new AuditReader(path);
+  }
+
+  check(): Promise<VerifyResult> {
+    this.#running ??= (async () => {
+      try {
+        // The records are dropped at once: only the verdict is kept.
+        while ((await this.#reader.read()).length > 0);
+        return this.#reader.result(false);
+      } finally {
+        this.#running = undefined;
+      }
+    })();
+    return this.#running;
+  }
+}
+
+/** The story of task `id` from the log at `path`, or undefined when the log has no record of it. */
+export async function taskStory(path: string, id: string): Promise<{ story: Story; summary: Summary } | undefined> {
+  const records: AuditRecord[] = [];
+  const quotedId = JSON.stringify(id);
+  let carry = '';
+  const take = (line: string) => {
+    // Lines that may belong to the task: its own, and the task and approval records of requests before it had an id.
+    if (line.includes(quotedId) || line.includes('"type":"task.') || line.includes('"type":"approval.')) {
+      try {
+        records.push(JSON.parse(line) as AuditRecord);
+      } catch {
+        // a torn last line: the chain's verdict reports it
+      }
+    }
+  };
+  for await (const chunk of createReadStream(path, { encoding: 'utf8', highWaterMark: 1 << 20 })) {
+    const text = carry + (chunk as string);
+    let start = 0;
+    for (let nl = text.indexOf('\n'); nl !== -1; nl = text.indexOf('\n', start)) {
+      take(text.slice(start, nl));
+      start = nl + 1;
+    }
+    carry = text.slice(start);
+  }
+  if (carry) take(carry);
+  const story = buildStories(records).stories.find((s) => s.id === id);
+  return story ? { story, summary: summarize(story.records) } : undefined;
+}
+
+function detail(r: AuditRecord, key: string): string | undefined {
+  const v: JsonValue | undefined = r.details?.[key];
+  return typeof v === 'string' ? v : typeof v === 'number' ? String(v) : undefined;
+}
+
+/** The time of a record as the timeline shows it (API requests by when the API server received them). */
+export function recordTime(r: AuditRecord): string {
+  return new Date(Math.floor(eventMicros(r) / 1000)).toISOString();
+}
+
+/** The kubectl invocation a request was part of (KEP 859 headers, as the proxy records them), if known. */
+export function kubectlOf(r: AuditRecord): { session: string; command: string } | undefined {
+  const session = r.type === 'k8s.request' ? detail(r, 'kubectlSession') : undefined;
+  return session === undefined ? undefined : { session, command: detail(r, 'kubectlCommand') ?? 'kubectl' };
+}
+
+/** An exec or attach session's recording that a stream's end record names. */
+export function recordingOf(r: AuditRecord): { file: string; sha256: string; kind: string } | undefined {
+  if (r.type !== 'k8s.request' || detail(r, 'phase') !== 'end') return undefined;
+  const stream = r.details?.['stream'];
+  const kind = stream && typeof stream === 'object' && !Array.isArray(stream) ? stream['kind'] : undefined;
+  const rec = r.details?.['recording'];
+  if ((kind !== 'exec' && kind !== 'attach') || !rec || typeof rec !== 'object' || Array.isArray(rec)) return undefined;
+  const file = rec['file'];
+  const sha256 = rec['sha256'];
+  if (typeof file !== 'string' || typeof sha256 !== 'string' || !/^[\w-]+\.jsonl$/.test(file)) return undefined;
+  return { file, sha256, kind };
+}
+
+export interface PlayerEvent {
+  /** Milliseconds since the session began. */
+  t: number;
+  /** `in`: typed (stdin); `out`: stdout; `err`: stderr; `end`: the command's final status. */
+  kind: 'in' | 'out' | 'err' | 'end';
+  /** Inert text (terminalText): control characters visible, never obeyed. */
+  text: string;
+}
+
+export type RecordingResult = { ok: true; events: PlayerEvent[] } | { ok: false; problem: string };
+
+/** A session recording for the player, checked against the SHA-256 the audit log holds for it. */
+export async function readRecording(dir: string, file: string, sha256: string): Promise<RecordingResult> {
+  if (!/^[\w-]+\.jsonl$/.test(file)) return { ok: false, problem: 'not a recording\'s name' };
+  let raw: Buffer;
+  try {
+    raw = await readFile(join(dir, file));
+  } catch (err) {
+    return { ok: false, problem: `it cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})` };
+  }
+  if (createHash('sha256').update(raw).digest('hex') !== sha256) return { ok: false, problem: 'its SHA-256 does not match the audit log: it was changed after the session' };
+  const events: PlayerEvent[] = [];
+  const kinds: Record<string, PlayerEvent['kind']> = { stdin: 'in', stdout: 'out', stderr: 'err' };
+  for (const line of raw.toString('utf8').split('\n').slice(1)) {
+    if (line === '') continue;
+    let m: { t?: unknown; ch?: unknown; b64?: unknown };
+    try {
+      m = JSON.parse(line) as typeof m;
+    } catch {
+      continue;
+    }
+    const t = typeof m.t === 'number' && Number.isFinite(m.t) ? m.t : (events.at(-1)?.t ?? 0);
+    const data = Buffer.from(typeof m.b64 === 'string' ? m.b64 : '', 'base64').toString('utf8');
+    if (m.ch === 'error') {
+      let status: { status?: string; message?: string } = {};
+      try {
+        status = JSON.parse(data) as typeof status;
+      } catch {
+        status = { message: data };
+      }
+      events.push({ t, kind: 'end', text: terminalText(status.status === 'Success' ? 'exited: success' : `exited: ${status.message ?? data}`) });
+      continue;
+    }
+    const kind = kinds[typeof m.ch === 'string' ? m.ch : 'stdout'];
+    if (kind === undefined || data === '') continue; // resize, close
+    events.push({ t, kind, text: terminalText(data) });
+  }
+  return { ok: true, events };
+}
