@@ -29,6 +29,7 @@ import { checkEvent } from './log.ts';
 import type { AuditSink } from './sink.ts';
 import { GENESIS_HASH, OPTIONAL_STRING_FIELDS, type AuditEventInput, type AuditRecord, type VerifyResult } from './types.ts';
 import { canonicalRecordJson, ChainVerifier, recordLine, sha256Hex } from './verify.ts';
+import { usedProofsMigration } from '../identity/proof-replay.ts';
 
 /** Schema and table (created by `broker audit migrate`). */
 export const AUDIT_SCHEMA = 'task_broker';
@@ -184,6 +185,11 @@ export class PostgresAuditStore implements AuditSink {
   /** The seq the next record of this process would get, as far as it knows (other replicas append too). */
   get nextSeq(): number {
     return this.#nextSeq;
+  }
+
+  /** A query on the store's pool, for the table of used agent proofs (src/identity/proof-replay.ts), never the audit table. */
+  proofLedgerQuery(text: string, values?: unknown[]): Promise<pg.QueryResult> {
+    return this.#pool.query(text, values);
   }
 
   get stats(): Readonly<AuditStoreStats> {
@@ -506,7 +512,8 @@ export interface MigrateResult {
 
 /**
  * Creates the schema, the table and its indexes if missing, and grants `roles` SELECT and INSERT on
- * the table (nothing else: no UPDATE, DELETE or TRUNCATE). Safe to run twice, and concurrently (one
+ * the table (nothing else: no UPDATE, DELETE or TRUNCATE); the same for the used agent proofs' table, whose
+ * expired rows it deletes (src/identity/proof-replay.ts). Safe to run twice, and concurrently (one
  * transaction under the chain's advisory lock). Run by the table's owner, never by the broker's role.
  */
 export async function migrate(url: string, roles: string[]): Promise<MigrateResult> {
@@ -535,6 +542,8 @@ export async function migrate(url: string, roles: string[]): Promise<MigrateResu
       await client.query(`REVOKE UPDATE, DELETE, TRUNCATE ON ${AUDIT_TABLE} FROM ${r}`);
       await client.query(`GRANT SELECT, INSERT ON ${AUDIT_TABLE} TO ${r}`);
     }
+    // The agent proofs used on any replica (src/identity/proof-replay.ts): its table, and the pruning of expired rows.
+    for (const sql of usedProofsMigration(roles.map((r) => client.escapeIdentifier(r)))) await client.query(sql);
     await client.query('COMMIT');
     return { created: had.rows[0]?.t == null, granted: roles };
   } catch (err) {

@@ -60,7 +60,7 @@ export class AgentKeyAuthenticator implements Authenticator {
     if (claims.iat > now + PROOF_SKEW_SECONDS) throw refused('it is not valid yet ("iat" in the future)');
     if (claims.htm !== req.method) throw refused(`it was made for another method (${safe(claims.htm)}, not ${req.method})`);
     if (!sameUrl(claims.htu, req)) throw refused('it was made for another URL');
-    if (!this.store.firstUse(claims.jti, claims.exp)) throw refused('it was used before (a replay)');
+    if (!(await this.store.firstUse(claims.jti, claims.exp, claims.sub))) throw refused('it was used before (a replay)');
     return { agent: claims.sub, subject: `agent-key:${claims.sub}#${record.fingerprint}`, method: 'agentKey', principal: `agent:${claims.sub}` };
   }
 

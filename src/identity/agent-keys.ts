@@ -14,6 +14,7 @@ import * as k8s from '@kubernetes/client-node';
 import { BrokerError } from '../errors.ts';
 import { clusterError, type KubeApis } from '../kube/config.ts';
 import type { StateSigner } from '../state-signature.ts';
+import type { SharedUsedProofs } from './proof-replay.ts';
 import { SIGNATURE_ANNOTATION } from '../state-signature.ts';
 
 /** Label on both kinds of record: `key` or `enrolment`. */
@@ -49,6 +50,8 @@ const enrolmentName = (code: string) => `agent-enrolment-${createHash('sha256').
 export interface AgentKeyStoreOptions {
   now?: () => number;
   log?: (line: string) => void;
+  /** The used-proof table every replica on a PostgreSQL audit store shares (src/identity/proof-replay.ts). */
+  usedProofs?: SharedUsedProofs | undefined;
 }
 
 export class AgentKeyStore {
@@ -59,8 +62,10 @@ export class AgentKeyStore {
   readonly #log: (line: string) => void;
   readonly #keys = new Map<string, AgentKeyRecord>();
   readonly #enrolments = new Map<string, Enrolment>();
-  /** Proof ids seen, until their proof expires: a proof is accepted once (per replica; docs/identity.md). */
+  /** Proof ids seen, until their proof expires: a proof is accepted once by this replica... */
   readonly #seen = new Map<string, number>();
+  /** ...and, on a shared store, once by any replica (docs/identity.md). */
+  readonly #usedProofs: SharedUsedProofs | undefined;
   #informer: k8s.Informer<k8s.V1ConfigMap> | undefined;
 
   constructor(kube: KubeApis, namespace: string, signer: StateSigner, options: AgentKeyStoreOptions = {}) {
@@ -69,6 +74,8 @@ export class AgentKeyStore {
     this.#signer = signer;
     this.#now = options.now ?? Date.now;
     this.#log = options.log ?? ((line) => process.stderr.write(`broker: ${line}\n`));
+    this.#usedProofs = options.usedProofs;
+    this.#usedProofs?.start((err) => this.#log(`pruning the used agent proofs: ${err.message}`));
   }
 
   /** Starts watching the records; resolves once the first list is in and verified. */
@@ -91,6 +98,7 @@ export class AgentKeyStore {
   }
 
   async stop(): Promise<void> {
+    this.#usedProofs?.stop();
     await this.#informer?.stop();
   }
 
@@ -100,10 +108,12 @@ export class AgentKeyStore {
   }
 
   /**
-   * Whether this is the first use of proof `jti` (expiring at `exp`, seconds). Kept until the proof
-   * expires; full (an agent flooding proofs past its rate limit), every proof is refused until room frees.
+   * Whether this is the first use of proof `jti` of `agent` (expiring at `exp`, seconds). Kept until
+   * the proof expires; full (an agent flooding proofs past its rate limit), every proof is refused until
+   * room frees. On a shared store, then asked of the used-proof table (one INSERT): a promise, which
+   * rejects with audit_unavailable when the store cannot answer.
    */
-  firstUse(jti: string, exp: number): boolean {
+  firstUse(jti: string, exp: number, agent: string): boolean | Promise<boolean> {
     const now = this.#now();
     if (this.#seen.has(jti)) return false;
     if (this.#seen.size >= MAX_SEEN_PROOFS) {
@@ -111,7 +121,7 @@ export class AgentKeyStore {
       if (this.#seen.size >= MAX_SEEN_PROOFS) return false;
     }
     this.#seen.set(jti, exp * 1000 + 10_000);
-    return true;
+    return this.#usedProofs ? this.#usedProofs.firstUse(agent, jti, exp) : true;
   }
 
   /** Every key and open enrolment, by agent. */

@@ -24,6 +24,7 @@ import type { AuditLog } from '../audit/log.ts';
 import type { PostgresAuditStore } from '../audit/postgres.ts';
 import { BrokerError, isBrokerError } from '../errors.ts';
 import { AgentKeyStore } from '../identity/agent-keys.ts';
+import { sharedUsedProofs } from '../identity/proof-replay.ts';
 import { authenticatorsFor } from '../identity/authenticators.ts';
 import { identitySummary } from '../identity/summary.ts';
 import { clusterError, kubeApis, loadKubeConfig, type KubeApis } from '../kube/config.ts';
@@ -240,7 +241,8 @@ async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<R
   const keys = new ApprovalKeys(kube, policy.broker.namespace);
   const signer = new StateSigner(keys);
   const store = (opened.store = new TaskStore({ signer }));
-  const agentKeys = new AgentKeyStore(kube, policy.broker.namespace, signer);
+  // On a PostgreSQL audit store, an agent proof is used once across every replica on it.
+  const agentKeys = new AgentKeyStore(kube, policy.broker.namespace, signer, { usedProofs: sharedUsedProofs(opened.audit) });
   try {
     await keys.signingKey();
     await store.watch(kube.config, policy.broker.taskNamespace);
