@@ -11,7 +11,8 @@
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { request } from 'node:https';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as k8s from '@kubernetes/client-node';
@@ -19,8 +20,11 @@ import { parseAllDocuments } from 'yaml';
 import { clusterBinDir, LocalCluster } from '../../src/cluster/local-cluster.ts';
 import { EXIT } from '../../src/cli/exit-codes.ts';
 import { kubeApis, type KubeApis } from '../../src/kube/config.ts';
+import { freePort } from '../../src/cluster/local-cluster.ts';
 import { POLICY_SELECTOR } from '../../src/policy/apply.ts';
-import { adminConfig, kubectl, run } from '../helpers/kube.ts';
+import { BrokerProcess, mintToken } from '../helpers/broker.ts';
+import { adminConfig, kubectl, run, writeTokenKubeconfig } from '../helpers/kube.ts';
+import { postgresAvailable, TestPostgres } from '../helpers/postgres.ts';
 
 const ROOT = new URL('../../', import.meta.url).pathname;
 const CHART = join(ROOT, 'deploy/helm/task-broker');
@@ -328,6 +332,95 @@ describe('the Helm chart deploy/helm/task-broker', { skip }, () => {
       'task-broker:template:read-pods',
       'view',
     ]);
+  });
+
+  test('the broker starts, and is ready, with exactly what the chart gives its container: args, Secrets as env and files, the init container\'s token copy', {
+    skip: !postgresAvailable() && !process.env['CI'] ? 'PostgreSQL 15 is not installed (apt-get install postgresql)' : false,
+  }, async () => {
+    // The pod's filesystem, under a directory: the chart's absolute paths are rewritten below it. The
+    // cluster's objects are policy apply's (the previous test), which the chart's equal.
+    const deploy = rendered.find((o) => o.kind === 'Deployment') as unknown as k8s.V1Deployment;
+    const pod = deploy.spec!.template.spec!;
+    const container = pod.containers.find((c) => c.name === 'broker')!;
+    const fsRoot = join(scratch, 'pod');
+    const at = (text: string) => text.replace(/(?<=^|=|\s)\/(etc\/task-broker|run\/task-broker|var\/lib\/task-broker|tmp)(?=\/|$|\s)/g, (path) => `${fsRoot}${path}`);
+    const mount = (volume: string) => at(container.volumeMounts!.find((m) => m.name === volume)!.mountPath);
+    const secretFile = (dir: string, name: string, text: string) => {
+      mkdirSync(dir, { recursive: true });
+      writeFileSync(join(dir, name), text);
+      chmodSync(join(dir, name), 0o440); // defaultMode 0440, as the chart mounts Secrets
+    };
+    const cm = rendered.find((o) => o.kind === 'ConfigMap')!;
+    mkdirSync(mount('policy'), { recursive: true });
+    for (const [k, v] of Object.entries(cm['data'] as Record<string, string>)) writeFileSync(join(mount('policy'), k), v);
+    secretFile(mount('tls'), 'tls.crt', readFileSync(cluster.servingCert.cert, 'utf8'));
+    secretFile(mount('tls'), 'tls.key', readFileSync(cluster.servingCert.key, 'utf8'));
+    mkdirSync(mount('tmp'), { recursive: true });
+    // The init container: its own command, on the Secret's file.
+    const init = pod.initContainers!.find((c) => c.name === 'webhook-token')!;
+    secretFile(at(init.volumeMounts!.find((m) => m.name === 'webhook-token-secret')!.mountPath), 'token', 'a-webhook-token-of-32-characters');
+    mkdirSync(mount('webhook-token'), { recursive: true });
+    const [sh, ...shArgs] = [...init.command!.map(at)];
+    const copied = await run(sh!, shArgs);
+    assert.equal(copied.code, 0, copied.stderr);
+    assert.equal(statSync(join(mount('webhook-token'), 'token')).mode & 0o777, 0o400, 'the copy is readable by its owner only');
+
+    const pgdb = await TestPostgres.start();
+    let broker: BrokerProcess | undefined;
+    try {
+      const migrated = await cli('audit', 'migrate', pgdb.url('postgres'), '--grant', 'task_broker');
+      assert.equal(migrated.code, 0, migrated.stderr);
+      // The Secret's two keys, as the kubelet gives them: env vars, $(VAR) expanded in args.
+      const secret = { url: `postgres://task_broker@127.0.0.1:${pgdb.port}/audit`, password: pgdb.brokerPassword };
+      const env: Record<string, string> = {};
+      for (const e of container.env ?? []) env[e.name] = secret[e.valueFrom!.secretKeyRef!.key as 'url' | 'password'];
+      const port = await freePort();
+      const args = container.args!.map((a) => (a.startsWith('--listen=') ? `--listen=127.0.0.1:${port}` : at(a).replace(/\$\((\w+)\)/g, (_m, v: string) => env[v] ?? '')));
+      // Not in a pod: the in-cluster ServiceAccount credential as a kubeconfig holding its token.
+      const token = await mintToken(kube, BROKER_NS, SA, [], 3600);
+      const kubeconfig = writeTokenKubeconfig(join(scratch, 'broker.kubeconfig'), cluster, token);
+      broker = await BrokerProcess.spawn([join(ROOT, 'src/cli/main.ts'), ...args, '--kubeconfig', kubeconfig], secret.url, { ...env, TMPDIR: mount('tmp') });
+      const get = (path: string, method = 'GET', headers: Record<string, string> = {}) =>
+        new Promise<{ status: number; body: string }>((done, fail) => {
+          const req = request(`https://127.0.0.1:${port}${path}`, { ca: cluster.caPem, method, headers }, (res) => {
+            let body = '';
+            res.on('data', (d: Buffer) => (body += d.toString()));
+            res.on('end', () => done({ status: res.statusCode ?? 0, body }));
+          });
+          req.on('error', fail);
+          req.end();
+        });
+      assert.deepEqual(await get('/healthz'), { status: 200, body: 'ok\n' });
+      const ready = await (async () => {
+        for (let i = 0; i < 100; i++) {
+          const r = await get('/readyz');
+          if (r.status === 200) return r;
+          await new Promise((d) => setTimeout(d, 100));
+        }
+        return get('/readyz');
+      })();
+      assert.deepEqual(ready, { status: 200, body: 'ok\n' }, broker.stderr);
+      // Started with its exact RBAC (no --allow-broad-credentials), its store, and the webhook taken.
+      const started = await pgdb.query<{ line: string }>('postgres', "SELECT line FROM task_broker.audit WHERE type = 'broker.started'");
+      assert.equal(started.rows.length, 1);
+      assert.doesNotMatch(broker.stderr, new RegExp(pgdb.brokerPassword), 'the password is in no log line');
+      // The webhook takes the token the init container copied, and no other.
+      const events = { 'content-type': 'application/json' };
+      const wrong = await get('/v1/audit/kubernetes', 'POST', { ...events, authorization: 'Bearer not-the-webhook-token-at-all' });
+      assert.equal(wrong.status, 401, wrong.body);
+      const right = await get('/v1/audit/kubernetes', 'POST', { ...events, authorization: 'Bearer a-webhook-token-of-32-characters' });
+      assert.notEqual(right.status, 401, right.body);
+      assert.notEqual(right.status, 404, right.body);
+    } finally {
+      if (broker && broker.child.exitCode === null && broker.child.signalCode === null) {
+        const exited = new Promise((d) => broker!.child.once('exit', d));
+        broker.kill('SIGTERM');
+        const hung = setTimeout(() => broker!.kill('SIGKILL'), 10_000);
+        await exited;
+        clearTimeout(hung);
+      }
+      await pgdb.remove();
+    }
   });
 
   test('helm install, then helm upgrade with a changed policy (RBAC follows it; the brokers reload it, or roll when asked), then helm uninstall', async () => {
