@@ -50,12 +50,17 @@ const checkoutBrokers = new Set<BrokerProcess>();
  * as BrokerEnv.startBroker starts this tree's: the benchmarks' `--baseline-checkout DIR` compares the
  * two in the same run.
  */
-export async function startCheckoutBroker(env: BrokerEnv, checkout: string, options: { auditLog: string; extraArgs?: string[]; shellPrefix?: string }): Promise<BrokerProcess> {
+export async function startCheckoutBroker(
+  env: BrokerEnv,
+  checkout: string,
+  options: ({ auditLog: string; auditStore?: undefined } | { auditStore: string; auditLog?: undefined }) & { extraArgs?: string[]; shellPrefix?: string },
+): Promise<BrokerProcess> {
+  const audit = options.auditStore === undefined ? ['--audit-log', options.auditLog] : ['--audit-store', options.auditStore];
   const args = [
-    ...[join(checkout, 'src/cli/main.ts'), 'serve', '--config', env.policyFile, '--audit-log', options.auditLog, '--kubeconfig', env.brokerKubeconfig],
+    ...[join(checkout, 'src/cli/main.ts'), 'serve', '--config', env.policyFile, ...audit, '--kubeconfig', env.brokerKubeconfig],
     ...['--listen', '127.0.0.1:0', '--insecure-http', '--sweep-interval', '1s', '--orphan-grace', '2s', '--lease-duration', '3s', ...(options.extraArgs ?? [])],
   ];
-  const broker = await BrokerProcess.spawn(args, options.auditLog, undefined, options.shellPrefix);
+  const broker = await BrokerProcess.spawn(args, options.auditStore ?? options.auditLog, undefined, options.shellPrefix);
   checkoutBrokers.add(broker);
   return broker;
 }

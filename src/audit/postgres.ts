@@ -6,9 +6,11 @@
  * - One chain across all replicas. A batch is appended in one transaction that first takes a
  *   transaction-scoped advisory lock (AUDIT_LOCK_KEY), reads the last row and chains onto it: the
  *   replicas' batches are serialised, each process's concurrent appends share one transaction
- *   (group commit, as the file log shares an fdatasync). Two round trips a transaction (begin, lock
- *   and head read; insert and commit), and up to two transactions of a process in flight. An advisory lock needs no UPDATE right, so
- *   the broker's role keeps only SELECT and INSERT (`broker audit migrate --grant`).
+ *   (group commit, as the file log shares an fdatasync). A process that appended the last records
+ *   itself (no other writer seen since) commits a batch in one round trip, one transaction at a time
+ *   (the fast way, #commit); otherwise two round trips (begin, lock and head read; insert and
+ *   commit), and up to two transactions in flight. An advisory lock needs no UPDATE right, so the
+ *   broker's role keeps only SELECT and INSERT (`broker audit migrate --grant`).
  * - Durable: `append` resolves once COMMIT has returned, with synchronous_commit on for the session
  *   (a startup parameter of every connection, whatever the server's default), so the WAL is flushed.
  * - Fail closed, and back: a failed batch rejects every pending append with audit_unavailable and
@@ -37,7 +39,7 @@ export const AUDIT_TABLE = `${AUDIT_SCHEMA}.audit`;
 /** The advisory lock that serialises appends to the one chain ("tbaudit1" as a 64-bit integer). */
 export const AUDIT_LOCK_KEY = '8386102735580079409';
 const PROBE_MS = 500;
-/** Transactions of one process in flight at once (the second queues on the chain's lock in the database). */
+/** Careful-way transactions of one process in flight at once (the second queues on the chain's lock in the database); the fast way has one. */
 const MAX_IN_FLIGHT = 2;
 /** Rows read at a time by verify and show. */
 const READ_CHUNK = 10_000;
@@ -141,16 +143,30 @@ export class PostgresAuditStore implements AuditSink {
   #closing: Promise<void> | undefined;
   #nextSeq: number;
   #stats: AuditStoreStats = { records: 0, flushes: 0, duplicates: 0, fast: 0, fastMissed: 0 };
-  /** The chain's last record as this process last left it (null: empty; undefined: unknown). */
+  /**
+   * The fast way's prediction: the chain's last record once every batch this process has sent
+   * commits, if no other writer appends meanwhile (null: empty). Undefined: unknown, and batches go
+   * the careful way. Each fast batch is built on it and moves it on, so two in flight chain in order.
+   */
   #tail: Head | undefined;
-  /** Whether the next batch may go the fast way (#commit). */
-  #fast = false;
+  /** The latest record this process committed or found as the head (by seq): what a careful batch compares the head it reads with. */
+  #own: Head | undefined;
+  /** The lines of this process's recent batch tails (committed or in flight) and of the head found at open: a head read that is one of them was written by no one else. */
+  readonly #ownLines = new Set<string>();
+  /**
+   * The last careful batch to commit found the head this process knew (no other writer since): no
+   * new batch starts until those in flight are done; then the fast way resumes from #own.
+   */
+  #settling = false;
 
-  private constructor(where: string, pool: pg.Pool, nextSeq: number, options: PostgresStoreOptions) {
+  private constructor(where: string, pool: pg.Pool, head: Head | undefined, nextSeq: number, options: PostgresStoreOptions) {
     this.where = where;
     this.#pool = pool;
     this.#nextSeq = nextSeq;
     this.#now = options.now ?? (() => new Date());
+    // The head at open: if the first batch (careful) finds it still there, nobody else is writing.
+    this.#own = head;
+    if (head) this.#ownLines.add(head.line);
   }
 
   /**
@@ -169,9 +185,17 @@ export class PostgresAuditStore implements AuditSink {
       if (!r?.select || !r.insert) {
         throw new BrokerError('audit_unavailable', `the audit store ${where}: this role may not ${!r?.select ? 'read' : 'append to'} ${AUDIT_TABLE} (\`broker audit migrate --grant ROLE\`)`);
       }
-      const head = await pool.query<{ seq: string }>(`SELECT seq FROM ${AUDIT_TABLE} ORDER BY seq DESC LIMIT 1`);
-      const next = head.rows[0] ? Number(head.rows[0].seq) + 1 : 0;
-      return new PostgresAuditStore(where, pool, next, options);
+      const row = (await pool.query<{ seq: string; line: string }>(`SELECT seq, line FROM ${AUDIT_TABLE} ORDER BY seq DESC LIMIT 1`)).rows[0];
+      let head: Head | undefined = null;
+      if (row) {
+        // An altered head is refused by the first batch, which reads and checks it under the chain's lock; here it is only not known.
+        try {
+          head = { seq: Number(row.seq), line: row.line, hash: headHash(row.line, Number(row.seq), where) };
+        } catch {
+          head = undefined;
+        }
+      }
+      return new PostgresAuditStore(where, pool, head, row ? Number(row.seq) + 1 : 0, options);
     } catch (err) {
       await pool.end().catch(() => undefined);
       throw storeError(where, 'be opened', err);
@@ -233,7 +257,11 @@ export class PostgresAuditStore implements AuditSink {
   }
 
   #schedule(): void {
-    if (this.#inFlight >= MAX_IN_FLIGHT || this.#scheduled || this.#queue.length === 0) return;
+    // The fast way one transaction at a time: a second one's lock request may reach the database
+    // first, and then it inserts nothing (it was built on the first's tail) and takes the careful way.
+    const max = this.#tail === undefined ? MAX_IN_FLIGHT : 1;
+    if (this.#inFlight >= max || this.#scheduled || this.#queue.length === 0) return;
+    if (this.#settling && this.#inFlight > 0) return; // the batch in flight decides the way of the next
     this.#scheduled = true;
     setImmediate(() => {
       this.#scheduled = false;
@@ -268,10 +296,14 @@ export class PostgresAuditStore implements AuditSink {
   }
 
   /**
-   * One batch, committed. The fast way, when this process appended the chain's last record as far as
-   * it knows (no other writer seen since): one round trip that inserts only if the head is still that
-   * very line and no event key of the batch is recorded yet. Otherwise, or when that inserts nothing:
-   * lock, read and check the head, drop recorded event keys, insert, commit (two round trips).
+   * One batch, committed. The fast way, while this process has appended the chain's last records as
+   * far as it knows (#tail: no other writer seen since): one round trip that inserts only if the head
+   * is still exactly the predicted line and no event key of the batch is recorded. Two fast batches
+   * may be in flight: the second is built on the first's predicted tail (its lock request may reach
+   * the database first; then it inserts nothing and goes the careful way). Otherwise, or when that
+   * inserts nothing: lock, read and check the head, drop recorded event keys, insert, commit (two
+   * round trips), and back to the fast way once a careful batch saw only this process's records and
+   * nothing else of it is in flight.
    */
   async #commit(batch: Pending[]): Promise<void> {
     let client: PoolClient;
@@ -282,24 +314,29 @@ export class PostgresAuditStore implements AuditSink {
     }
     let broken = false;
     try {
-      const tail = this.#fast ? this.#tail : undefined;
+      const tail = this.#tail;
       if (tail !== undefined) {
         const built = this.#build(batch, tail, new Map());
-        this.#tail = built.tail; // the next batch may build on this one while it is in flight
+        this.#tail = built.tail; // the next batch builds on this one while it is in flight
+        this.#noteOwn(built.tail);
         if (await this.#insertIf(client, built, tail)) {
           this.#stats.fast++;
+          this.#committed(built.tail);
           return this.#done(batch, built);
         }
+        // Another writer appended, a key is recorded, or an earlier batch of this process had not
+        // committed yet: the careful way, and no more fast batches until it is known again.
         this.#stats.fastMissed++;
-        this.#fast = false; // another writer appended (or a key is recorded): the careful way
         this.#tail = undefined;
+        this.#settling = false;
       }
       const results = (await client.query(
         `BEGIN; SELECT pg_advisory_xact_lock(${AUDIT_LOCK_KEY}); SELECT seq, line FROM ${AUDIT_TABLE} ORDER BY seq DESC LIMIT 1`,
       )) as unknown as Array<pg.QueryResult<{ seq: string; line: string }>>;
       const row = results[2]!.rows[0];
       const head: Head = row ? { seq: Number(row.seq), line: row.line, hash: headHash(row.line, Number(row.seq), this.where) } : null;
-      const known = this.#tail;
+      // Written by this process (or found at open), or the chain is as empty as this process found it.
+      const ownHead = head === null ? this.#own === null : this.#ownLines.has(head.line);
       const keys = [...new Set(batch.map((p) => p.key).filter((k): k is string => k !== undefined))];
       const existing = new Map<string, AuditRecord>();
       if (keys.length > 0) {
@@ -307,21 +344,40 @@ export class PostgresAuditStore implements AuditSink {
         for (const r of found.rows) existing.set(r.event_key, JSON.parse(r.line) as AuditRecord);
       }
       const built = this.#build(batch, head, existing);
-      await client.query(`${built.values.length > 0 ? `${this.#insertSql(client, built)}; ` : ''}COMMIT`);
-      // Nobody else wrote since this process's last batch: the next may go the fast way.
-      this.#fast = known !== undefined && (known === null ? head === null : head !== null && known.line === head.line);
-      this.#tail = built.tail;
+      this.#noteOwn(built.tail);
+      await client.query(`${built.values.length > 0 ? `${this.#insertSql(built)}; ` : ''}COMMIT`);
+      this.#committed(built.tail);
+      // Nobody else wrote since this process's last batch: once nothing else of it is in flight, the fast way.
+      this.#settling = ownHead && this.#tail === undefined;
       this.#done(batch, built);
     } catch (err) {
       broken = true;
-      this.#fast = false;
       this.#tail = undefined;
+      this.#settling = false;
       await client.query('ROLLBACK').catch(() => undefined);
       throw err;
     } finally {
       // A client that saw an error is not reused: its connection may be half-gone.
       client.release(broken);
+      if (this.#inFlight === 1 && this.#tail === undefined) {
+        // The last batch in flight: the fast way resumes from the latest record if the last careful one found only this process's.
+        if (this.#settling && !broken && this.#own !== undefined) this.#tail = this.#own;
+        this.#settling = false;
+      }
     }
+  }
+
+  /** A batch tail of this process (in flight or committed): a head read that equals it is this process's own record. */
+  #noteOwn(tail: Head): void {
+    if (tail === null) return;
+    this.#ownLines.add(tail.line);
+    // A few are enough: at most MAX_IN_FLIGHT batches are in flight, and the oldest go first.
+    if (this.#ownLines.size > 8) this.#ownLines.delete(this.#ownLines.values().next().value!);
+  }
+
+  /** The latest record this process knows it committed (the higher seq of two batches that commit out of order). */
+  #committed(tail: Head): void {
+    if (tail !== null && (this.#own == null || tail.seq >= this.#own.seq)) this.#own = tail;
   }
 
   /** The batch's records after `head` (null: an empty chain), those whose event key is recorded left out. */
@@ -353,8 +409,8 @@ export class PostgresAuditStore implements AuditSink {
   }
 
   /** The INSERT of a batch, its values as escaped literals (simple protocol: it shares a round trip). */
-  #insertSql(client: PoolClient, built: Built, where = ''): string {
-    const lit = (v: string | null) => (v === null ? 'NULL' : client.escapeLiteral(v));
+  #insertSql(built: Built, where = ''): string {
+    const lit = (v: string | null) => (v === null ? 'NULL' : literal(v));
     const rows = built.values.map((v) => `(${v.seq},${lit(v.time)}::timestamptz,${lit(v.type)},${lit(v.task)},${lit(v.key)},${lit(v.line)})`);
     return `INSERT INTO ${AUDIT_TABLE} (seq, time, type, task, event_key, line) SELECT * FROM (VALUES ${rows.join(',')}) AS v(seq, time, type, task, event_key, line)${where}`;
   }
@@ -362,10 +418,10 @@ export class PostgresAuditStore implements AuditSink {
   /** The fast way: inserts (and commits) only if the head is still `expected` and none of the keys is recorded. */
   async #insertIf(client: PoolClient, built: Built, expected: Head): Promise<boolean> {
     if (built.values.length === 0) return true;
-    const lit = (v: string) => client.escapeLiteral(v);
+    const lit = literal;
     let where = ` WHERE (SELECT line FROM ${AUDIT_TABLE} ORDER BY seq DESC LIMIT 1) IS NOT DISTINCT FROM ${expected === null ? 'NULL' : lit(expected.line)}`;
     if (built.keys.length > 0) where += ` AND NOT EXISTS (SELECT 1 FROM ${AUDIT_TABLE} WHERE event_key IN (${built.keys.map(lit).join(',')}))`;
-    const results = (await client.query(`BEGIN; SELECT pg_advisory_xact_lock(${AUDIT_LOCK_KEY}); ${this.#insertSql(client, built, where)}; COMMIT`)) as unknown as pg.QueryResult[];
+    const results = (await client.query(`BEGIN; SELECT pg_advisory_xact_lock(${AUDIT_LOCK_KEY}); ${this.#insertSql(built, where)}; COMMIT`)) as unknown as pg.QueryResult[];
     return results[2]!.rowCount === built.values.length;
   }
 
@@ -392,6 +448,15 @@ export class PostgresAuditStore implements AuditSink {
     }, PROBE_MS);
     this.#probe.unref();
   }
+}
+
+/**
+ * A string as an SQL literal, as pg's escapeLiteral writes it (quotes doubled; with a backslash, an
+ * E'' literal with backslashes doubled): that one builds it a character at a time, which for the
+ * ~500-character lines of a batch cost more than the rest of the INSERT's text (docs/benchmarks.md).
+ */
+export function literal(value: string): string {
+  return value.includes('\\') ? ` E'${value.replaceAll('\\', '\\\\').replaceAll("'", "''")}'` : `'${value.replaceAll("'", "''")}'`;
 }
 
 /** The event key of an API server audit event's record (the webhook's dedup key), else undefined. */

@@ -71,6 +71,31 @@ test('three writers append concurrently: one chain, seq order = commit order, ev
   assert.equal(JSON.parse(verified.stdout).records, 10_500);
 });
 
+test('one writer under load goes the fast way throughout; after another writer appends, the careful way until the head is its own again', async () => {
+  const a = await store();
+  let next = 0;
+  // 50 callers in a closed loop, as a broker's credential endpoint under load: each comes back after
+  // a moment (its answer, its next request), so appends keep arriving while a batch is in flight.
+  await Promise.all(
+    Array.from({ length: 50 }, async () => {
+      while (next < 2000) {
+        next++;
+        await a.append({ type: 'test.load', actor: 'writer-a' });
+        await new Promise((r) => setTimeout(r, Math.random() * 2));
+      }
+    }),
+  );
+  const { fast, fastMissed, flushes } = a.stats;
+  assert.equal(fastMissed, 0, `no fast transaction inserted nothing: ${JSON.stringify(a.stats)}`);
+  assert.ok(fast >= flushes - 2 && flushes < 2000, `all but the first transactions the fast way, in batches: ${JSON.stringify(a.stats)}`);
+  const b = await store();
+  await b.append({ type: 'test.other', actor: 'writer-b' });
+  for (let i = 0; i < 4; i++) await a.append({ type: 'test.after-other', actor: 'writer-a' });
+  assert.equal(a.stats.fastMissed, 1, `the first after the other writer's record missed, then the careful way: ${JSON.stringify(a.stats)}`);
+  assert.equal(a.stats.fast, fast + 2, `the careful way found its own record, and the fast way resumed: ${JSON.stringify(a.stats)}`);
+  assert.ok((await readAll()).chain.ok);
+});
+
 test('what an agent chose reaches the row as written: quotes, backslashes, NUL, non-ASCII', async () => {
   const s = await store();
   const odd = `it's \\ "quoted" \0 é 🙂 '); DROP TABLE task_broker.audit; --`;
