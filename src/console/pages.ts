@@ -195,6 +195,16 @@ function short(iso: string): string {
   return iso.replace('T', ' ').replace(/\.\d+Z$/, 'Z');
 }
 
+/** The chain's verdict, or why there is none, or that the first pass is still running. */
+export type ChainView = VerifyResult | { unavailable: string } | { pending: true };
+
+export function chainLine(chain: ChainView): Html {
+  if ('pending' in chain) return html`<p class="chain unknown" data-chain="/ui/chain" role="status">Audit chain: being checked (the first pass over the log)…</p>`;
+  if ('unavailable' in chain) return html`<p class="chain unknown">Audit chain: ${chain.unavailable}</p>`;
+  if (chain.ok) return html`<p class="chain ok" role="status">Audit chain verifies: ${chain.records} records, each tied to the one before.</p>`;
+  return html`<p class="chain broken" role="alert">Audit chain broken at line ${chain.line}${chain.seq === undefined ? '' : ` (seq ${chain.seq})`}: ${visible(chain.reason)}. Records after it are not trusted.</p>`;
+}
+
 export interface TimelinePage {
   task: TaskStateView | undefined;
   id: string;
@@ -203,20 +213,13 @@ export interface TimelinePage {
   summary: Summary | undefined;
   offset: number;
   pageSize: number;
-  chain: VerifyResult | { unavailable: string };
+  chain: ChainView;
   /** The person may end it (the policy lets the task's own agent end it). */
   canEnd: boolean;
 }
 
 export function taskPage(session: Session, p: TimelinePage, flash?: Layout['flash']): string {
   const t = p.task;
-  const chain = p.chain;
-  const chainLine =
-    'unavailable' in chain
-      ? html`<p class="chain unknown">Audit chain: ${chain.unavailable}</p>`
-      : chain.ok
-        ? html`<p class="chain ok" role="status">Audit chain verifies: ${chain.records} records, each tied to the one before.</p>`
-        : html`<p class="chain broken" role="alert">Audit chain broken at line ${chain.line}${chain.seq === undefined ? '' : ` (seq ${chain.seq})`}: ${visible(chain.reason)}. Records after it are not trusted.</p>`;
   const pages = Math.max(1, Math.ceil(p.total / p.pageSize));
   const current = Math.floor(p.offset / p.pageSize) + 1;
   const nav =
@@ -237,7 +240,7 @@ ${
     ? html`<form method="post" action="/ui/tasks/${p.id}/end" class="inline"><input type="hidden" name="csrf" value="${session.csrf}"><button type="submit" class="deny">End this task</button></form>`
     : ''
 }
-${chainLine}
+${chainLine(p.chain)}
 <h2>Timeline</h2>
 ${p.summary ? html`<p class="muted">${summaryLine(p.summary)}</p>` : ''}
 ${p.total === 0 ? html`<p class="empty">The audit log holds no record of this task yet.</p>` : html`${nav}<ol class="timeline">${timelineItems(p)}</ol>${nav}`}`,

@@ -29,7 +29,7 @@ import { toView } from '../tasks/model.ts';
 import type { TaskService } from '../tasks/service.ts';
 import type { TaskStore } from '../tasks/store.ts';
 import { grantWords } from './grants.ts';
-import { approvalsList, approvalsPage, errorPage, signedInPage, signInPage, taskPage, tasksList, tasksPage, type ApprovalCard, type TaskFilter } from './pages.ts';
+import { approvalsList, approvalsPage, chainLine, errorPage, signedInPage, signInPage, taskPage, tasksList, tasksPage, type ApprovalCard, type TaskFilter } from './pages.ts';
 import { sameToken, SESSION_SECONDS, SessionStore, type Session } from './session.ts';
 import { ChainStatus, readRecording, recordingOf, taskStory } from './timeline.ts';
 
@@ -107,6 +107,8 @@ async function consoleRoutes(ui: FastifyInstance, deps: ConsoleDeps, sessions: S
   await ui.register(cookie);
   const { name: cookieName, options: cookieOptions } = sessionCookie(deps.secure);
   const chain = deps.auditLogPath ? new ChainStatus(deps.auditLogPath) : undefined;
+  // The first pass over the whole log starts with the broker, not with the first page asked for.
+  ui.addHook('onReady', async () => void chain?.check().catch(() => undefined));
   const live = new LiveUpdates(deps, sessions);
   ui.addHook('preClose', async () => live.close());
   ui.decorateRequest('consoleSession', undefined);
@@ -377,7 +379,10 @@ async function consoleRoutes(ui: FastifyInstance, deps: ConsoleDeps, sessions: S
     if ((!task && !found) || !(reviewer || (s.caller.agent !== '' && agent === s.caller.agent))) throw new BrokerError('not_found', `no task "${id}" that you may see`);
     const records = found?.story.records ?? [];
     const offset = Math.max(0, Math.min(Number.parseInt(req.query.offset ?? '0', 10) || 0, Math.max(0, records.length - 1)));
-    const chainResult = chain ? await chain.check() : { unavailable: 'not shown for the PostgreSQL audit store: run broker audit verify' };
+    // The page does not wait long for the chain's verdict: if the first pass is still running, the script asks again (/ui/chain).
+    const chainResult = chain
+      ? ((await chain.within(300)) ?? { pending: true as const })
+      : { unavailable: 'not shown for the PostgreSQL audit store: run broker audit verify' };
     return html200(
       reply,
       taskPage(s, {
@@ -392,6 +397,13 @@ async function consoleRoutes(ui: FastifyInstance, deps: ConsoleDeps, sessions: S
         canEnd: task?.state === 'active' && s.caller.agent !== '' && task.agent === s.caller.agent,
       }),
     );
+  });
+
+  ui.get('/chain', async (req, reply) => {
+    const s = signedIn(req);
+    if (!mayReview(s.caller) && !s.caller.agent) throw new BrokerError('forbidden', 'only reviewers and agents see the audit chain');
+    const result = chain ? await chain.check() : { unavailable: 'not shown for the PostgreSQL audit store: run broker audit verify' };
+    return html200(reply, chainLine(result).value);
   });
 
   ui.post<{ Params: { id: string } }>('/tasks/:id/end', async (req, reply) => {

@@ -11,7 +11,7 @@
  */
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { readFile } from 'node:fs/promises';
+import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { AuditReader, buildStories, eventMicros, summarize, type Story, type Summary } from '../audit/show.ts';
 import type { AuditRecord, JsonValue, VerifyResult } from '../audit/types.ts';
@@ -24,6 +24,17 @@ export class ChainStatus {
 
   constructor(path: string) {
     this.#reader = new AuditReader(path);
+  }
+
+  /** The verdict if it is known within `ms` (the first pass over a large log takes a while), else undefined. */
+  async within(ms: number): Promise<VerifyResult | undefined> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const late = new Promise<undefined>((done) => (timer = setTimeout(() => done(undefined), ms)));
+    try {
+      return await Promise.race([this.check(), late]);
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   check(): Promise<VerifyResult> {
@@ -40,8 +51,23 @@ export class ChainStatus {
   }
 }
 
+/** The last few tasks' stories, each kept while the log has not grown since (pages 2..N, reloads of an ended task's page). */
+const recent = new Map<string, { path: string; size: number; mtimeMs: number; result: Promise<{ story: Story; summary: Summary } | undefined> }>();
+
 /** The story of task `id` from the log at `path`, or undefined when the log has no record of it. */
 export async function taskStory(path: string, id: string): Promise<{ story: Story; summary: Summary } | undefined> {
+  const st = await stat(path);
+  const hit = recent.get(id);
+  if (hit && hit.path === path && hit.size === st.size && hit.mtimeMs === st.mtimeMs) return hit.result;
+  const result = readStory(path, id);
+  recent.delete(id);
+  recent.set(id, { path, size: st.size, mtimeMs: st.mtimeMs, result });
+  while (recent.size > 8) recent.delete(recent.keys().next().value!);
+  result.catch(() => recent.delete(id));
+  return result;
+}
+
+async function readStory(path: string, id: string): Promise<{ story: Story; summary: Summary } | undefined> {
   const records: AuditRecord[] = [];
   const quotedId = JSON.stringify(id);
   let carry = '';

@@ -1,4 +1,3 @@
-/// <reference lib="dom" />
 /**
  * The web console (`broker serve --ui`, issue 17) in a real browser (Debian's chromium driven by
  * playwright-core), against real parts: a certified OpenID provider on loopback where people sign in,
@@ -255,7 +254,8 @@ describe('web console (broker serve --ui)', { skip: !browserAvailable() && 'chro
     await card(pages.bob).getByLabel(/Comment/).focus();
     await pages.bob.keyboard.type('on call, ok');
     await pages.bob.keyboard.press('Tab');
-    assert.equal(await pages.bob.evaluate(() => document.activeElement?.textContent), 'Approve');
+    // (globalThis as any): the page's globals; the tests' TypeScript has no DOM types.
+    assert.equal(await pages.bob.evaluate(() => (globalThis as any).document.activeElement?.textContent), 'Approve');
     await Promise.all([pages.bob.waitForURL(/done=approve/), pages.bob.keyboard.press('Enter')]);
 
     const started = await agentStart;
@@ -404,7 +404,7 @@ describe('web console (broker serve --ui)', { skip: !browserAvailable() && 'chro
   async function postForm(page: Page, path: string, fields: Record<string, string>, override?: { csrf: string }): Promise<{ status: number; text: string }> {
     return page.evaluate(
       async ({ path, fields, override }) => {
-        const csrf = override ? override.csrf : (document.querySelector('meta[name="csrf-token"]')?.getAttribute('content') ?? '');
+        const csrf = override ? override.csrf : ((globalThis as any).document.querySelector('meta[name="csrf-token"]')?.getAttribute('content') ?? '');
         const res = await fetch(path, { method: 'POST', body: new URLSearchParams({ ...fields, ...(csrf ? { csrf } : {}) }), redirect: 'manual' });
         return { status: res.type === 'opaqueredirect' ? 303 : res.status, text: await res.text() };
       },
@@ -453,7 +453,7 @@ describe('web console (broker serve --ui)', { skip: !browserAvailable() && 'chro
     const page = await ctx.newPage();
     await page.setViewportSize({ width: 375, height: 800 });
     await page.goto(`${broker.url}${path}`);
-    const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+    const overflow = await page.evaluate(() => { const w = (globalThis as any); return w.document.documentElement.scrollWidth - w.innerWidth; });
     assert.ok(overflow <= 0, `${path} overflows by ${overflow} px at 375 px`);
     await screenshot(page, name);
     await page.close();
