@@ -11,14 +11,13 @@
  * everywhere), a second one next, by keyboard; the agent's `task start --wait` proceeds; the audit log
  * names both; the agent runs an exec session through the proxy and the task page replays it. Then the
  * security checks (CSRF, origin, cookie flags, CSP, sign-out) and screenshots of every page at 1280
- * and 375 px (kept in $TEST_OUTPUT_DIR or a temporary directory; with CONSOLE_SCREENSHOTS_TO_DOCS=1
+ * and 375 px (kept in $TEST_OUTPUT_DIR/console, else .cache/test-output/console; with CONSOLE_SCREENSHOTS_TO_DOCS=1
  * they also refresh docs/images/console/).
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { copyFileSync, mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { copyFileSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { BrowserContext, Page } from 'playwright-core';
 import { freePort, kubectlPath } from '../../src/cluster/local-cluster.ts';
@@ -114,7 +113,8 @@ describe('web console (broker serve --ui)', { skip: !browserAvailable() && !proc
       BROKER_CA: env.cluster.caFile,
       BROKER_IDENTITY_TOKEN: await env.agentToken('alpha'),
     };
-    shots = process.env['TEST_OUTPUT_DIR'] ? join(process.env['TEST_OUTPUT_DIR'], 'console') : mkdtempSync(join(tmpdir(), 'tb-console-shots-'));
+    // Kept as test output (not a temporary directory): $TEST_OUTPUT_DIR/console, else the git-ignored .cache/test-output/console.
+    shots = join(process.env['TEST_OUTPUT_DIR'] ?? join(ROOT, '.cache/test-output'), 'console');
     mkdirSync(shots, { recursive: true });
     browser = await launchBrowser();
     // A pod to exec into, as the administrator.
