@@ -32,6 +32,7 @@ import type { AuditSink } from './sink.ts';
 import { GENESIS_HASH, OPTIONAL_STRING_FIELDS, type AuditEventInput, type AuditRecord, type VerifyResult } from './types.ts';
 import { canonicalRecordJson, ChainVerifier, recordLine, sha256Hex } from './verify.ts';
 import { usedProofsMigration } from '../identity/proof-replay.ts';
+import { consoleMigration } from '../console/migration.ts';
 
 /** Schema and table (created by `broker audit migrate`). */
 export const AUDIT_SCHEMA = 'task_broker';
@@ -609,6 +610,8 @@ export async function migrate(url: string, roles: string[]): Promise<MigrateResu
     }
     // The agent proofs used on any replica (src/identity/proof-replay.ts): its table, and the pruning of expired rows.
     for (const sql of usedProofsMigration(roles.map((r) => client.escapeIdentifier(r)))) await client.query(sql);
+    // The web console's indexes for task pages and its sessions shared by replicas (src/console/migration.ts).
+    for (const sql of consoleMigration(roles.map((r) => client.escapeIdentifier(r)))) await client.query(sql);
     await client.query('COMMIT');
     return { created: had.rows[0]?.t == null, granted: roles };
   } catch (err) {
