@@ -15,17 +15,30 @@
  *
  *   bin/bench proxy [--only kubectl,load,list,watch] [--runs 30] [--duration 10] [--rounds 4]
  *                   [--configmaps 10000] [--watches 500] [--watch-seconds 60] [--profile DIR] [--audit-log PATH]
+ *                   [--bare dispatch,request,node,dispatch-h2,request-h2] [--perf FILE] [--baseline-checkout DIR]
+ *
+ * --bare: the load also through bare Node TLS pass-throughs (bench/bare-proxy.ts: no check, no record),
+ * in the same alternating slices, with their CPU per request: what any Node proxy costs here.
+ * --perf FILE: `perf record` (on-CPU samples, call graphs, JIT frames named by --perf-basic-prof) of
+ * the broker through the load's slices: where its CPU goes even on a machine too busy for a V8
+ * profile's wall-clock samples (`perf report -i FILE --no-children --sort symbol`).
+ * --baseline-checkout DIR: a second broker from another checkout of the project (DIR/src/cli/main.ts,
+ * e.g. `git archive` of an earlier commit with a node_modules symlink), same flags and its own audit
+ * log on the same disk; the load then also goes through its proxy, in the same slices: a change's
+ * effect measured in one run.
  */
-import { readFileSync, writeFileSync, mkdirSync } from 'node:fs';
-import { join } from 'node:path';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { readdirSync, readFileSync, writeFileSync, mkdirSync } from 'node:fs';
+import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import * as k8s from '@kubernetes/client-node';
 import { Agent, request } from 'undici';
 import { kubectlPath } from '../src/cluster/local-cluster.ts';
-import { BrokerEnv, type BrokerProcess } from '../test/helpers/broker.ts';
+import { BrokerEnv, BrokerProcess } from '../test/helpers/broker.ts';
 import { run } from '../test/helpers/kube.ts';
-import { autocannon, type CannonResult, cpuMs, DEFAULT_TIMINGS, median, met, ms, percentile, table } from './_common.ts';
+import { autocannon, type CannonResult, cpuMs, DEFAULT_TIMINGS, median, met, ms, percentile, spawnListening, table } from './_common.ts';
 
 
 const { values: flags } = parseArgs({
@@ -39,7 +52,10 @@ const { values: flags } = parseArgs({
     watches: { type: 'string', default: '500' },
     'watch-seconds': { type: 'string', default: '60' },
     profile: { type: 'string' },
+    perf: { type: 'string' },
+    'baseline-checkout': { type: 'string' },
     'audit-log': { type: 'string' },
+    bare: { type: 'string', default: '' },
   },
 });
 const only = new Set(flags.only.split(','));
@@ -64,6 +80,23 @@ templates:
     agents: [alpha]
 `;
 
+/**
+ * Write system calls made by a process's libuv thread-pool threads so far (/proc/PID/task/TID/io): the
+ * audit log's durable writes (one per group-commit batch, O_DSYNC) and any other file writes.
+ */
+function poolWrites(pid: number): number {
+  let n = 0;
+  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+    try {
+      if (readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8').trim() !== 'libuv-worker') continue;
+      n += Number(/syscw: (\d+)/.exec(readFileSync(`/proc/${pid}/task/${tid}/io`, 'utf8'))?.[1] ?? 0);
+    } catch {
+      // the thread ended
+    }
+  }
+  return n;
+}
+
 function rssMb(pid: number): number {
   const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
   return m ? Number(m[1]) / 1024 : NaN;
@@ -83,12 +116,19 @@ function rssPeak(pid: number, everyMs = 10): { stop: () => number } {
 
 const env = await BrokerEnv.start({ policyText: POLICY, namespaces: ['team-a'] });
 let broker: BrokerProcess | undefined;
+/** Bare pass-throughs (--bare) running. */
+const bareChildren = new Set<number>();
+/** The broker of --baseline-checkout. */
+let baseline: BrokerProcess | undefined;
 const stop = async () => {
+  for (const pid of bareChildren) process.kill(pid, 'SIGTERM');
+  await baseline?.stop('SIGTERM');
   await broker?.stop('SIGTERM'); // a clean stop: --profile's profile is written then
   await env.stop();
 };
 for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => void stop().finally(() => process.exit(130)));
 
+const BROKER_ARGS = ['--proxy-listen', '127.0.0.1:0', ...DEFAULT_TIMINGS, '--log-level', 'warn', '--proxy-rate-limit-agent', 'off', '--rate-limit-source', 'off'];
 try {
   broker = await env.startBroker({
     // --audit-log PATH: the broker's log elsewhere (e.g. on tmpfs, to see what the disk's fdatasync costs).
@@ -96,9 +136,11 @@ try {
     tls: env.cluster.servingCert,
     // The budgets raised out of reach: one agent and one address make all the load here, and what is
     // measured is the proxy's work, not its refusals (as bench/credential.ts does).
-    extraArgs: ['--proxy-listen', '127.0.0.1:0', ...DEFAULT_TIMINGS, '--log-level', 'warn', '--proxy-rate-limit-agent', 'off', '--rate-limit-source', 'off'],
+    extraArgs: BROKER_ARGS,
     // --profile DIR: a V8 CPU profile of the broker, written when it stops (bin/bench profile-summary).
-    ...(flags.profile ? { env: { NODE_OPTIONS: `--cpu-prof --cpu-prof-dir=${flags.profile}` } } : {}),
+    ...(flags.profile || flags.perf
+      ? { env: { NODE_OPTIONS: [flags.profile ? `--cpu-prof --cpu-prof-dir=${flags.profile}` : '', flags.perf ? '--perf-basic-prof' : ''].join(' ').trim() } }
+      : {}),
   });
   const ca = readFileSync(env.cluster.caFile);
   const dispatcher = new Agent({ connect: { ca }, connections: 2048 });
@@ -122,6 +164,32 @@ try {
   const session = JSON.parse(await cli(['credential', '--task', 'bench', '--via', 'proxy'])).status.token as string;
   const taskToken = JSON.parse(await cli(['credential', '--task', 'bench', '--via', 'direct'])).status.token as string;
   const proxyUrl = new URL(readFileSync(viaProxy, 'utf8').match(/server: (\S+)/)![1]!);
+  // --baseline-checkout: the other build's broker on the same cluster, its session token and proxy URL.
+  let baselineProxy: { url: URL; session: string } | undefined;
+  if (flags['baseline-checkout']) {
+    const checkout = resolve(flags['baseline-checkout']);
+    const log = join(env.dir, 'baseline-audit.jsonl');
+    const { cert, key } = env.cluster.servingCert;
+    baseline = await BrokerProcess.spawn(
+      [join(checkout, 'src/cli/main.ts'), 'serve', '--config', env.policyFile, '--audit-log', log, '--kubeconfig', env.brokerKubeconfig, '--listen', '127.0.0.1:0', '--tls-cert', cert, '--tls-key', key, ...BROKER_ARGS],
+      log,
+    );
+    const baselineEnv = { ...agentEnv, BROKER_URL: baseline.url };
+    const kc = join(env.dir, 'baseline-proxy.kubeconfig');
+    let res;
+    // The task reaches the second broker by its watch of the task store: asked until it has.
+    for (let i = 0; i < 50; i++) {
+      res = await run(BROKER, ['credential', '--task', 'bench', '--via', 'proxy'], baselineEnv);
+      if (res.code === 0) break;
+      await sleep(200);
+    }
+    if (res?.code !== 0) throw new Error(`the baseline broker gave no session token: ${res?.stderr}`);
+    const token = JSON.parse(res.stdout).status.token as string;
+    const k = await run(BROKER, ['kubeconfig', '--task', 'bench', '--via', 'proxy', '-n', 'team-a', '--output', kc], baselineEnv);
+    if (k.code !== 0) throw new Error(`baseline kubeconfig: ${k.stderr}`);
+    baselineProxy = { url: new URL(readFileSync(kc, 'utf8').match(/server: (\S+)/)![1]!), session: token };
+    console.log(`baseline broker (${checkout}) pid ${baseline.pid}, proxy ${baselineProxy.url.origin}`);
+  }
   const apiUrl = new URL(env.cluster.server);
   const direct = join(env.dir, 'direct.kubeconfig');
   writeFileSync(
@@ -168,19 +236,58 @@ try {
     const rounds = Number(flags.rounds);
     const path = '/api/v1/namespaces/team-a/configmaps/target';
     const target = (origin: URL, token: string) => ({ url: `${origin.origin}${path}`, connections: Number(flags.connections), headers: { authorization: `Bearer ${token}` } });
-    await autocannon({ ...target(proxyUrl, session), duration: 2 });
-    await autocannon({ ...target(apiUrl, taskToken), duration: 2 });
+    // Bare pass-throughs (--bare), each a process of its own: name -> URL and pid.
+    const bares = new Map<string, { url: URL; pid: number }>();
+    for (const name of flags.bare.split(',').filter(Boolean)) {
+      const [client, h2] = name.split('-');
+      const args = [apiUrl.origin, env.cluster.caFile, env.cluster.servingCert.cert, env.cluster.servingCert.key, '--client', client!, ...(h2 === 'h2' ? ['--h2'] : [])];
+      process.env['BARE_PROXY_TOKEN'] = taskToken;
+      const { url, child } = await spawnListening(new URL('./bare-proxy.ts', import.meta.url).pathname, args);
+      delete process.env['BARE_PROXY_TOKEN'];
+      bares.set(name, { url: new URL(url), pid: child.pid! });
+      bareChildren.add(child.pid!);
+    }
+    const paths = ['proxy', 'direct', ...(baselineProxy ? ['baseline'] : []), ...bares.keys()];
+    const targetOf = (which: string) =>
+      which === 'proxy'
+        ? target(proxyUrl, session)
+        : which === 'direct'
+          ? target(apiUrl, taskToken)
+          : which === 'baseline'
+            ? target(baselineProxy!.url, baselineProxy!.session)
+            : target(bares.get(which)!.url, taskToken);
+    const pidOf = (which: string) => (which === 'proxy' ? broker!.pid : which === 'direct' ? undefined : which === 'baseline' ? baseline!.pid : bares.get(which)!.pid);
+    for (const which of paths) await autocannon({ ...targetOf(which), duration: 2 });
+    // What the broker spends with no request at all (its sweeps, Lease, watches, log checks): per second.
+    const idle0 = cpuMs(broker.pid);
+    const idleT0 = performance.now();
+    await sleep(3000);
+    const idlePerSecond = (cpuMs(broker.pid) - idle0) / ((performance.now() - idleT0) / 1000);
     const before = broker.auditRecords().filter((r) => r.type === 'k8s.request' && r.details?.name === 'target').length;
-    const runs = { proxy: [] as CannonResult[], direct: [] as CannonResult[] };
-    // The broker's CPU time during the proxied slices: per request, a figure the machine's noise moves little.
-    let brokerCpu = 0;
+    const rssBeforeLoad = rssMb(broker.pid);
+    const perf = flags.perf ? spawn('perf', ['record', '-F', '999', '-g', '-p', String(broker.pid), '-o', flags.perf], { stdio: 'ignore' }) : undefined;
+    const runs = Object.fromEntries(paths.map((w) => [w, [] as CannonResult[]])) as Record<string, CannonResult[]>;
+    // The proxies' CPU time during their slices: per request, a figure the machine's noise moves little.
+    const cpu = Object.fromEntries(paths.map((w) => [w, 0])) as Record<string, number>;
+    let flushes = 0;
     for (let i = 0; i < rounds; i++) {
-      const order: Array<'proxy' | 'direct'> = i % 2 === 0 ? ['proxy', 'direct'] : ['direct', 'proxy'];
+      const order = i % 2 === 0 ? paths : [...paths].reverse();
       for (const which of order) {
-        const before = cpuMs(broker.pid);
-        runs[which].push(await autocannon({ ...(which === 'proxy' ? target(proxyUrl, session) : target(apiUrl, taskToken)), duration: duration / rounds }));
-        if (which === 'proxy') brokerCpu += cpuMs(broker.pid) - before;
+        const pid = pidOf(which);
+        const before = pid === undefined ? 0 : cpuMs(pid);
+        const writesBefore = which === 'proxy' ? poolWrites(broker.pid) : 0;
+        runs[which]!.push(await autocannon({ ...targetOf(which), duration: duration / rounds }));
+        if (pid !== undefined) cpu[which]! += cpuMs(pid) - before;
+        if (which === 'proxy') flushes += poolWrites(broker.pid) - writesBefore;
       }
+    }
+    if (perf) {
+      perf.kill('SIGINT');
+      await once(perf, 'exit');
+    }
+    for (const { pid } of bares.values()) {
+      process.kill(pid, 'SIGTERM');
+      bareChildren.delete(pid);
     }
     await sleep(500);
     const recorded = broker.auditRecords().filter((r) => r.type === 'k8s.request' && r.details?.name === 'target').length - before;
@@ -191,15 +298,31 @@ try {
       ok: rs.reduce((a, r) => a + r['2xx'], 0),
       bad: rs.reduce((a, r) => a + r.non2xx + r.errors, 0),
     });
-    const p = sum(runs.proxy);
-    const d = sum(runs.direct);
+    const p = sum(runs['proxy']!);
+    const d = sum(runs['direct']!);
+    const perRequest = (which: string) => {
+      const r = sum(runs[which]!);
+      return `${((cpu[which]! * 1000) / (r.ok + r.bad)).toFixed(0)} us`;
+    };
     console.log(`\n2. GET one ConfigMap, autocannon, ${flags.connections} connections, ${duration} s each in ${rounds} alternating slices\n`);
     console.log(
       table(
-        ['path', 'requests/s', 'p50', 'p99', '2xx', 'other'],
+        ['path', 'requests/s', 'ratio', 'p50', 'p99', '2xx', 'other', 'proxy CPU/request'],
         [
-          ['straight to the API server (baseline)', d.rps.toFixed(0), ms(d.p50), ms(d.p99), d.ok, d.bad],
-          ['through the proxy', p.rps.toFixed(0), ms(p.p50), ms(p.p99), p.ok, p.bad],
+          ['straight to the API server (baseline)', d.rps.toFixed(0), '1.00x', ms(d.p50), ms(d.p99), d.ok, d.bad, ''],
+          ['through the proxy', p.rps.toFixed(0), `${(p.rps / d.rps).toFixed(3)}x`, ms(p.p50), ms(p.p99), p.ok, p.bad, perRequest('proxy')],
+          ...(baselineProxy
+            ? [
+                (() => {
+                  const b = sum(runs['baseline']!);
+                  return ['through the --baseline-checkout broker\'s proxy', b.rps.toFixed(0), `${(b.rps / d.rps).toFixed(3)}x`, ms(b.p50), ms(b.p99), b.ok, b.bad, perRequest('baseline')];
+                })(),
+              ]
+            : []),
+          ...[...bares.keys()].map((name) => {
+            const b = sum(runs[name]!);
+            return [`bare pass-through (${name})`, b.rps.toFixed(0), `${(b.rps / d.rps).toFixed(3)}x`, ms(b.p50), ms(b.p99), b.ok, b.bad, perRequest(name)];
+          }),
         ],
       ),
     );
@@ -208,8 +331,8 @@ try {
       `\nthroughput ${ratio.toFixed(3)}x (goal >= 0.8x: ${met(ratio >= 0.8)}); added p50 ${ms(p.p50 - d.p50)} (goal <= 1 ms: ${met(p.p50 - d.p50 <= 1)}); ` +
         `added p99 ${ms(p.p99 - d.p99)} (goal <= 10 ms: ${met(p.p99 - d.p99 <= 10)})`,
     );
-    console.log(`2xx through the proxy: ${p.ok}; k8s.request records of them on the audit log: ${recorded} (${met(recorded >= p.ok)})`);
-    console.log(`broker CPU per proxied request: ${((brokerCpu * 1000) / (p.ok + p.bad)).toFixed(0)} us (user + system, all threads)`);
+    console.log(`2xx through the proxy: ${p.ok}; k8s.request records of them on the audit log: ${recorded} (${met(recorded >= p.ok)}), in ${flushes} durable writes (${(recorded / flushes).toFixed(2)} records each)`);
+    console.log(`broker CPU per proxied request: ${perRequest('proxy')} (user + system, all threads); idle, the broker spends ${idlePerSecond.toFixed(1)} ms/s; its RSS ${rssBeforeLoad.toFixed(1)} -> ${rssMb(broker.pid).toFixed(1)} MB`);
   }
 
   if (only.has('list')) {
