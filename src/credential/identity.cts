@@ -2,15 +2,19 @@
  * The exec plugin's identities beyond a bearer token in the environment (docs/identity.md), loaded by
  * src/credential/main.cts only when the environment names no token, so that path stays as lean:
  *   - BROKER_AGENT_KEY: an agent key; a proof signed for this one request (node:crypto only);
- *   - the OS keychain (@napi-rs/keyring, service `task-broker`; on Linux the Secret Service, or the
- *     kernel keyring with BROKER_KEYCHAIN=keyutils): this broker's agent key, else a person's login,
- *     whose refresh token is traded for a fresh ID token at the issuer on each run (the ID token is
- *     kept nowhere; a rotated refresh token goes back to the keychain).
+ *   - the OS keychain (service `task-broker`; on Linux the Secret Service, or the kernel keyring with
+ *     BROKER_KEYCHAIN=keyutils): this broker's agent key, else a person's login, whose refresh token
+ *     is traded for a fresh ID token at the issuer on each run (the ID token is kept nowhere; a
+ *     rotated refresh token goes back to the keychain). On Linux the Secret Service is read over the
+ *     session bus directly (src/credential/secret-service.cts: @napi-rs/keyring's addon and its
+ *     session's key exchange cost each run about 11 ms more); elsewhere, with the kernel keyring, and
+ *     for every write, through @napi-rs/keyring.
  * The proof is the format of src/identity/agent-proof.ts, written again here with no imports (this
  * file is CommonJS, like the plugin); the integration tests run both against the same broker.
  */
 import type * as CryptoModule from 'node:crypto';
 import type * as HttpModule from 'node:http';
+import type { SecretServiceModule } from './secret-service.cts';
 
 export interface PluginIdentity {
   source: string;
@@ -19,7 +23,7 @@ export interface PluginIdentity {
 }
 
 export interface IdentityModule {
-  fromAgentKeyOrKeychain(env: NodeJS.ProcessEnv, brokerUrl: string, fail: (message: string) => Error): PluginIdentity | undefined;
+  fromAgentKeyOrKeychain(env: NodeJS.ProcessEnv, brokerUrl: string, fail: (message: string) => Error, timeoutMs: number): Promise<PluginIdentity | undefined>;
 }
 
 const SERVICE = 'task-broker';
@@ -55,14 +59,37 @@ function keychainEntry(env: NodeJS.ProcessEnv, account: string): KeyringEntry {
   return new Entry(SERVICE, account, { linux: { store } });
 }
 
-function keychainGet(env: NodeJS.ProcessEnv, account: string, fail: (message: string) => Error): string | undefined {
+function unusable(fail: (message: string) => Error, why: string): Error {
+  return fail(
+    'no identity: set BROKER_IDENTITY_TOKEN_FILE (e.g. a projected ServiceAccount token) or BROKER_IDENTITY_TOKEN, or BROKER_AGENT_KEY; ' +
+      `the OS keychain, where broker agent enroll and broker login keep theirs, cannot be used: ${why.replace(/\s+/g, ' ').slice(0, 160)}`,
+  );
+}
+
+/**
+ * The keychain's entry ACCOUNT. On Linux with the Secret Service and a session bus on a Unix socket,
+ * read over the bus (secret-service.cts); node:crypto is loaded while the Secret Service answers, as
+ * the agent key, the likely answer, needs it. Otherwise through @napi-rs/keyring.
+ */
+async function keychainGet(env: NodeJS.ProcessEnv, account: string, fail: (message: string) => Error, timeoutMs: number): Promise<string | undefined> {
+  if (process.platform === 'linux' && env['BROKER_KEYCHAIN'] !== 'keyutils') {
+    const ss = require(__filename.endsWith('.cts') ? './secret-service.cts' : './secret-service.cjs') as SecretServiceModule;
+    const socket = ss.sessionBusPath(env['DBUS_SESSION_BUS_ADDRESS']);
+    if (socket !== undefined) {
+      const read = ss.secretServiceGet(socket, SERVICE, account, timeoutMs);
+      read.catch(() => {}); // handled below; loading node:crypto first must not leave it unhandled
+      process.getBuiltinModule('node:crypto');
+      try {
+        return await read;
+      } catch (err) {
+        throw unusable(fail, (err as Error).message);
+      }
+    }
+  }
   try {
     return keychainEntry(env, account).getPassword() ?? undefined;
   } catch (err) {
-    throw fail(
-      'no identity: set BROKER_IDENTITY_TOKEN_FILE (e.g. a projected ServiceAccount token) or BROKER_IDENTITY_TOKEN, or BROKER_AGENT_KEY; ' +
-        `the OS keychain, where broker agent enroll and broker login keep theirs, cannot be used: ${String((err as Error).message).replace(/\s+/g, ' ').slice(0, 160)}`,
-    );
+    throw unusable(fail, String((err as Error).message));
   }
 }
 
@@ -135,12 +162,12 @@ function loginIdentity(text: string, env: NodeJS.ProcessEnv, account: string, fa
 }
 
 /** BROKER_AGENT_KEY, else the keychain's agent key or login for `brokerUrl`; undefined when there is none. */
-function fromAgentKeyOrKeychain(env: NodeJS.ProcessEnv, brokerUrl: string, fail: (message: string) => Error): PluginIdentity | undefined {
+async function fromAgentKeyOrKeychain(env: NodeJS.ProcessEnv, brokerUrl: string, fail: (message: string) => Error, timeoutMs: number): Promise<PluginIdentity | undefined> {
   const key = env['BROKER_AGENT_KEY']?.trim();
   if (key) return agentKeyIdentity(key, 'BROKER_AGENT_KEY', fail);
-  const stored = keychainGet(env, `agent-key ${brokerUrl}`, fail);
+  const stored = await keychainGet(env, `agent-key ${brokerUrl}`, fail, timeoutMs);
   if (stored) return agentKeyIdentity(stored, 'keychain (agent key)', fail);
-  const login = keychainGet(env, `login ${brokerUrl}`, fail);
+  const login = await keychainGet(env, `login ${brokerUrl}`, fail, timeoutMs);
   if (login) return loginIdentity(login, env, `login ${brokerUrl}`, fail);
   return undefined;
 }

@@ -185,10 +185,10 @@ function identity(env: NodeJS.ProcessEnv): { token: string; source: string } {
 }
 
 /** A token in the environment, else an agent key or the keychain (src/credential/identity.cts, loaded only then). */
-function callerIdentity(env: NodeJS.ProcessEnv, broker: string): PluginIdentity {
+async function callerIdentity(env: NodeJS.ProcessEnv, broker: string, timeoutMs: number): Promise<PluginIdentity> {
   if (!env['BROKER_IDENTITY_TOKEN_FILE'] && !env['BROKER_IDENTITY_TOKEN']?.trim()) {
     const more = require(__filename.endsWith('.cts') ? './identity.cts' : './identity.cjs') as IdentityModule;
-    const found = more.fromAgentKeyOrKeychain(env, broker, (message) => new PluginError(message, EXIT.unauthenticated));
+    const found = await more.fromAgentKeyOrKeychain(env, broker, (message) => new PluginError(message, EXIT.unauthenticated), timeoutMs);
     if (found) return found;
   }
   const { token, source } = identity(env);
@@ -355,7 +355,7 @@ async function run(io: PluginIo): Promise<number> {
       return EXIT.ok;
     }
     const { apiVersion } = execInfo(io.env);
-    const { authorization, source } = callerIdentity(io.env, opts.broker);
+    const { authorization, source } = await callerIdentity(io.env, opts.broker, opts.timeoutS * 1000);
     let url: URL;
     try {
       url = new URL(`${opts.broker}/v1/tasks/${encodeURIComponent(opts.task)}/credential${opts.via === 'proxy' ? '?via=proxy' : ''}`);
