@@ -66,8 +66,8 @@ export async function startCheckoutBroker(
 }
 
 /** Spawns `node SCRIPT ...args` and resolves with its URL once it prints "listening on URL". */
-export function spawnListening(script: string, args: string[]): Promise<{ url: string; child: ChildProcess }> {
-  const child = spawn(process.execPath, [script, ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
+export function spawnListening(script: string, args: string[], env?: NodeJS.ProcessEnv): Promise<{ url: string; child: ChildProcess }> {
+  const child = spawn(process.execPath, [script, ...args], { stdio: ['ignore', 'pipe', 'inherit'], ...(env ? { env: { ...process.env, ...env } } : {}) });
   children.add(child);
   return new Promise((done, fail) => {
     let out = '';

@@ -110,11 +110,13 @@ try {
       db: number;
       commits: number;
       before: number;
+      /** Its measured slices on the monotonic clock (us), for profile-summary --windows. */
+      windows: string[];
     }
     const brokers: Measured[] = [
-      { name: 'file log', broker: file, runs: [], cpu: 0, db: 0, commits: 0, before: 0 },
-      { name: 'PostgreSQL store', broker: store, database: 'audit', runs: [], cpu: 0, db: 0, commits: 0, before: 0 },
-      ...(base ? [{ name: 'PostgreSQL store, baseline checkout', broker: base, database: 'audit_base', runs: [], cpu: 0, db: 0, commits: 0, before: 0 }] : []),
+      { name: 'file log', broker: file, runs: [], cpu: 0, db: 0, commits: 0, before: 0, windows: [] },
+      { name: 'PostgreSQL store', broker: store, database: 'audit', runs: [], cpu: 0, db: 0, commits: 0, before: 0, windows: [] },
+      ...(base ? [{ name: 'PostgreSQL store, baseline checkout', broker: base, database: 'audit_base', runs: [], cpu: 0, db: 0, commits: 0, before: 0, windows: [] }] : []),
     ];
     for (const { broker: b } of brokers) {
       for (let i = 0; ; i++) {
@@ -143,7 +145,9 @@ try {
         const c0 = cpuMs(m.broker.pid);
         const d0 = treeCpuMs(pg.pid!);
         const x0 = m.database ? await commits(m.database) : 0;
+        const w0 = process.hrtime.bigint() / 1000n;
         m.runs.push(await autocannon({ ...target(m.broker.url), duration: duration / rounds }));
+        m.windows.push(`${w0}-${process.hrtime.bigint() / 1000n}`);
         m.db += treeCpuMs(pg.pid!) - d0;
         m.cpu += cpuMs(m.broker.pid) - c0;
         if (m.database) m.commits += (await commits(m.database)) - x0;
@@ -188,6 +192,10 @@ try {
       if (after.served - m.before < answers || !after.chain.ok) failed = true;
     }
     console.log(`recorded: ${recorded.join('; ')}`);
+    if (flags.profile) {
+      const m = brokers[1]!;
+      console.log(`profile of the broker with the store, its measured slices only: bin/bench profile-summary ${resolve(flags.profile)}/CPU.*.${m.broker.pid}.*.cpuprofile 30 --windows ${m.windows.join(',')} --requests ${total(m.runs)}`);
+    }
     console.log(`load average at the start: ${loadAtStart}; at the end: ${loadavg().map((l) => l.toFixed(2)).join(' ')}`);
     if (failed) {
       process.exitCode = 1;

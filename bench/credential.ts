@@ -31,8 +31,10 @@
  * --baseline-args "ARGS" runs the second broker with its limits on and these flags besides (e.g.
  * "--log-level warn": the same build without its request log), so a flag's cost shows in one run.
  *
- * --profile DIR runs the broker with `--cpu-prof --cpu-prof-dir=DIR` (the profile is written when it
- * stops at the end of the run).
+ * --profile DIR runs the broker (limits on) and the bare route with `--cpu-prof --cpu-prof-dir=DIR`
+ * (each profile is written when its process stops at the end of the run), and prints the
+ * `bin/bench profile-summary` command of each that counts only its measured slices (--windows) and
+ * gives each function's time a request (--requests).
  */
 import { readFileSync } from 'node:fs';
 import { loadavg } from 'node:os';
@@ -142,7 +144,8 @@ await withEnv(async (env) => {
   const firstOff = await mintOnce(unlimited);
   if (firstOff.status !== 200) throw new Error(`credential (limits off): ${firstOff.status} ${JSON.stringify(firstOff.body)}`);
   const answerBytes = JSON.stringify(first.body).length;
-  const bare = await spawnListening(new URL('./bare-server.ts', import.meta.url).pathname, [String(first.body.token.length)]);
+  const profileEnv = flags.profile ? { NODE_OPTIONS: `--cpu-prof --cpu-prof-dir=${resolve(flags.profile)}` } : undefined;
+  const bare = await spawnListening(new URL('./bare-server.ts', import.meta.url).pathname, [String(first.body.token.length)], profileEnv);
   try {
     const servedBefore = broker.auditRecords().filter((r) => r.type === 'credential.served').length;
     const servedBeforeOff = unlimited.auditRecords().filter((r) => r.type === 'credential.served').length;
@@ -161,12 +164,17 @@ await withEnv(async (env) => {
     // The server's main thread (the event loop: its tid is the pid), and the whole machine.
     const main = { bare: 0, on: 0, off: 0 };
     const machine = { bare: { busy: 0, total: 0 }, on: { busy: 0, total: 0 }, off: { busy: 0, total: 0 } };
+    // The profiled broker's measured slices on the monotonic clock (us), for profile-summary --windows.
+    const windows: string[] = [];
+    const bareWindows: string[] = [];
     const measured = async (which: keyof typeof cpu, pid: number, url: string, into: CannonResult[]) => {
+      const w0 = process.hrtime.bigint() / 1000n;
       const before = cpuMs(pid);
       const mainBefore = cpuMs(pid, pid);
       const m0 = machineTicks();
       into.push(await autocannon({ ...target(url), duration: duration / rounds }));
       cpu[which] += cpuMs(pid) - before;
+      if (which === 'on' || which === 'bare') (which === 'on' ? windows : bareWindows).push(`${w0}-${process.hrtime.bigint() / 1000n}`);
       main[which] += cpuMs(pid, pid) - mainBefore;
       const m1 = machineTicks();
       machine[which].busy += m1.busy - m0.busy;
@@ -217,6 +225,11 @@ await withEnv(async (env) => {
     );
     const share = (which: keyof typeof cpu) => `main thread ${((100 * main[which]) / (1000 * duration)).toFixed(0)}% of a core, machine ${((100 * machine[which].busy) / machine[which].total).toFixed(0)}% busy`;
     console.log(`while measured: bare ${share('bare')}; limits on ${share('on')}; ${offName} ${share('off')}`);
+    if (flags.profile) {
+      // The bare route's profile is written when it exits (SIGTERM, below): the file with its pid.
+      console.log(`profile of the broker (limits on), its measured slices only: bin/bench profile-summary ${resolve(flags.profile)}/CPU.*.${broker.pid}.*.cpuprofile 30 --windows ${windows.join(',')} --requests ${ourRuns.reduce((a, r) => a + r.requests.total, 0)}`);
+      console.log(`profile of the bare route: bin/bench profile-summary ${resolve(flags.profile)}/CPU.*.${bare.child.pid}.*.cpuprofile 30 --windows ${bareWindows.join(',')} --requests ${baseRuns.reduce((a, r) => a + r.requests.total, 0)}`);
+    }
     console.log(`load average (1, 5, 15 min) at the start: ${loadAtStart}; at the end: ${loadavg().map((l) => l.toFixed(2)).join(' ')}`);
     console.log('');
     console.log(
@@ -233,6 +246,12 @@ await withEnv(async (env) => {
       ),
     );
   } finally {
+    if (flags.profile && bare.child.exitCode === null) {
+      // A clean exit, so that --cpu-prof writes its profile.
+      const exited = new Promise((done) => bare.child.once('exit', done));
+      bare.child.kill('SIGTERM');
+      await Promise.race([exited, sleep(5000)]);
+    }
     bare.child.kill('SIGKILL');
   }
 });
