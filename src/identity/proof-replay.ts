@@ -81,6 +81,8 @@ export class SharedUsedProofs {
    * those inserted, the first uses.
    */
   firstUse(agent: string, jti: string, exp: number): Promise<boolean> {
+    // The authenticator took it only within a minute of now; anything else never reaches the query's text.
+    if (!Number.isSafeInteger(exp) || exp <= 0) return Promise.resolve(false);
     const id = createHash('sha256').update(agent).update('\0').update(jti).digest();
     return new Promise((done, fail) => {
       this.#queue.push({ id, exp, done, fail });
@@ -92,11 +94,10 @@ export class SharedUsedProofs {
     if (this.#inFlight >= MAX_IN_FLIGHT || this.#queue.length === 0) return;
     const batch = this.#queue.splice(0, MAX_BATCH);
     this.#inFlight++;
+    // One simple-protocol query (no Parse/Bind round of its own): every value is ours, hex and a number.
+    const rows = batch.map((w) => `('\\x${w.id.toString('hex')}'::bytea, to_timestamp(${w.exp}))`).join(',');
     this.#db
-      .proofLedgerQuery(
-        `INSERT INTO ${USED_PROOFS_TABLE} (id, expires) SELECT id, to_timestamp(exp) FROM unnest($1::bytea[], $2::float8[]) AS v(id, exp) ON CONFLICT (id) DO NOTHING RETURNING id`,
-        [batch.map((w) => w.id), batch.map((w) => w.exp)],
-      )
+      .proofLedgerQuery(`INSERT INTO ${USED_PROOFS_TABLE} (id, expires) VALUES ${rows} ON CONFLICT (id) DO NOTHING RETURNING id`)
       .then(
         (r) => {
           const inserted = new Set(r.rows.map((row) => (row['id'] as Buffer).toString('hex')));
