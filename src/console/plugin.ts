@@ -4,9 +4,12 @@
  *
  * - Sign-in at the policy's OIDC issuers that name a `login.clientId` (authorization code + PKCE, the
  *   code exchanged by the broker, the ID token checked by the broker's own OIDC authenticator, so a
- *   person is exactly who the API would take them for). The session lives in this process
- *   (src/console/session.ts); its cookie is HttpOnly, SameSite=Strict, Secure whenever the broker
- *   serves TLS (plain HTTP is allowed on loopback only), 15 minutes.
+ *   person is exactly who the API would take them for). With the audit log file the session lives in
+ *   this process (src/console/session.ts); with a PostgreSQL audit store in the store, shared by every
+ *   replica (src/console/shared-sessions.ts). Its cookie is HttpOnly, SameSite=Strict, Secure whenever
+ *   the broker serves TLS (plain HTTP is allowed on loopback only), 15 minutes.
+ * - The task page's story and chain verdict come from the log file (timeline.ts) or the store
+ *   (store-timeline.ts, through indexes: the task's rows, not the table).
  * - Every state-changing request is a POST carrying the session's CSRF token, from this origin.
  * - Decisions and task ends go through the same services as the API (ApprovalService.decide,
  *   TaskService.end): the rules (never one's own request, N-of-M, who may end a task) are theirs.
@@ -30,7 +33,10 @@ import type { TaskService } from '../tasks/service.ts';
 import type { TaskStore } from '../tasks/store.ts';
 import { grantWords } from './grants.ts';
 import { approvalsList, approvalsPage, chainLine, errorPage, signedInPage, signInPage, taskPage, tasksList, tasksPage, type ApprovalCard, type TaskFilter } from './pages.ts';
+import { ConsoleDatabase } from './db.ts';
 import { sameToken, SESSION_SECONDS, SessionStore, type Session } from './session.ts';
+import { SharedSessions, type ConsoleSessions } from './shared-sessions.ts';
+import { StoreChainStatus, StoreStories } from './store-timeline.ts';
 import { ChainStatus, readRecording, recordingOf, taskStory } from './timeline.ts';
 
 export interface ConsoleDeps {
@@ -40,15 +46,17 @@ export interface ConsoleDeps {
   authenticators: () => readonly Authenticator[];
   store: TaskStore;
   audit: AuditSink;
-  /** The audit log file the task pages read; undefined with the PostgreSQL store (no timeline then). */
+  /** The audit log file the task pages read (one broker: sessions in this process's memory). */
   auditLogPath?: string | undefined;
+  /** Or the PostgreSQL audit store's URL: the task pages read it through its indexes, and sessions are kept there, shared by every replica (src/console/shared-sessions.ts). */
+  auditStore?: string | undefined;
   /** Where the proxy keeps exec and attach recordings. */
   recordings?: string | undefined;
   /** The console's origin as browsers reach it (`https://broker.example:8443`): the OIDC redirect and the Origin check. Read at each use (known once listening). */
   origin: () => string;
   /** Cookies carry `Secure` (the broker serves TLS). */
   secure: boolean;
-  sessions?: SessionStore;
+  sessions?: ConsoleSessions;
   /** How often the live updates look for changes. Default 1 s. */
   pollMs?: number;
   log?: (line: string) => void;
@@ -97,16 +105,24 @@ export function sessionCookie(secure: boolean): { name: string; options: { path:
   return { name: secure ? SECURE_SESSION_COOKIE : SESSION_COOKIE, options: { path: '/', httpOnly: true, secure, sameSite: 'strict', maxAge: SESSION_SECONDS } };
 }
 
-export function registerConsole(app: FastifyInstance, deps: ConsoleDeps): SessionStore {
-  const sessions = deps.sessions ?? new SessionStore();
-  void app.register(async (ui) => consoleRoutes(ui, deps, sessions), { prefix: '/ui' });
+export function registerConsole(app: FastifyInstance, deps: ConsoleDeps): ConsoleSessions {
+  const db = deps.auditStore ? new ConsoleDatabase(deps.auditStore) : undefined;
+  const sessions = deps.sessions ?? (db ? new SharedSessions(db) : new SessionStore());
+  void app.register(async (ui) => consoleRoutes(ui, deps, sessions, db), { prefix: '/ui' });
   return sessions;
 }
 
-async function consoleRoutes(ui: FastifyInstance, deps: ConsoleDeps, sessions: SessionStore): Promise<void> {
+async function consoleRoutes(ui: FastifyInstance, deps: ConsoleDeps, sessions: ConsoleSessions, db: ConsoleDatabase | undefined): Promise<void> {
   await ui.register(cookie);
   const { name: cookieName, options: cookieOptions } = sessionCookie(deps.secure);
-  const chain = deps.auditLogPath ? new ChainStatus(deps.auditLogPath) : undefined;
+  const chain = deps.auditLogPath ? new ChainStatus(deps.auditLogPath) : deps.auditStore ? new StoreChainStatus(deps.auditStore) : undefined;
+  const stories = db ? new StoreStories(db) : undefined;
+  /** The task's story from the log file or the store (undefined: no record of it, or neither to read). */
+  const storyOf = (id: string) => (deps.auditLogPath ? taskStory(deps.auditLogPath, id) : stories ? stories.taskStory(id) : Promise.resolve(undefined));
+  ui.addHook('onClose', async () => {
+    sessions.close?.();
+    await db?.close();
+  });
   // The first pass over the whole log starts with the broker, not with the first page asked for.
   ui.addHook('onReady', async () => void chain?.check().catch(() => undefined));
   const live = new LiveUpdates(deps, sessions);
@@ -119,7 +135,7 @@ async function consoleRoutes(ui: FastifyInstance, deps: ConsoleDeps, sessions: S
   });
 
   ui.addHook('onRequest', async (req) => {
-    req.consoleSession = sessions.get(req.cookies[cookieName]);
+    req.consoleSession = await sessions.get(req.cookies[cookieName]);
   });
   ui.addHook('onSend', async (_req, reply, payload) => {
     reply.header('content-security-policy', CSP);
@@ -212,6 +228,10 @@ async function consoleRoutes(ui: FastifyInstance, deps: ConsoleDeps, sessions: S
     const login = sessions.takeLogin(req.cookies[LOGIN_COOKIE]);
     reply.clearCookie(LOGIN_COOKIE, { path: '/ui/callback', httpOnly: true, secure: deps.secure, sameSite: 'lax' });
     if (!login) throw new BrokerError('unauthenticated', 'this sign-in was not started in this browser, or took too long: sign in again');
+    // Only an issuer and client the policy names, and this console's own redirect (with shared sessions the login cookie carries them).
+    if (!loginIssuers().some((i) => i.issuer === login.issuer && i.clientId === login.clientId) || login.redirectUri !== `${deps.origin()}/ui/callback`) {
+      throw new BrokerError('unauthenticated', 'this sign-in names an identity provider the policy no longer offers: sign in again');
+    }
     const config = await discover(login.issuer, login.clientId);
     let idToken: string | undefined;
     try {
@@ -237,7 +257,7 @@ async function consoleRoutes(ui: FastifyInstance, deps: ConsoleDeps, sessions: S
     if (!caller) throw new BrokerError('unauthenticated', 'the identity provider gave no ID token the broker accepts');
     // Recorded before the session exists.
     await deps.audit.append({ type: 'console.signed_in', actor: actorOf(caller), ...(caller.agent ? { agent: caller.agent } : {}), outcome: 'ok', requestId: req.id, details: { issuer: login.issuer, principal: caller.principal } });
-    const session = sessions.create(caller, login.issuer);
+    const session = await sessions.create(caller, login.issuer);
     reply.setCookie(cookieName, session.id, cookieOptions);
     return html200(reply, signedInPage('/ui/approvals'));
   });
@@ -245,7 +265,7 @@ async function consoleRoutes(ui: FastifyInstance, deps: ConsoleDeps, sessions: S
   ui.post('/signout', async (req, reply) => {
     const session = checked(req);
     await deps.audit.append({ type: 'console.signed_out', actor: actorOf(session.caller), ...(session.caller.agent ? { agent: session.caller.agent } : {}), outcome: 'ok', requestId: req.id });
-    sessions.end(session.id);
+    await sessions.end(session.id);
     reply.clearCookie(cookieName, { ...cookieOptions, maxAge: 0 });
     return reply.redirect('/ui/signin?signedout', 303);
   });
@@ -374,7 +394,7 @@ async function consoleRoutes(ui: FastifyInstance, deps: ConsoleDeps, sessions: S
     const id = req.params.id;
     const { task } = await taskFor(s.caller, id);
     const reviewer = mayReview(s.caller);
-    const found = deps.auditLogPath ? await taskStory(deps.auditLogPath, id) : undefined;
+    const found = await storyOf(id);
     const agent = task?.agent ?? found?.story.agent;
     if ((!task && !found) || !(reviewer || (s.caller.agent !== '' && agent === s.caller.agent))) throw new BrokerError('not_found', `no task "${id}" that you may see`);
     const records = found?.story.records ?? [];
@@ -382,7 +402,7 @@ async function consoleRoutes(ui: FastifyInstance, deps: ConsoleDeps, sessions: S
     // The page does not wait long for the chain's verdict: if the first pass is still running, the script asks again (/ui/chain).
     const chainResult = chain
       ? ((await chain.within(300)) ?? { pending: true as const })
-      : { unavailable: 'not shown for the PostgreSQL audit store: run broker audit verify' };
+      : { unavailable: 'not known (this broker reads no audit log)' };
     return html200(
       reply,
       taskPage(s, {
@@ -402,7 +422,7 @@ async function consoleRoutes(ui: FastifyInstance, deps: ConsoleDeps, sessions: S
   ui.get('/chain', async (req, reply) => {
     const s = signedIn(req);
     if (!mayReview(s.caller) && !s.caller.agent) throw new BrokerError('forbidden', 'only reviewers and agents see the audit chain');
-    const result = chain ? await chain.check() : { unavailable: 'not shown for the PostgreSQL audit store: run broker audit verify' };
+    const result = chain ? await chain.check() : { unavailable: 'not known (this broker reads no audit log)' };
     return html200(reply, chainLine(result).value);
   });
 
@@ -416,7 +436,7 @@ async function consoleRoutes(ui: FastifyInstance, deps: ConsoleDeps, sessions: S
   ui.get<{ Params: { id: string; file: string } }>('/tasks/:id/recordings/:file', async (req) => {
     const s = signedIn(req);
     const { task } = await taskFor(s.caller, req.params.id);
-    const found = deps.auditLogPath ? await taskStory(deps.auditLogPath, req.params.id) : undefined;
+    const found = await storyOf(req.params.id);
     const agent = task?.agent ?? found?.story.agent;
     if (!found || !(mayReview(s.caller) || (s.caller.agent !== '' && agent === s.caller.agent))) throw new BrokerError('not_found', 'no such task that you may see');
     const rec = found.story.records.map(recordingOf).find((r) => r?.file === req.params.file);
@@ -458,8 +478,11 @@ class LiveUpdates {
   #looking = false;
   readonly #stopEnded: () => void;
 
-  constructor(deps: ConsoleDeps, sessions: SessionStore) {
+  readonly #sessions: ConsoleSessions;
+
+  constructor(deps: ConsoleDeps, sessions: ConsoleSessions) {
     this.#deps = deps;
+    this.#sessions = sessions;
     this.#stopEnded = sessions.onEnded((id) => {
       for (const [res, s] of this.#streams) if (s.id === id) this.#end(res);
     });
@@ -494,6 +517,11 @@ class LiveUpdates {
     try {
       const now = Date.now();
       for (const [res, s] of this.#streams) if (s.expiresAt <= now) this.#end(res);
+      // Signed out at another replica (shared sessions): the stream ends within one look.
+      if (this.#sessions.signedOutElsewhere && this.#streams.size > 0) {
+        const gone = await this.#sessions.signedOutElsewhere([...new Set([...this.#streams.values()].map((s) => s.id))]).catch(() => undefined);
+        for (const [res, s] of this.#streams) if (gone?.has(s.id)) this.#end(res);
+      }
       const tasks = JSON.stringify(this.#deps.store.list().map((t) => [t.id, t.state]));
       let approvals = this.#approvals;
       try {

@@ -345,6 +345,7 @@ async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<R
         store,
         audit,
         auditLogPath: opts.auditLog,
+        auditStore: opts.auditStore,
         recordings: opts.proxy ? (opts.proxy.recordings ?? `${opts.auditLog!}.sessions`) : undefined,
         origin: () => consoleOrigin,
         secure: p.https !== undefined,

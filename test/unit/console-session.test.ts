@@ -2,14 +2,16 @@
  * The console's sessions and its answers before sign-in (src/console/session.ts, plugin.ts), with
  * fastify's inject: cookie attributes with and without TLS, sessions that end and expire, CSRF tokens
  * per session, the CSP and security headers on every answer, refusals of state changes without a
- * session, from another origin, or without the CSRF token.
+ * session, from another origin, or without the CSRF token; the shared sessions' sign-in cookie.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import cookie from '@fastify/cookie';
 import Fastify from 'fastify';
 import { CSP, registerConsole, sessionCookie, type ConsoleDeps } from '../../src/console/plugin.ts';
+import type { ConsoleDatabase } from '../../src/console/db.ts';
 import { sameToken, SessionStore } from '../../src/console/session.ts';
+import { csrfOf, SharedSessions } from '../../src/console/shared-sessions.ts';
 import type { Caller } from '../../src/identity/types.ts';
 import type { Policy } from '../../src/policy/types.ts';
 
@@ -112,5 +114,52 @@ test('before sign-in: the CSP and headers on every answer; pages send to sign-in
     assert.equal(asset.headers['content-security-policy'], CSP);
   } finally {
     await app.close();
+  }
+});
+
+test('shared sessions (several replicas): the sign-in in progress travels in its cookie; a forged, stale or foreign one is refused; CSRF tokens derive from the id', async () => {
+  const shared = new SharedSessions({} as ConsoleDatabase);
+  try {
+    const login = shared.startLogin({ issuer: 'https://idp', clientId: 'console', verifier: 'v', state: 's', nonce: 'n', redirectUri: 'http://127.0.0.1:1/ui/callback' });
+    assert.ok(login.id.length < 4096 && /^[A-Za-z0-9_-]+$/.test(login.id), 'a cookie value');
+    assert.deepEqual({ ...shared.takeLogin(login.id), id: '' }, { ...login, id: '' });
+    assert.equal(shared.takeLogin('not base64 json'), undefined);
+    assert.equal(shared.takeLogin(Buffer.from('{"issuer":1}').toString('base64url')), undefined, 'fields of the wrong type');
+    const stale = { issuer: 'i', clientId: 'c', verifier: 'v', state: 's', nonce: 'n', redirectUri: 'r', expiresAt: Date.now() - 1 };
+    assert.equal(shared.takeLogin(Buffer.from(JSON.stringify(stale)).toString('base64url')), undefined, 'expired');
+    const far = { ...stale, expiresAt: Date.now() + 3600_000 };
+    assert.equal(shared.takeLogin(Buffer.from(JSON.stringify(far)).toString('base64url')), undefined, 'longer than a sign-in may take');
+    assert.equal(csrfOf('a'.repeat(43)), csrfOf('a'.repeat(43)));
+    assert.notEqual(csrfOf('a'.repeat(43)), csrfOf('b'.repeat(43)));
+    assert.equal(csrfOf('a'.repeat(43)).includes('a'.repeat(43)), false);
+
+    // The callback takes only an issuer and client the policy offers, and this console's redirect: a forged cookie naming another is refused before any request to it.
+    const app = Fastify();
+    const deps = {
+      policy: () => ({ issuers: [{ issuer: 'https://idp', login: { clientId: 'console' } }] }) as unknown as Policy,
+      approvals: () => ({ groupsOf: () => [] }),
+      origin: () => 'http://127.0.0.1:1',
+      secure: false,
+      sessions: shared,
+      audit: { append: async () => undefined },
+    } as unknown as ConsoleDeps;
+    registerConsole(app, deps);
+    await app.ready();
+    try {
+      for (const forged of [
+        { ...login, issuer: 'http://169.254.169.254/latest' },
+        { ...login, clientId: 'other' },
+        { ...login, redirectUri: 'https://attacker.example/ui/callback' },
+      ]) {
+        const value = Buffer.from(JSON.stringify({ ...forged, id: undefined })).toString('base64url');
+        const r = await app.inject({ method: 'GET', url: '/ui/callback?code=x&state=s', headers: { cookie: `broker-login=${value}` } });
+        assert.equal(r.statusCode, 401, JSON.stringify(forged));
+        assert.match(r.body, /names an identity provider the policy no longer offers/);
+      }
+    } finally {
+      await app.close();
+    }
+  } finally {
+    shared.close();
   }
 });
