@@ -16,6 +16,7 @@
  *   bin/bench proxy [--only kubectl,load,list,watch] [--runs 30] [--duration 10] [--rounds 4]
  *                   [--configmaps 10000] [--watches 500] [--watch-seconds 60] [--profile DIR] [--audit-log PATH]
  *                   [--bare dispatch,request,node,dispatch-h2,request-h2] [--perf FILE] [--baseline-checkout DIR]
+ *                   [--node-options STR]
  *
  * --bare: the load also through bare Node TLS pass-throughs (bench/bare-proxy.ts: no check, no record),
  * in the same alternating slices, with their CPU per request: what any Node proxy costs here.
@@ -54,6 +55,7 @@ const { values: flags } = parseArgs({
     profile: { type: 'string' },
     perf: { type: 'string' },
     'baseline-checkout': { type: 'string' },
+    'node-options': { type: 'string' },
     'audit-log': { type: 'string' },
     bare: { type: 'string', default: '' },
   },
@@ -138,8 +140,9 @@ try {
     // measured is the proxy's work, not its refusals (as bench/credential.ts does).
     extraArgs: BROKER_ARGS,
     // --profile DIR: a V8 CPU profile of the broker, written when it stops (bin/bench profile-summary).
-    ...(flags.profile || flags.perf
-      ? { env: { NODE_OPTIONS: [flags.profile ? `--cpu-prof --cpu-prof-dir=${flags.profile}` : '', flags.perf ? '--perf-basic-prof' : ''].join(' ').trim() } }
+    // --node-options STR: Node flags for this broker only (not the --baseline-checkout one): an A/B of a flag.
+    ...(flags.profile || flags.perf || flags['node-options']
+      ? { env: { NODE_OPTIONS: [flags.profile ? `--cpu-prof --cpu-prof-dir=${flags.profile}` : '', flags.perf ? '--perf-basic-prof' : '', flags['node-options'] ?? ''].join(' ').trim() } }
       : {}),
   });
   const ca = readFileSync(env.cluster.caFile);

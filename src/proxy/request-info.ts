@@ -58,7 +58,6 @@ export function targetProblem(url: string): string | undefined {
 export function requestInfo(method: string, url: string): RequestInfo {
   const q = url.indexOf('?');
   const path = q < 0 ? url : url.slice(0, q);
-  const query = new URLSearchParams(q < 0 ? '' : url.slice(q + 1));
   const info: RequestInfo = { isResourceRequest: false, verb: method.toLowerCase(), apiGroup: '', apiVersion: '', resource: '', subresource: '', namespace: '', name: '', path };
   let parts = path.split('/').filter((p) => p !== '');
   if (parts.length < 3 || !API_PREFIXES.has(parts[0]!)) return info;
@@ -90,6 +89,7 @@ export function requestInfo(method: string, url: string): RequestInfo {
   if (parts.length >= 2) info.name = parts[1]!;
   if (parts.length >= 1) info.resource = parts[0]!;
   if (info.name === '' && info.verb === 'get') {
+    const query = new URLSearchParams(q < 0 ? '' : url.slice(q + 1));
     const watch = query.get('watch');
     info.verb = watch !== null && !['false', '0', 'f'].includes(watch.toLowerCase()) ? 'watch' : 'list';
     const byName = /^metadata\.name(==?)([^,]+)$/.exec(query.get('fieldSelector') ?? '');

@@ -110,6 +110,8 @@ export class KubeProxy {
   readonly #o: ProxyOptions;
   readonly #server: Server;
   readonly #pool: Pool;
+  /** What every Relay (one proxied answer) needs of the proxy. */
+  readonly #relayContext: RelayContext;
   readonly #failures: AuthFailureLog;
   readonly #upstreamTimeoutMs: number;
   readonly #bufferBytes: number;
@@ -141,6 +143,7 @@ export class KubeProxy {
       headersTimeout: this.#upstreamTimeoutMs,
       bodyTimeout: this.#upstreamTimeoutMs,
     });
+    this.#relayContext = { append: (e) => this.#append(e), onTaskEnd: (task, cut) => this.#onTaskEnd(task, cut), bufferBytes: this.#bufferBytes, timeoutMs: this.#upstreamTimeoutMs };
     this.#failures = new AuthFailureLog({ append: (e) => options.audit.append({ ...e, details: { ...e.details, listener: 'proxy' } }), intervalMs: options.limits?.failureLogIntervalMs ?? 10_000, maxSources: 100 });
     const serverOptions = { maxHeaderSize: options.maxHeaderBytes ?? 16 * 1024, requestTimeout: 0, headersTimeout: 10_000, keepAliveTimeout: 5_000 };
     this.#server = options.https ? createHttpsServer({ ...serverOptions, key: options.https.key, cert: options.https.cert }) : createHttpServer(serverOptions);
@@ -238,13 +241,15 @@ export class KubeProxy {
       return { ok: false, refusal: { code: 401, message: 'no session token: the proxy takes the token `broker credential --via proxy` hands kubectl (use a kubeconfig from `broker kubeconfig --via proxy`)', summary: { category: 'no_credential' } } };
     }
     const bearer = /^Bearer\s+(\S+)\s*$/i.exec(auths[0]!)?.[1];
-    let claims;
-    try {
-      if (!bearer) throw new Error('not a bearer token');
-      claims = await this.#o.sessions.verify(bearer);
-    } catch (err) {
-      const why = isBrokerError(err) ? err.message : 'the Authorization header is not a bearer session token';
-      return { ok: false, refusal: { code: 401, message: `the proxy did not accept the session token: ${why}`, summary: { category: 'rejected' } } };
+    let claims = bearer === undefined ? undefined : this.#o.sessions.known(bearer);
+    if (!claims) {
+      try {
+        if (!bearer) throw new Error('not a bearer token');
+        claims = await this.#o.sessions.verify(bearer);
+      } catch (err) {
+        const why = isBrokerError(err) ? err.message : 'the Authorization header is not a bearer session token';
+        return { ok: false, refusal: { code: 401, message: `the proxy did not accept the session token: ${why}`, summary: { category: 'rejected' } } };
+      }
     }
     const task = this.#o.tasks.active(claims.task);
     if (!task || task.agent !== claims.agent) {
@@ -325,12 +330,7 @@ export class KubeProxy {
     const { admitted } = a;
     const streaming = isStreaming(admitted.req.info, admitted.req.url);
     const hasBody = req.headers['content-length'] !== undefined ? req.headers['content-length'] !== '0' : req.headers['transfer-encoding'] !== undefined;
-    const relay = new Relay(
-      { append: (e) => this.#append(e), onTaskEnd: (cut) => this.#onTaskEnd(admitted.task.id, cut), bufferBytes: this.#bufferBytes, timeoutMs: this.#upstreamTimeoutMs },
-      res,
-      admitted,
-      streaming,
-    );
+    const relay = new Relay(this.#relayContext, res, admitted, streaming);
     // undici's dispatch with a handler of our own: no body stream, promise or AbortController per answer.
     this.#pool.dispatch(
       {
@@ -428,7 +428,7 @@ export class KubeProxy {
 /** What a Relay needs of the proxy. */
 interface RelayContext {
   append(event: AuditEventInput): Promise<boolean>;
-  onTaskEnd(cut: () => void): () => void;
+  onTaskEnd(task: string, cut: () => void): () => void;
   bufferBytes: number;
   timeoutMs: number;
 }
@@ -577,7 +577,7 @@ class Relay implements Dispatcher.DispatchHandler {
       res.writeHead(this.#code, this.#headers);
       if (this.#streaming) res.flushHeaders();
       this.#state = 'relaying';
-      this.#unwatch = this.#ctx.onTaskEnd(() => {
+      this.#unwatch = this.#ctx.onTaskEnd(task.id, () => {
         this.#taskEnded = true;
         controller.abort(new Error(`task ${task.id} has ended`));
       });

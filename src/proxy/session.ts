@@ -70,6 +70,12 @@ export class SessionTokens {
     return { token, sid, expiresAt: new Date(exp * 1000) };
   }
 
+  /** The remembered claims of a token verified before and not expired yet (no promise); else undefined: verify() it. */
+  known(token: string): SessionClaims | undefined {
+    const known = this.#verified.get(token);
+    return known && known.exp > this.#now() / 1000 ? known : undefined;
+  }
+
   /** The claims of a valid session token; throws BrokerError `unauthenticated` naming why not. */
   async verify(token: string): Promise<SessionClaims> {
     const nowS = this.#now() / 1000;
