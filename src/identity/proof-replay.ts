@@ -9,7 +9,7 @@
  * reaches the table as text. Rows past their expiry are harmless (the proof is refused for its age
  * before its id is looked at) and are pruned by `task_broker.prune_used_proofs()`: a function owned
  * by the table's owner (SECURITY DEFINER) that deletes only rows expired five minutes or more, which
- * `broker audit migrate` creates and runs, and which every broker calls every ten minutes. The
+ * `broker audit migrate` creates and runs, and which every broker calls at start and every ten minutes. The
  * brokers' role keeps SELECT and INSERT on the table and EXECUTE on that function: it can delete
  * nothing else, and nothing of the audit table.
  *
@@ -124,9 +124,15 @@ export class SharedUsedProofs {
     }
   }
 
-  /** Prunes every ten minutes until stop(); a failure waits for the next time (an expired row is harmless). */
+  /**
+   * Prunes now and every ten minutes until stop(); a failure waits for the next time (an expired row is
+   * harmless). The first one also tells a broker's log at start that the store lacks the table.
+   */
   start(onError: (err: BrokerError) => void = () => undefined): void {
-    this.#timer ??= setInterval(() => void this.prune().catch(onError), PRUNE_EVERY_MS).unref();
+    if (this.#timer) return;
+    const prune = () => void this.prune().catch(onError);
+    this.#timer = setInterval(prune, PRUNE_EVERY_MS).unref();
+    prune();
   }
 
   stop(): void {

@@ -139,6 +139,21 @@ describe('agent proofs used once across replicas on one PostgreSQL audit store (
     assert.deepEqual(after.rows.map((r) => r.id.toString('hex')), ['01']);
   });
 
+  test('a store migrated before the table existed: proofs refused (503, naming broker audit migrate) until it is migrated again', async () => {
+    const host = new URL(a.url).host;
+    const url = `http://${host}/v1/whoami`;
+    await pg!.query('postgres', 'DROP FUNCTION task_broker.prune_used_proofs(); DROP TABLE task_broker.used_proofs');
+    const refused = await get(b.url, host, '/v1/whoami', proofHeader(key, 'GET', url));
+    assert.equal(refused.status, 503, refused.body);
+    assert.equal(JSON.parse(refused.body).error.code, 'audit_unavailable');
+    // The broker's log says what to do (the caller gets the fixed message of every audit_unavailable), without the password.
+    await until('the broker log naming broker audit migrate', 5_000, () => /has no table of used agent proofs: run `broker audit migrate postgres:\/\/task_broker:\*\*\*@/.test(b.stderr));
+    assert.ok(!b.stderr.includes(new URL(pg!.url('task_broker')).password));
+    const migrated = cli(['audit', 'migrate', pg!.url('postgres'), '--grant', 'task_broker']);
+    assert.equal(migrated.status, 0, migrated.stderr);
+    assert.equal((await get(b.url, host, '/v1/whoami', proofHeader(key, 'GET', url))).status, 200);
+  });
+
   test('the database away: a proof is refused with 503 (never taken on a guess), and taken again once it is back', async () => {
     const host = new URL(a.url).host;
     const url = `http://${host}/v1/whoami`;
