@@ -7,7 +7,7 @@
  *     is traded for a fresh ID token at the issuer on each run (the ID token is kept nowhere; a
  *     rotated refresh token goes back to the keychain). On Linux the Secret Service is read over the
  *     session bus directly (src/credential/secret-service.cts: @napi-rs/keyring's addon and its
- *     session's key exchange cost each run about 11 ms more); elsewhere, with the kernel keyring, and
+ *     session's key exchange cost each run about 7 ms more); elsewhere, with the kernel keyring, and
  *     for every write, through @napi-rs/keyring.
  * The proof is the format of src/identity/agent-proof.ts, written again here with no imports (this
  * file is CommonJS, like the plugin); the integration tests run both against the same broker.

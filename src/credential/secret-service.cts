@@ -1,9 +1,10 @@
 /**
  * The exec plugin's read of one keychain entry from the Secret Service (Linux), over the D-Bus session
  * bus with node:net, which the plugin has loaded anyway for its request. What @napi-rs/keyring does
- * for that read costs the plugin about 11 ms more on every kubectl run (loading its 3 MB addon, then a
- * session whose Diffie-Hellman key exchange it computes before the first read; docs/benchmarks.md,
- * "Identity sources of the exec plugin"), half of it more than the whole rest of the run.
+ * for that read costs the plugin about 7 ms more on every kubectl run (loading its 3 MB addon, then
+ * blocking on a session whose Diffie-Hellman key exchange comes before the first read), and nothing
+ * else runs meanwhile; here node:crypto loads while the Secret Service answers (docs/benchmarks.md,
+ * "Identity sources of the exec plugin").
  *
  * The session is `plain`, as the native plugin's (godbus): the secret crosses only the user's own
  * session bus, a Unix socket whose peers are the user's processes, each of which may ask the Secret
