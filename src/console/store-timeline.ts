@@ -86,7 +86,7 @@ export class StoreStories {
 
   async #read(id: string): Promise<Found | undefined> {
     const rows = new Map<string, string>();
-    const own = (await this.#db.query<Row>(`SELECT seq::text, line FROM ${AUDIT_TABLE} WHERE task = $1 ORDER BY seq`, [id])).rows;
+    const own = (await this.#db.query<Row>(`SELECT seq, line FROM ${AUDIT_TABLE} WHERE task = $1 ORDER BY seq`, [id])).rows;
     if (own.length === 0) return undefined;
     for (const r of own) rows.set(r.seq, r.line);
     const first = own[0]!.seq;
@@ -106,7 +106,7 @@ export class StoreStories {
       for (let walked = 0; walked < MAX_WALK; ) {
         const chunk = (
           await this.#db.query<Row & { task: string | null }>(
-            `SELECT seq::text, line, task FROM ${AUDIT_TABLE} WHERE ${LIFECYCLE} AND ${AGENT_EXPR} = $1 AND ${NAME_EXPR} = $2 AND seq < $3 ORDER BY seq DESC LIMIT ${WALK_CHUNK}`,
+            `SELECT seq, line, task FROM ${AUDIT_TABLE} WHERE ${LIFECYCLE} AND ${AGENT_EXPR} = $1 AND ${NAME_EXPR} = $2 AND seq < $3 ORDER BY seq DESC LIMIT ${WALK_CHUNK}`,
             [key.agent, key.name, before],
           )
         ).rows;
@@ -128,7 +128,7 @@ export class StoreStories {
       }
       // Between the task's first and last records: requests of the same key that its later records claim (or another task's).
       const between = await this.#db.query<Row>(
-        `SELECT seq::text, line FROM ${AUDIT_TABLE} WHERE ${LIFECYCLE} AND ${AGENT_EXPR} = $1 AND ${NAME_EXPR} = $2 AND seq > $3 AND seq < $4`,
+        `SELECT seq, line FROM ${AUDIT_TABLE} WHERE ${LIFECYCLE} AND ${AGENT_EXPR} = $1 AND ${NAME_EXPR} = $2 AND seq > $3 AND seq < $4`,
         [key.agent, key.name, first, lastOwn],
       );
       for (const r of between.rows) rows.set(r.seq, r.line);
@@ -145,7 +145,7 @@ export class StoreStories {
     }
     if (approvals.size > 0) {
       const named = await this.#db.query<Row>(
-        `SELECT seq::text, line FROM ${AUDIT_TABLE} WHERE task IS NULL AND type LIKE 'approval.%' AND ${APPROVAL_EXPR} = ANY($1::text[])`,
+        `SELECT seq, line FROM ${AUDIT_TABLE} WHERE task IS NULL AND type LIKE 'approval.%' AND ${APPROVAL_EXPR} = ANY($1::text[])`,
         [[...approvals]],
       );
       let added = false;

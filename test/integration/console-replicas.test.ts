@@ -17,7 +17,12 @@ import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { BrowserContext, Page } from 'playwright-core';
+import { migrate } from '../../src/audit/postgres.ts';
+import { buildStories } from '../../src/audit/show.ts';
+import type { AuditRecord } from '../../src/audit/types.ts';
 import { freePort } from '../../src/cluster/local-cluster.ts';
+import { ConsoleDatabase } from '../../src/console/db.ts';
+import { StoreStories } from '../../src/console/store-timeline.ts';
 import { BrokerEnv, type BrokerProcess } from '../helpers/broker.ts';
 import { browserAvailable, launchBrowser, type TestBrowser } from '../helpers/browser.ts';
 import { CONSOLE_CLIENT_ID, TestProvider } from '../helpers/oidc-provider.ts';
@@ -219,6 +224,48 @@ describe('web console on three replicas sharing a PostgreSQL audit store', { ski
     const doc = JSON.parse(shown.stdout) as { records: Array<{ type: string }> };
     assert.equal(doc.records.length, total, 'as many events as the CLI shows');
     assert.equal(doc.records[0]!.type, 'task.refused');
+  });
+
+  test("a task page's story read through the store's indexes equals the whole table's, for every task of a table of 1- to 4-digit seqs (names reused, refusals and approval requests before starts, approval records naming only their request)", async () => {
+    // A database of its own (the brokers' chain stays whole), migrated as the brokers' store is.
+    await pg!.query('postgres', 'CREATE DATABASE synthetic');
+    await migrate(pg!.url('postgres', 'synthetic'), ['task_broker']);
+    const lines: string[] = [];
+    const add = (rec: Record<string, unknown>) => lines.push(JSON.stringify({ seq: lines.length, time: new Date(Date.UTC(2026, 0, 1) + lines.length).toISOString(), actor: 'agent:alpha', ...rec }));
+    const TASKS = 120;
+    for (let i = 0; i < TASKS; i++) {
+      const key = { agent: 'alpha', taskName: `n${i % 7}`, template: i % 3 === 0 ? 'other' : 'read-pods', namespace: 'team-a' };
+      const ar = `ar-${String(i).padStart(12, '0')}`;
+      if (i % 2 === 0) add({ type: 'task.refused', ...key });
+      if (i % 4 !== 3) add({ type: 'approval.requested', ...key, details: { approvalRequest: ar } });
+      add({ type: 'task.started', task: `t${i}`, ...key, details: { approvalId: ar } });
+      for (let n = 0; n < 4; n++) add({ type: 'k8s.request', task: `t${i}`, agent: 'alpha', details: { verb: 'get' } });
+      add({ type: 'approval.token_issued', details: { approvalRequest: ar } });
+      if (i % 5 !== 4) add({ type: 'task.ended', task: `t${i}`, ...key });
+    }
+    const client = pg!.client('postgres', 'synthetic');
+    await client.connect();
+    try {
+      await client.query(
+        `INSERT INTO task_broker.audit (seq, time, type, task, line) SELECT (l::jsonb ->> 'seq')::bigint, (l::jsonb ->> 'time')::timestamptz, l::jsonb ->> 'type', l::jsonb ->> 'task', l FROM unnest($1::text[]) l`,
+        [lines],
+      );
+    } finally {
+      await client.end();
+    }
+    const whole = buildStories(lines.map((l) => JSON.parse(l) as AuditRecord)).stories;
+    const db = new ConsoleDatabase(pg!.url('task_broker', 'synthetic'));
+    try {
+      const stories = new StoreStories(db);
+      for (let i = 0; i < TASKS; i++) {
+        const found = await stories.taskStory(`t${i}`);
+        const expected = whole.find((s) => s.id === `t${i}`)!.records.map((r) => r.seq);
+        assert.deepEqual(found?.story.records.map((r) => r.seq), expected, `t${i}`);
+      }
+      assert.equal(await stories.taskStory('t-none'), undefined);
+    } finally {
+      await db.close();
+    }
   });
 
   test('signed out at B: A and C refuse the cookie at once; the sign-out is recorded', async () => {
