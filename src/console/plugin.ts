@@ -135,6 +135,8 @@ async function consoleRoutes(ui: FastifyInstance, deps: ConsoleDeps, sessions: C
   });
 
   ui.addHook('onRequest', async (req) => {
+    // The script, stylesheet and icon need no session (with shared sessions: no query for them).
+    if (req.url.startsWith('/ui/assets/')) return;
     req.consoleSession = await sessions.get(req.cookies[cookieName]);
   });
   ui.addHook('onSend', async (_req, reply, payload) => {
