@@ -271,9 +271,10 @@ export class PostgresAuditStore implements AuditSink {
   }
 
   /**
-   * One batch: everything queued, in one transaction. Up to MAX_IN_FLIGHT run at once: the second
-   * waits for the chain's lock in the database, not here, so it starts as soon as the first commits
-   * (and it reads the head after the first, so the chain holds whatever order they commit in).
+   * One batch: everything queued, in one transaction. The careful way, up to MAX_IN_FLIGHT run at
+   * once: the second waits for the chain's lock in the database, not here, so it starts as soon as the
+   * first commits (and it reads the head after the first, so the chain holds whatever order they
+   * commit in). The fast way, one at a time.
    */
   async #run(): Promise<void> {
     if (this.#queue.length === 0) return this.#wake();
@@ -299,12 +300,11 @@ export class PostgresAuditStore implements AuditSink {
   /**
    * One batch, committed. The fast way, while this process has appended the chain's last records as
    * far as it knows (#tail: no other writer seen since): one round trip that inserts only if the head
-   * is still exactly the predicted line and no event key of the batch is recorded. Two fast batches
-   * may be in flight: the second is built on the first's predicted tail (its lock request may reach
-   * the database first; then it inserts nothing and goes the careful way). Otherwise, or when that
-   * inserts nothing: lock, read and check the head, drop recorded event keys, insert, commit (two
-   * round trips), and back to the fast way once a careful batch saw only this process's records and
-   * nothing else of it is in flight.
+   * is still exactly the predicted line and no event key of the batch is recorded; one such batch at
+   * a time (#schedule). Otherwise, or when that inserts nothing: lock, read and check the head, drop
+   * recorded event keys, insert, commit (two round trips; two such batches may be in flight), and back
+   * to the fast way once a careful batch found only this process's record as the head and nothing
+   * else of it is in flight.
    */
   async #commit(batch: Pending[]): Promise<void> {
     let client: PoolClient;
@@ -325,8 +325,8 @@ export class PostgresAuditStore implements AuditSink {
           this.#committed(built.tail);
           return this.#done(batch, built);
         }
-        // Another writer appended, a key is recorded, or an earlier batch of this process had not
-        // committed yet: the careful way, and no more fast batches until it is known again.
+        // Another writer appended, or a key of the batch is recorded: the careful way, and no more
+        // fast batches until the head is known again.
         this.#stats.fastMissed++;
         this.#tail = undefined;
         this.#settling = false;
