@@ -143,7 +143,7 @@ export class KubeProxy {
       headersTimeout: this.#upstreamTimeoutMs,
       bodyTimeout: this.#upstreamTimeoutMs,
     });
-    this.#relayContext = { append: (e) => this.#append(e), onTaskEnd: (task, cut) => this.#onTaskEnd(task, cut), bufferBytes: this.#bufferBytes, timeoutMs: this.#upstreamTimeoutMs };
+    this.#relayContext = { append: (e) => this.#append(e), internal: (res, err) => this.#internal(res, err), onTaskEnd: (task, cut) => this.#onTaskEnd(task, cut), bufferBytes: this.#bufferBytes, timeoutMs: this.#upstreamTimeoutMs };
     this.#failures = new AuthFailureLog({ append: (e) => options.audit.append({ ...e, details: { ...e.details, listener: 'proxy' } }), intervalMs: options.limits?.failureLogIntervalMs ?? 10_000, maxSources: 100 });
     const serverOptions = { maxHeaderSize: options.maxHeaderBytes ?? 16 * 1024, requestTimeout: 0, headersTimeout: 10_000, keepAliveTimeout: 5_000 };
     this.#server = options.https ? createHttpsServer({ ...serverOptions, key: options.https.key, cert: options.https.cert }) : createHttpServer(serverOptions);
@@ -428,6 +428,8 @@ export class KubeProxy {
 /** What a Relay needs of the proxy. */
 interface RelayContext {
   append(event: AuditEventInput): Promise<boolean>;
+  /** A failure of the proxy's own (a bug): logged, the client answered 500 or cut off. */
+  internal(res: ServerResponse, err: unknown): void;
   onTaskEnd(task: string, cut: () => void): () => void;
   bufferBytes: number;
   timeoutMs: number;
@@ -500,7 +502,7 @@ class Relay implements Dispatcher.DispatchHandler {
   }
 
   onResponseEnd(): void {
-    if (this.#state === 'holding') void this.#whole();
+    if (this.#state === 'holding') this.#whole().catch((err: unknown) => this.#internal(err));
     else if (this.#state === 'opening') this.#endWhileOpening = true;
     else if (this.#state === 'relaying') this.#finish(undefined);
   }
@@ -509,7 +511,15 @@ class Relay implements Dispatcher.DispatchHandler {
     const state = this.#state;
     if (state === 'opening') this.#endWhileOpening = err;
     else if (state === 'relaying') this.#finish(err);
-    else if (state !== 'done') void this.#failed(state, err);
+    else if (state !== 'done') this.#failed(state, err).catch((e: unknown) => this.#internal(e));
+  }
+
+  /** What a bug of ours leaves: nothing more relayed, the upstream answer dropped, the client told (500) or cut off. */
+  #internal(err: unknown): void {
+    this.#state = 'done';
+    this.#unwatch?.();
+    this.#controller?.abort(err instanceof Error ? err : new Error(String(err)));
+    this.#ctx.internal(this.#res, err);
   }
 
   #durationMs(): number {
@@ -562,36 +572,40 @@ class Relay implements Dispatcher.DispatchHandler {
     this.#state = 'opening';
     controller.pause();
     const { task, req } = this.#a;
-    void this.#ctx.append(proxyRecord(task, req, { code: this.#code, auditID: this.#auditID, outcome: outcomeOfStatus(this.#code), bytesIn: this.counter.bytesIn, phase: 'start' })).then((recorded) => {
-      const res = this.#res;
-      if (!recorded) {
-        this.#state = 'done';
-        controller.abort(new Error('the audit log cannot be written'));
-        if (!this.#clientGone) sendStatus(res, 503, 'the broker cannot record requests now (its audit log cannot be written): the answer is not relayed');
-        return;
-      }
-      if (this.#clientGone) {
-        this.#state = 'relaying';
-        return this.#finish(new Error('the client closed the connection'));
-      }
-      res.writeHead(this.#code, this.#headers);
-      if (this.#streaming) res.flushHeaders();
+    void this.#ctx.append(proxyRecord(task, req, { code: this.#code, auditID: this.#auditID, outcome: outcomeOfStatus(this.#code), bytesIn: this.counter.bytesIn, phase: 'start' })).then((recorded) => this.#opened(controller, recorded)).catch((err: unknown) => this.#internal(err));
+  }
+
+  /** The start of a stream recorded (or not): the answer's head and what was held relayed, the API server resumed. */
+  #opened(controller: Dispatcher.DispatchController, recorded: boolean): void {
+    const { task } = this.#a;
+    const res = this.#res;
+    if (!recorded) {
+      this.#state = 'done';
+      controller.abort(new Error('the audit log cannot be written'));
+      if (!this.#clientGone) sendStatus(res, 503, 'the broker cannot record requests now (its audit log cannot be written): the answer is not relayed');
+      return;
+    }
+    if (this.#clientGone) {
       this.#state = 'relaying';
-      this.#unwatch = this.#ctx.onTaskEnd(task.id, () => {
-        this.#taskEnded = true;
-        controller.abort(new Error(`task ${task.id} has ended`));
-      });
-      for (const chunk of this.#held) {
-        this.#bytesOut += chunk.length;
-        res.write(chunk);
-      }
-      this.#held = [];
-      const ended = this.#endWhileOpening;
-      if (ended === true) this.#finish(undefined);
-      else if (ended) this.#finish(ended);
-      else if (res.writableNeedDrain) res.once('drain', () => controller.resume());
-      else controller.resume();
+      return this.#finish(new Error('the client closed the connection'));
+    }
+    res.writeHead(this.#code, this.#headers);
+    if (this.#streaming) res.flushHeaders();
+    this.#state = 'relaying';
+    this.#unwatch = this.#ctx.onTaskEnd(task.id, () => {
+      this.#taskEnded = true;
+      controller.abort(new Error(`task ${task.id} has ended`));
     });
+    for (const chunk of this.#held) {
+      this.#bytesOut += chunk.length;
+      res.write(chunk);
+    }
+    this.#held = [];
+    const ended = this.#endWhileOpening;
+    if (ended === true) this.#finish(undefined);
+    else if (ended) this.#finish(ended);
+    else if (res.writableNeedDrain) res.once('drain', () => controller.resume());
+    else controller.resume();
   }
 
   /** The end of a relayed stream (err: how it broke off): the client's answer ended, the end recorded. */
