@@ -225,7 +225,18 @@ export class ApprovalService implements StartGate {
    * a request no longer pending. The decision is on record before the cluster changes; a write that
    * then fails is recorded as such.
    */
-  async decide(caller: Caller, id: string, decision: 'approve' | 'deny', reason: string | undefined, requestId?: string): Promise<{ request: ApprovalRequest; token?: string }> {
+  /**
+   * `issueToken: false` (the web console, whose answer is a page, not a token to hand on): the final
+   * approval signs no token; the requester collects one with `GET /v1/approvals/ID` as always.
+   */
+  async decide(
+    caller: Caller,
+    id: string,
+    decision: 'approve' | 'deny',
+    reason: string | undefined,
+    requestId?: string,
+    options: { issueToken?: boolean } = {},
+  ): Promise<{ request: ApprovalRequest; token?: string }> {
     const actor = actorOf(caller);
     const refuse = async (code: 'forbidden' | 'approval_closed', why: string): Promise<never> => {
       await this.#audit.append({ type: 'approval.refused', actor, outcome: 'denied', reason: `${code}: ${why}`, requestId, details: { approvalRequest: id, decision } });
@@ -283,7 +294,7 @@ export class ApprovalService implements StartGate {
         if (conflict) continue;
         throw clusterError('recording the decision', err);
       }
-      if (request.state !== 'approved') return { request };
+      if (request.state !== 'approved' || options.issueToken === false) return { request };
       return { request, token: await this.tokenFor(request, requestId) };
     }
   }

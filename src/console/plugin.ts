@@ -321,7 +321,8 @@ async function consoleRoutes(ui: FastifyInstance, deps: ConsoleDeps, sessions: C
     const comment = typeof body['comment'] === 'string' && body['comment'].trim() !== '' ? body['comment'].trim() : undefined;
     if (comment !== undefined && comment.length > 1024) throw new BrokerError('invalid_argument', '"comment" must be at most 1024 characters', { field: 'comment' });
     if (decision === 'deny' && comment === undefined) throw new BrokerError('invalid_argument', 'a denial needs a comment: say why', { field: 'comment' });
-    await deps.approvals().decide(s.caller, req.params.id, decision, comment, req.id);
+    // No approval token here: a page cannot hand one on, and a signed token nobody holds is one more to audit.
+    await deps.approvals().decide(s.caller, req.params.id, decision, comment, req.id, { issueToken: false });
     live.poke();
     if (wantsJson(req)) return { ok: true };
     return reply.redirect(`/ui/approvals?done=${decision}`, 303);

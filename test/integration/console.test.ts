@@ -269,6 +269,8 @@ describe('web console (broker serve --ui)', { skip: !browserAvailable() && !proc
       [`${idp.issuer}#${EVIL}`, `${idp.issuer}#sre-bob`],
     );
     assert.equal(granted[1]!.reason, 'on call, ok');
+    // One approval token: the one the agent's --wait collected; the console's approval signs none.
+    assert.equal(records.filter((r) => r.type === 'approval.token_issued' && r.details.approvalRequest === requestId).length, 1);
     assert.ok(records.some((r) => r.type === 'task.started' && r.task === taskId));
     assert.ok(records.some((r) => r.type === 'console.signed_in' && r.actor === `user:${idp.issuer}#sre-bob`));
     // Gone from the pending list once decided.
