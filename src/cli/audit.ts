@@ -188,8 +188,12 @@ function migrateCommand(): Command {
       [
         '',
         'Creates schema task_broker and table task_broker.audit if missing (one row per record: seq, time, type, task,',
-        'event_key, and the record\'s canonical line), revokes everything from PUBLIC, and grants each --grant role USAGE on',
-        'the schema and SELECT, INSERT on the table: it can never UPDATE, DELETE or TRUNCATE. Running it again changes nothing.',
+        'event_key, and the record\'s canonical line) with its indexes (the web console\'s task pages among them), and the',
+        'tables task_broker.used_proofs (agent proofs used once across replicas) and task_broker.console_sessions and',
+        'console_signouts (web console sessions shared by replicas), each with a prune function that deletes only rows',
+        'expired five minutes or more. Revokes everything from PUBLIC, and grants each --grant role USAGE on the schema,',
+        'SELECT, INSERT on the tables and EXECUTE on the prune functions: it can never UPDATE, DELETE or TRUNCATE.',
+        'Running it again changes nothing (except pruning expired rows). Run it again before upgrading the brokers.',
         '',
         'Example:',
         '  PGPASSWORD=... broker audit migrate postgres://owner@db.example:5432/broker --grant task_broker',
@@ -202,7 +206,7 @@ function migrateCommand(): Command {
       const r = await migrate(url, opts.grant);
       if (opts.output === 'json') return printJson({ store: redactUrl(url), created: r.created, granted: r.granted });
       process.stdout.write(
-        `${style.ok('ok')}: ${redactUrl(url)}: table task_broker.audit ${r.created ? 'created' : 'already there'}` +
+        `${style.ok('ok')}: ${redactUrl(url)}: table task_broker.audit ${r.created ? 'created' : 'already there'}; used_proofs, console_sessions, console_signouts and indexes up to date` +
           `${r.granted.length > 0 ? `; SELECT, INSERT (only) granted to ${r.granted.join(', ')}` : ''}\n`,
       );
     });
