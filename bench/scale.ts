@@ -10,6 +10,10 @@
  *     the other (so what is measured is a start, not the queue of the fill); p50/p99 over all P;
  *   - each replica's RSS (VmRSS from /proc; VmHWM, the peak, beside it) and the API server's;
  *   - how long until every replica's view holds them all (broker_active_tasks of each /metrics).
+ *   - CPU a start (user + system from /proc) of the replicas together and of the API server, from
+ *     the checkpoint before;
+ *   - then --idle S seconds (30: one orphan sweep) with no requests: each replica's and the API
+ *     server's CPU a second while they only hold the tasks.
  * The fill's own latencies (--concurrency C starts in flight over the three replicas) are printed by
  * segment too, for the parallel case.
  * At 0 and at N: the credential endpoint under load (autocannon, 50 connections, --cannon S seconds
@@ -19,8 +23,8 @@
  *
  * Goals (issue 16): start p99 <= 100 ms and RSS <= 300 MB per replica at 10 000 tasks.
  *
- *   bin/bench scale [--tasks 10000] [--agents 50] [--concurrency 24] [--probe 150] [--cannon 4]
- *                   [--audit postgres|file] [--from dist|src] [--node-options "..."] [--checkout DIR] [--profile DIR]
+ *   bin/bench scale [--tasks 10000] [--agents 50] [--concurrency 24] [--probe 150] [--cannon 4] [--idle 30]
+ *                   [--audit postgres|file] [--from dist|src] [--node-options="..."] [--checkout DIR] [--profile DIR]
  *
  * --checkout DIR runs the replicas from another checkout (DIR/dist, built there; a `git archive` of an
  * earlier commit with a node_modules symlink), for before/after figures of a change.
@@ -28,7 +32,7 @@
  * The replicas run dist/ (`npx tsc -p tsconfig.json` first; the bench refuses a dist/ older than src/),
  * as `bin/broker` does: run from src/ (--from src), Node's type stripping adds 30 to 40 MB to each RSS.
  *
- * --node-options "..." is the replicas' NODE_OPTIONS (e.g. "--max-semi-space-size=16": V8 sizes the
+ * --node-options="..." is the replicas' NODE_OPTIONS (e.g. "--max-semi-space-size=16": V8 sizes the
  * young generation from the heap limit, which it takes from the machine's memory unless told).
  * --profile DIR runs replica 1 with `--cpu-prof --cpu-prof-dir=DIR` (written when it stops, at the end).
  * Everything (the replicas, the control plane, the database, the temporary directories) is removed at
@@ -53,6 +57,7 @@ const { values: flags } = parseArgs({
     concurrency: { type: 'string', default: '24' },
     probe: { type: 'string', default: '150' },
     cannon: { type: 'string', default: '4' },
+    idle: { type: 'string', default: '30' },
     audit: { type: 'string', default: 'postgres' },
     profile: { type: 'string' },
     from: { type: 'string', default: 'dist' },
@@ -65,6 +70,7 @@ const AGENTS = Number(flags.agents);
 const CONCURRENCY = Number(flags.concurrency);
 const PROBE = Number(flags.probe);
 const CANNON_S = Number(flags.cannon);
+const IDLE_S = Number(flags.idle);
 const REPLICAS = 3;
 if (flags.from !== 'dist' && flags.from !== 'src') throw new Error('--from: dist or src');
 // The replicas run the build as shipped (`bin/broker` runs dist/): Node's type stripping, which runs
@@ -286,6 +292,8 @@ async function run(env: BrokerEnv): Promise<void> {
     fillSeconds: number;
     /** CPU (user + system) per start from the last checkpoint to this one, ms: the replicas together, and the API server. */
     cpuPerStart: { replicas: number; apiserver: number };
+    /** CPU ms a second while holding the tasks with no requests: each replica, and the API server. */
+    idle: { replicas: number[]; apiserver: number };
     convergeMs: number;
     rss: Array<{ rss: number; hwm: number }>;
     heap: Array<{ heapUsed: number; newSpace: number }>;
@@ -309,7 +317,13 @@ async function run(env: BrokerEnv): Promise<void> {
       replicas: (replicas.reduce((a, r) => a + cpuMs(r.pid), 0) - cpuBefore.replicas) / started,
       apiserver: (cpuMs(env.cluster.pid) - cpuBefore.apiserver) / started,
     };
-    points.push({ held: before, probe: probeTook, fill: fillTook, fillSeconds, cpuPerStart, convergeMs, rss: replicas.map((r) => procStatus(r.pid)), heap: await Promise.all(replicas.map(metricsOf)), apiserver: procStatus(env.cluster.pid) });
+    // Holding the tasks, no requests: what the replicas and the API server spend a second (the sweeps:
+    // expiry every second, orphans every 30 s on the Lease holder; the watches), over IDLE_S seconds.
+    const idleFrom = { replicas: replicas.map((r) => cpuMs(r.pid)), apiserver: cpuMs(env.cluster.pid), t: performance.now() };
+    await sleep(IDLE_S * 1000);
+    const idleS = (performance.now() - idleFrom.t) / 1000;
+    const idle = { replicas: replicas.map((r, i) => (cpuMs(r.pid) - idleFrom.replicas[i]!) / idleS), apiserver: (cpuMs(env.cluster.pid) - idleFrom.apiserver) / idleS };
+    points.push({ held: before, probe: probeTook, fill: fillTook, fillSeconds, cpuPerStart, idle, convergeMs, rss: replicas.map((r) => procStatus(r.pid)), heap: await Promise.all(replicas.map(metricsOf)), apiserver: procStatus(env.cluster.pid) });
     console.error(`scale: ${before} tasks held; probe p50 ${ms(median(probeTook))} p99 ${ms(percentile(probeTook, 99))}; fill ${fillTook.length} in ${fillSeconds.toFixed(1)} s`);
     if (target === 0 || target === N) {
       credential.push({ held, byName: await credentialLoad(replicas[0]!, 'cred'), byId: await credentialLoad(replicas[0]!, cred.body.id) });
@@ -327,7 +341,7 @@ async function run(env: BrokerEnv): Promise<void> {
   );
   console.log(
     table(
-      ['tasks held (before the probe)', 'probe start p50', 'p90', 'p99', 'max', `fill to here (${CONCURRENCY} in flight) p50`, 'p99', 'starts/s', 'CPU a start: replicas, API server', 'views converged', 'RSS replica 1 / 2 / 3 (peak)', 'V8 heap used (young generation reserved)', 'API server RSS'],
+      ['tasks held (before the probe)', 'probe start p50', 'p90', 'p99', 'max', `fill to here (${CONCURRENCY} in flight) p50`, 'p99', 'starts/s', 'CPU a start: replicas, API server', `at rest (${IDLE_S} s): CPU ms/s replica 1 / 2 / 3, API server`, 'views converged', 'RSS replica 1 / 2 / 3 (peak)', 'V8 heap used (young generation reserved)', 'API server RSS'],
       points.map((p) => [
         p.held,
         ms(median(p.probe)),
@@ -338,6 +352,7 @@ async function run(env: BrokerEnv): Promise<void> {
         p.fill.length ? ms(percentile(p.fill, 99)) : '-',
         p.fill.length ? (p.fill.length / p.fillSeconds).toFixed(0) : '-',
         `${ms(p.cpuPerStart.replicas)}, ${ms(p.cpuPerStart.apiserver)}`,
+        `${p.idle.replicas.map((c) => c.toFixed(0)).join(' / ')}, ${p.idle.apiserver.toFixed(0)}`,
         ms(p.convergeMs, 0),
         `${p.rss.map((r) => mb(r.rss)).join(' / ')} (${p.rss.map((r) => mb(r.hwm)).join(' / ')})`,
         `${p.heap.map((h) => mb(h.heapUsed)).join(' / ')} (${p.heap.map((h) => mb(h.newSpace)).join(' / ')})`,

@@ -8,6 +8,8 @@
  *
  * The broker also makes two audit appends per start (write-ahead task.requested, then task.started),
  * each waiting for its fdatasync; their cost is measured on its own (AuditLog on the same filesystem).
+ * The second is written beside the last API call (the activating patch), so only what it takes
+ * beyond that call is on the path.
  *
  * The start also signs the task record before creating its Secret (src/state-signature.ts: it reads the
  * signing key Secret at every signature), overlapped with the write-ahead fsync of task.requested. What
