@@ -102,6 +102,9 @@ interface ServedSession {
 /** How many task objects the orphan sweep reads a page (kubectl's chunk size). */
 const ORPHAN_PAGE = 500;
 
+/** Failpoint `start-after-started-record` armed (src/failpoint.ts): the start then awaits its record before activating. */
+const RECORD_FIRST_FAILPOINT = (process.env['TASK_BROKER_FAILPOINTS'] ?? '').split(',').includes('start-after-started-record');
+
 /** TokenRequest's floor for `expirationSeconds`. */
 export const MIN_TOKEN_SECONDS = 600;
 
@@ -450,12 +453,15 @@ export class TaskService {
       if (a.status === 'rejected') throw a.reason;
       if (b.status === 'rejected') throw b.reason;
 
+      const recorded = record();
+      // Tests only: the crash once the record is durable and before the patch is sent (the state a
+      // crash between the two leaves when the record wins; the patch usually does, on loopback).
+      if (RECORD_FIRST_FAILPOINT) await recorded.then(() => failpoint('start-after-started-record'));
       const activated = this.#kube.core
         .patchNamespacedSecret(
           { name: task.secretName, namespace: ns, body: [{ op: 'replace', path: `/metadata/labels/${LABEL.state.replace('/', '~1')}`, value: 'active' }] },
         )
         .catch((err) => Promise.reject(clusterError('activating the task', err)));
-      const recorded = record().then(() => failpoint('start-after-started-record'));
       const [p, r] = await Promise.allSettled([activated, recorded]);
       if (r.status === 'rejected') throw r.reason;
       if (p.status === 'rejected') throw p.reason;

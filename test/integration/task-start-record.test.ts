@@ -1,10 +1,11 @@
 /**
  * A start writes its `task.started` record while the activating patch is in flight (src/tasks/service.ts,
- * #createObjects): a crash as soon as that record is durable leaves one of two states, both
- * consistent after a restart. Usually the patch has not been applied yet (an fdatasync is quicker
- * than an API call): a pending record the orphan sweep removes, the log then telling
- * task.requested, task.started, task.cleaned for it; else an active task the restarted broker adopts.
- * Either way nothing is left standing that no live task owns, the name is free, the chain holds.
+ * #createObjects). A crash after the patch and before the record is the state the failpoint
+ * start-after-activate of broker-lifecycle.test.ts leaves (an active task, adopted). This is the
+ * other order: the record durable, the patch not sent (failpoint start-after-started-record, which
+ * makes the start await its record first). After a restart the pending task grants nothing and the
+ * orphan sweep removes it: the log tells task.requested, task.started, task.cleaned for it, nothing
+ * is left standing, the name is free, the chain holds.
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -25,7 +26,7 @@ describe('task start: task.started written beside the activation', () => {
     await env?.stop();
   });
 
-  test('SIGKILL once task.started is durable: after restart the task is cleaned up or adopted, and the log says which', async (t) => {
+  test('SIGKILL once task.started is durable, before the activation: after restart the pending task is cleaned up, and the log says so', async () => {
     const auditLog = join(env.dir, 'started-record.jsonl');
     const doomed = await env.startBroker({ auditLog, env: { TASK_BROKER_FAILPOINTS: 'start-after-started-record' } });
     await assert.rejects(doomed.request('POST', '/v1/tasks', alpha, { template: 'read-pods', namespace: 'team-b', name: 'crash' }));
@@ -40,24 +41,17 @@ describe('task start: task.started written beside the activation', () => {
 
     const broker = await env.startBroker({ auditLog });
     try {
-      const listed = await broker.request('GET', '/v1/tasks', alpha);
-      if (listed.body.tasks.length === 1) {
-        // The patch was applied before the crash: an active task, adopted, served and ended as any.
-        t.diagnostic('the activation was applied before the crash: adopted');
-        assert.equal(listed.body.tasks[0].id, started.task);
-        assert.equal((await broker.request('POST', '/v1/tasks/crash/credential', alpha)).status, 200);
-        assert.equal((await broker.request('DELETE', '/v1/tasks/crash', alpha)).status, 200);
-      } else {
-        // Still pending: it grants nothing (no credential), and the orphan sweep removes it.
-        t.diagnostic('the record was still pending at the crash: cleaned up');
-        assert.equal((await broker.request('POST', '/v1/tasks/crash/credential', alpha)).status, 404);
-        await until('the orphan sweep to remove the task objects', 20_000, async () => {
-          const o = await env.taskObjects();
-          return o.secrets.length + o.serviceAccounts.length + o.roleBindings.length === 0;
-        });
-        const story = broker.auditRecords().filter((r) => r.task === started.task).map((r) => r.type);
-        assert.deepEqual(story, ['task.requested', 'task.started', 'task.cleaned']);
-      }
+      // Still pending: nothing lists it, it grants nothing (no credential), and the orphan sweep removes it.
+      assert.equal((await broker.request('GET', '/v1/tasks', alpha)).body.tasks.length, 0);
+      const cred = await broker.request('POST', '/v1/tasks/crash/credential', alpha);
+      assert.equal(cred.status, 404, JSON.stringify(cred.body));
+      assert.equal(cred.body.error.code, 'no_active_task');
+      await until('the orphan sweep to remove the task objects', 20_000, async () => {
+        const o = await env.taskObjects();
+        return o.secrets.length + o.serviceAccounts.length + o.roleBindings.length === 0;
+      });
+      const story = broker.auditRecords().filter((r) => r.task === started.task).map((r) => r.type);
+      assert.deepEqual(story, ['task.requested', 'task.started', 'task.cleaned']);
       const o = await env.taskObjects();
       assert.equal(o.secrets.length + o.serviceAccounts.length + o.roleBindings.length, 0, JSON.stringify(o));
       const again = await broker.request('POST', '/v1/tasks', alpha, { template: 'read-pods', namespace: 'team-b', name: 'crash' });
