@@ -373,7 +373,7 @@ describe('the Helm chart deploy/helm/task-broker', { skip }, () => {
       // The Secret's two keys, as the kubelet gives them: env vars, $(VAR) expanded in args.
       const secret = { url: `postgres://task_broker@127.0.0.1:${pgdb.port}/audit`, password: pgdb.brokerPassword };
       const env: Record<string, string> = {};
-      for (const e of container.env ?? []) env[e.name] = secret[e.valueFrom!.secretKeyRef!.key as 'url' | 'password'];
+      for (const e of container.env ?? []) env[e.name] = e.value ?? secret[e.valueFrom!.secretKeyRef!.key as 'url' | 'password'];
       const port = await freePort();
       const args = container.args!.map((a) => (a.startsWith('--listen=') ? `--listen=127.0.0.1:${port}` : at(a).replace(/\$\((\w+)\)/g, (_m, v: string) => env[v] ?? '')));
       // Not in a pod: the in-cluster ServiceAccount credential as a kubeconfig holding its token.
