@@ -82,3 +82,14 @@ export function errText(err: unknown): string {
   const msg = err instanceof Error ? err.message : String(err);
   return code && !msg.includes(code) ? `${code}: ${msg}` : msg;
 }
+
+/** An error's message and those of its causes (up to four), for the server's own log. */
+export function describeCause(error: unknown): string {
+  const parts: string[] = [];
+  let e: unknown = error;
+  while (e instanceof Error && parts.length < 4) {
+    parts.push(e.message);
+    e = e.cause;
+  }
+  return parts.join(': ') || String(error);
+}

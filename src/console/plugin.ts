@@ -24,7 +24,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import * as oidc from 'openid-client';
 import type { ApprovalService } from '../approvals/service.ts';
 import type { AuditSink } from '../audit/sink.ts';
-import { BrokerError, isBrokerError } from '../errors.ts';
+import { BrokerError, describeCause, isBrokerError } from '../errors.ts';
 import { actorOf, type Authenticator, type Caller } from '../identity/types.ts';
 import type { Policy } from '../policy/types.ts';
 import { historyView, type TaskStateView } from '../tasks/history.ts';
@@ -36,7 +36,7 @@ import { approvalsList, approvalsPage, chainLine, errorPage, signedInPage, signI
 import { ConsoleDatabase } from './db.ts';
 import { sameToken, SESSION_SECONDS, SessionStore, type Session } from './session.ts';
 import { SharedSessions, type ConsoleSessions } from './shared-sessions.ts';
-import { StoreChainStatus, StoreStories } from './store-timeline.ts';
+import { storeChainStatus, StoreStories } from './store-timeline.ts';
 import { ChainStatus, readRecording, recordingOf, taskStory } from './timeline.ts';
 
 export interface ConsoleDeps {
@@ -115,7 +115,7 @@ export function registerConsole(app: FastifyInstance, deps: ConsoleDeps): Consol
 async function consoleRoutes(ui: FastifyInstance, deps: ConsoleDeps, sessions: ConsoleSessions, db: ConsoleDatabase | undefined): Promise<void> {
   await ui.register(cookie);
   const { name: cookieName, options: cookieOptions } = sessionCookie(deps.secure);
-  const chain = deps.auditLogPath ? new ChainStatus(deps.auditLogPath) : deps.auditStore ? new StoreChainStatus(deps.auditStore) : undefined;
+  const chain = deps.auditLogPath ? ChainStatus.ofFile(deps.auditLogPath) : deps.auditStore ? storeChainStatus(deps.auditStore) : undefined;
   const stories = db ? new StoreStories(db) : undefined;
   /** The task's story from the log file or the store (undefined: no record of it, or neither to read). */
   const storyOf = (id: string) => (deps.auditLogPath ? taskStory(deps.auditLogPath, id) : stories ? stories.taskStory(id) : Promise.resolve(undefined));
@@ -154,7 +154,7 @@ async function consoleRoutes(ui: FastifyInstance, deps: ConsoleDeps, sessions: C
   ui.setErrorHandler(async (error: Error, req: FastifyRequest, reply: FastifyReply) => {
     const err = isBrokerError(error) ? error : new BrokerError('internal', 'internal error', { cause: error });
     const status = consoleStatus(err.code);
-    if (status >= 500) (deps.log ?? ((l: string) => process.stderr.write(l + '\n')))(`broker: console ${req.method} ${req.url.split('?')[0]}: ${err.code}: ${describe(error)}`);
+    if (status >= 500) (deps.log ?? ((l: string) => process.stderr.write(l + '\n')))(`broker: console ${req.method} ${req.url.split('?')[0]}: ${err.code}: ${describeCause(error)}`);
     const message = status >= 500 ? 'internal error' : err.message;
     if (wantsJson(req)) return reply.code(status).send({ error: { code: err.code, message } });
     return reply.code(status).type('text/html; charset=utf-8').send(errorPage(status, message, req.consoleSession));
@@ -595,14 +595,4 @@ async function discover(issuer: string, clientId: string): Promise<oidc.Configur
   } catch (err) {
     throw new BrokerError('identity_provider_unavailable', `the identity provider ${issuer} could not be reached`, { cause: err });
   }
-}
-
-function describe(error: unknown): string {
-  const parts: string[] = [];
-  let e: unknown = error;
-  while (e instanceof Error && parts.length < 4) {
-    parts.push(e.message);
-    e = e.cause;
-  }
-  return parts.join(': ') || String(error);
 }

@@ -20,8 +20,9 @@
  */
 import { buildStories, summarize, type Story, type Summary } from '../audit/show.ts';
 import { AUDIT_TABLE, PostgresAuditReader } from '../audit/postgres.ts';
-import type { AuditRecord, VerifyResult } from '../audit/types.ts';
+import type { AuditRecord } from '../audit/types.ts';
 import type { ConsoleDatabase } from './db.ts';
+import { ChainStatus } from './timeline.ts';
 import { AGENT_EXPR, APPROVAL_EXPR, LIFECYCLE, NAME_EXPR } from './migration.ts';
 
 /** Rows of the same agent and task name read back before the task's first record, at most. */
@@ -32,35 +33,12 @@ type Row = { seq: string; line: string };
 export type Found = { story: Story; summary: Summary };
 
 /** The chain's verdict over the whole table, brought up to date on each call (one reader, incremental). */
-export class StoreChainStatus {
-  readonly #reader: PostgresAuditReader;
-  #running: Promise<VerifyResult> | undefined;
-
-  constructor(url: string) {
-    this.#reader = new PostgresAuditReader(url);
-  }
-
-  async within(ms: number): Promise<VerifyResult | undefined> {
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const late = new Promise<undefined>((done) => (timer = setTimeout(() => done(undefined), ms)));
-    try {
-      return await Promise.race([this.check(), late]);
-    } finally {
-      clearTimeout(timer);
-    }
-  }
-
-  check(): Promise<VerifyResult> {
-    this.#running ??= (async () => {
-      try {
-        await this.#reader.read({ keep: false });
-        return this.#reader.result(false);
-      } finally {
-        this.#running = undefined;
-      }
-    })();
-    return this.#running;
-  }
+export function storeChainStatus(url: string): ChainStatus {
+  const reader = new PostgresAuditReader(url);
+  return new ChainStatus(async () => {
+    await reader.read({ keep: false });
+    return reader.result(false);
+  });
 }
 
 export class StoreStories {

@@ -17,13 +17,28 @@ import { AuditReader, buildStories, eventMicros, summarize, type Story, type Sum
 import type { AuditRecord, JsonValue, VerifyResult } from '../audit/types.ts';
 import { terminalText } from './html.ts';
 
-/** The chain's verdict over the whole file, brought up to date on each call (one reader, incremental). */
+/**
+ * The chain's verdict, brought up to date on each call by one incremental reader: the file's
+ * (AuditReader) or the PostgreSQL store's (PostgresAuditReader), as `broker audit verify` reads them.
+ * One check at a time; callers during a check share it.
+ */
 export class ChainStatus {
-  readonly #reader: AuditReader;
+  readonly #catchUp: () => Promise<VerifyResult>;
   #running: Promise<VerifyResult> | undefined;
 
-  constructor(path: string) {
-    this.#reader = new AuditReader(path);
+  /** `catchUp` reads what was appended since its last call, keeping only the verdict, and returns it. */
+  constructor(catchUp: () => Promise<VerifyResult>) {
+    this.#catchUp = catchUp;
+  }
+
+  /** Over the audit log at `path`. */
+  static ofFile(path: string): ChainStatus {
+    const reader = new AuditReader(path);
+    // The records are dropped at once: only the verdict is kept.
+    return new ChainStatus(async () => {
+      while ((await reader.read()).length > 0);
+      return reader.result(false);
+    });
   }
 
   /** The verdict if it is known within `ms` (the first pass over a large log takes a while), else undefined. */
@@ -38,15 +53,7 @@ export class ChainStatus {
   }
 
   check(): Promise<VerifyResult> {
-    this.#running ??= (async () => {
-      try {
-        // The records are dropped at once: only the verdict is kept.
-        while ((await this.#reader.read()).length > 0);
-        return this.#reader.result(false);
-      } finally {
-        this.#running = undefined;
-      }
-    })();
+    this.#running ??= this.#catchUp().finally(() => (this.#running = undefined));
     return this.#running;
   }
 }

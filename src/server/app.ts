@@ -6,7 +6,7 @@
 import { randomUUID } from 'node:crypto';
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { AuditSink } from '../audit/sink.ts';
-import { BrokerError, isBrokerError, type ErrorCode } from '../errors.ts';
+import { BrokerError, describeCause, isBrokerError, type ErrorCode } from '../errors.ts';
 import { acceptedBefore, authenticate } from '../identity/service-account.ts';
 import { actorOf, type Authenticator, type Caller } from '../identity/types.ts';
 import { toView as approvalView } from '../approvals/model.ts';
@@ -223,7 +223,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
         })
         .catch(() => undefined);
     }
-    if (status >= 500) log(`broker: ${req.method} ${routePath(req)} ${req.id}: ${err.code}: ${describe(error)}`);
+    if (status >= 500) log(`broker: ${req.method} ${routePath(req)} ${req.id}: ${err.code}: ${describeCause(error)}`);
     if (err instanceof RateLimitedError) reply.header('retry-after', String(err.retryAfterSeconds)).header('x-request-id', req.id);
     return reply.code(status).send({ error: { ...publicError(err, status), ...errorHint(err, deps) } });
   });
@@ -396,14 +396,4 @@ function publicError(err: BrokerError, status: number): { code: ErrorCode; messa
   if (err.code === 'cluster_unavailable') return { code: err.code, message: 'the Kubernetes API server could not complete the broker\'s request' };
   if (status >= 500) return { code: err.code, message: 'internal error' };
   return { code: err.code, message: err.message, ...(err.field ? { field: err.field } : {}) };
-}
-
-function describe(error: unknown): string {
-  const parts: string[] = [];
-  let e: unknown = error;
-  while (e instanceof Error && parts.length < 4) {
-    parts.push(e.message);
-    e = e.cause;
-  }
-  return parts.join(': ') || String(error);
 }
