@@ -35,7 +35,7 @@ import { grantWords } from './grants.ts';
 import { approvalsList, approvalsPage, chainLine, errorPage, signedInPage, signInPage, taskPage, tasksList, tasksPage, type ApprovalCard, type TaskFilter } from './pages.ts';
 import { ConsoleDatabase } from './db.ts';
 import { sameToken, SESSION_SECONDS, SessionStore, type Session } from './session.ts';
-import { SharedSessions, type ConsoleSessions } from './shared-sessions.ts';
+import { SharedSessions, type ConsoleSessions, type LoginSigner } from './shared-sessions.ts';
 import { storeChainStatus, StoreStories } from './store-timeline.ts';
 import { ChainStatus, readRecording, recordingOf, taskStory } from './timeline.ts';
 
@@ -57,6 +57,8 @@ export interface ConsoleDeps {
   /** Cookies carry `Secure` (the broker serves TLS). */
   secure: boolean;
   sessions?: ConsoleSessions;
+  /** With a shared audit store: signs the login cookie that carries a sign-in in progress (the brokers' StateSigner). */
+  signer?: LoginSigner;
   /** How often the live updates look for changes. Default 1 s. */
   pollMs?: number;
   log?: (line: string) => void;
@@ -107,7 +109,8 @@ export function sessionCookie(secure: boolean): { name: string; options: { path:
 
 export function registerConsole(app: FastifyInstance, deps: ConsoleDeps): ConsoleSessions {
   const db = deps.auditStore ? new ConsoleDatabase(deps.auditStore) : undefined;
-  const sessions = deps.sessions ?? (db ? new SharedSessions(db) : new SessionStore());
+  if (db && !deps.signer && !deps.sessions) throw new Error('the console on a shared audit store needs the brokers\' state signer (its login cookies are signed)');
+  const sessions = deps.sessions ?? (db ? new SharedSessions(db, deps.signer!) : new SessionStore());
   void app.register(async (ui) => consoleRoutes(ui, deps, sessions, db), { prefix: '/ui' });
   return sessions;
 }
@@ -205,7 +208,7 @@ async function consoleRoutes(ui: FastifyInstance, deps: ConsoleDeps, sessions: C
     if (!chosen || !/^\d{1,3}$/.test(req.query.issuer ?? '0')) throw new BrokerError('invalid_argument', 'no such identity provider: choose one on the sign-in page', { field: 'issuer' });
     const config = await discover(chosen.issuer, chosen.clientId);
     const verifier = oidc.randomPKCECodeVerifier();
-    const login = sessions.startLogin({
+    const login = await sessions.startLogin({
       issuer: chosen.issuer,
       clientId: chosen.clientId,
       verifier,
@@ -227,7 +230,7 @@ async function consoleRoutes(ui: FastifyInstance, deps: ConsoleDeps, sessions: C
   });
 
   ui.get('/callback', async (req, reply) => {
-    const login = sessions.takeLogin(req.cookies[LOGIN_COOKIE]);
+    const login = await sessions.takeLogin(req.cookies[LOGIN_COOKIE]);
     reply.clearCookie(LOGIN_COOKIE, { path: '/ui/callback', httpOnly: true, secure: deps.secure, sameSite: 'lax' });
     if (!login) throw new BrokerError('unauthenticated', 'this sign-in was not started in this browser, or took too long: sign in again');
     // Only an issuer and client the policy names, and this console's own redirect (with shared sessions the login cookie carries them).

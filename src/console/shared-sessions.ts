@@ -17,10 +17,14 @@
  * - Fails closed: the database away, console requests get 503 (audit_unavailable), never a guess.
  * - Sign-ins in progress: the login cookie itself carries the PKCE verifier, state and nonce (HttpOnly,
  *   sent only to /ui/callback, Secure with TLS, 10 minutes), so the identity provider's redirect may
- *   come back to any replica; the callback takes only an issuer and client the policy names.
+ *   come back to any replica; the callback takes only an issuer and client the policy names. The
+ *   cookie is signed with the brokers' shared state key (src/state-signature.ts), so a login cookie
+ *   planted in a browser (a sibling host can set cookies for this one) is refused: only a sign-in
+ *   this console started can finish.
  */
 import { createHash, createHmac, randomBytes } from 'node:crypto';
 import type { Caller } from '../identity/types.ts';
+import type { Facts } from '../state-signature.ts';
 import type { ConsoleDatabase } from './db.ts';
 import { PRUNE_SESSIONS, SESSIONS_TABLE, SIGNOUTS_TABLE } from './migration.ts';
 import { LOGIN_SECONDS, SESSION_SECONDS, type PendingLogin, type Session } from './session.ts';
@@ -33,8 +37,8 @@ export interface ConsoleSessions {
   onEnded(cb: (id: string) => void): () => void;
   /** Of these sessions' ids, those signed out elsewhere (another replica). */
   signedOutElsewhere?(ids: string[]): Promise<Set<string>>;
-  startLogin(login: Omit<PendingLogin, 'id' | 'expiresAt'>): PendingLogin;
-  takeLogin(id: string | undefined): PendingLogin | undefined;
+  startLogin(login: Omit<PendingLogin, 'id' | 'expiresAt'>): PendingLogin | Promise<PendingLogin>;
+  takeLogin(id: string | undefined): PendingLogin | undefined | Promise<PendingLogin | undefined>;
   close?(): void;
 }
 
@@ -47,13 +51,22 @@ export function csrfOf(id: string): string {
   return createHmac('sha256', id).update('task-broker console csrf').digest('base64url');
 }
 
+/** Signs and checks the login cookie: the brokers' StateSigner (every replica holds the same key). */
+export interface LoginSigner {
+  sign(kind: string, facts: Facts): Promise<string>;
+  verify(kind: string, facts: Facts, signature: string | undefined): Promise<boolean>;
+}
+const LOGIN_KIND = 'console-login';
+
 export class SharedSessions implements ConsoleSessions {
   readonly #db: ConsoleDatabase;
+  readonly #signer: LoginSigner;
   readonly #ended = new Set<(id: string) => void>();
   #timer: NodeJS.Timeout | undefined;
 
-  constructor(db: ConsoleDatabase) {
+  constructor(db: ConsoleDatabase, signer: LoginSigner) {
     this.#db = db;
+    this.#signer = signer;
     this.#timer = setInterval(() => void this.#db.query(`SELECT ${PRUNE_SESSIONS}`).catch(() => undefined), PRUNE_EVERY_MS).unref();
   }
 
@@ -107,17 +120,20 @@ export class SharedSessions implements ConsoleSessions {
   }
 
   /** The sign-in's state travels in its own cookie (any replica may get the identity provider's redirect). */
-  startLogin(login: Omit<PendingLogin, 'id' | 'expiresAt'>): PendingLogin {
+  async startLogin(login: Omit<PendingLogin, 'id' | 'expiresAt'>): Promise<PendingLogin> {
     const expiresAt = Date.now() + LOGIN_SECONDS * 1000;
-    const id = Buffer.from(JSON.stringify({ ...login, expiresAt })).toString('base64url');
+    const facts = { ...login, expiresAt };
+    // `BODY.KID.SIGNATURE`: base64url holds no dot.
+    const id = `${Buffer.from(JSON.stringify(facts)).toString('base64url')}.${await this.#signer.sign(LOGIN_KIND, facts)}`;
     return { ...login, id, expiresAt };
   }
 
-  takeLogin(id: string | undefined): PendingLogin | undefined {
-    if (typeof id !== 'string' || id.length > 4096 || !/^[A-Za-z0-9_-]+$/.test(id)) return undefined;
+  async takeLogin(id: string | undefined): Promise<PendingLogin | undefined> {
+    if (typeof id !== 'string' || id.length > 4096 || !/^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/.test(id)) return undefined;
+    const dot = id.indexOf('.');
     let v: Record<string, unknown>;
     try {
-      v = JSON.parse(Buffer.from(id, 'base64url').toString('utf8')) as Record<string, unknown>;
+      v = JSON.parse(Buffer.from(id.slice(0, dot), 'base64url').toString('utf8')) as Record<string, unknown>;
     } catch {
       return undefined;
     }
@@ -125,6 +141,7 @@ export class SharedSessions implements ConsoleSessions {
     if (!v || typeof v !== 'object' || keys.some((k) => typeof v[k] !== 'string') || typeof v['expiresAt'] !== 'number') return undefined;
     if ((v['expiresAt'] as number) <= Date.now() || (v['expiresAt'] as number) > Date.now() + LOGIN_SECONDS * 1000) return undefined;
     const login = Object.fromEntries(keys.map((k) => [k, v[k] as string])) as Omit<PendingLogin, 'id' | 'expiresAt'>;
+    if (!(await this.#signer.verify(LOGIN_KIND, { ...login, expiresAt: v['expiresAt'] as number }, id.slice(dot + 1)))) return undefined;
     return { ...login, id, expiresAt: v['expiresAt'] as number };
   }
 

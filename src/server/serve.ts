@@ -349,6 +349,7 @@ async function start(opts: ServeOptions, p: Prepared, opened: Opened): Promise<R
         recordings: opts.proxy ? (opts.proxy.recordings ?? `${opts.auditLog!}.sessions`) : undefined,
         origin: () => consoleOrigin,
         secure: p.https !== undefined,
+        signer,
       });
   }
   const app = (opened.app = buildApp(deps));

@@ -4,6 +4,7 @@
  * per session, the CSP and security headers on every answer, refusals of state changes without a
  * session, from another origin, or without the CSRF token; the shared sessions' sign-in cookie.
  */
+import { createHmac } from 'node:crypto';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import cookie from '@fastify/cookie';
@@ -13,6 +14,7 @@ import type { ConsoleDatabase } from '../../src/console/db.ts';
 import { sameToken, SessionStore } from '../../src/console/session.ts';
 import { csrfOf, SharedSessions } from '../../src/console/shared-sessions.ts';
 import type { Caller } from '../../src/identity/types.ts';
+import { canonicalJson } from '../../src/state-signature.ts';
 import type { Policy } from '../../src/policy/types.ts';
 
 const caller: Caller = { agent: '', subject: 'https://idp#alice', method: 'oidc', principal: 'person:alice' };
@@ -118,17 +120,32 @@ test('before sign-in: the CSP and headers on every answer; pages send to sign-in
 });
 
 test('shared sessions (several replicas): the sign-in in progress travels in its cookie; a forged, stale or foreign one is refused; CSRF tokens derive from the id', async () => {
-  const shared = new SharedSessions({} as ConsoleDatabase);
+  // The brokers' StateSigner is a key Secret in the cluster; here a keyed HMAC stands in for it (a signer per key).
+  const signer = (key: string) => {
+    const mac = (kind: string, facts: object) => `k.${createHmac('sha256', key).update(`${kind}\n${canonicalJson(facts)}`).digest('base64url')}`;
+    return { sign: async (kind: string, facts: object) => mac(kind, facts), verify: async (kind: string, facts: object, sig: string | undefined) => sig === mac(kind, facts) };
+  };
+  const shared = new SharedSessions({} as ConsoleDatabase, signer('the brokers key'));
+  const other = new SharedSessions({} as ConsoleDatabase, signer('another key'));
   try {
-    const login = shared.startLogin({ issuer: 'https://idp', clientId: 'console', verifier: 'v', state: 's', nonce: 'n', redirectUri: 'http://127.0.0.1:1/ui/callback' });
-    assert.ok(login.id.length < 4096 && /^[A-Za-z0-9_-]+$/.test(login.id), 'a cookie value');
-    assert.deepEqual({ ...shared.takeLogin(login.id), id: '' }, { ...login, id: '' });
-    assert.equal(shared.takeLogin('not base64 json'), undefined);
-    assert.equal(shared.takeLogin(Buffer.from('{"issuer":1}').toString('base64url')), undefined, 'fields of the wrong type');
+    const login = await shared.startLogin({ issuer: 'https://idp', clientId: 'console', verifier: 'v', state: 's', nonce: 'n', redirectUri: 'http://127.0.0.1:1/ui/callback' });
+    assert.ok(login.id.length < 4096 && /^[A-Za-z0-9_.-]+$/.test(login.id), 'a cookie value');
+    assert.deepEqual({ ...(await shared.takeLogin(login.id)), id: '' }, { ...login, id: '' });
+    assert.equal(await other.takeLogin(login.id), undefined, 'signed with another key');
+    assert.equal(await shared.takeLogin('not base64 json'), undefined);
+    const [body, kid] = login.id.split('.');
+    const planted = { issuer: 'https://idp', clientId: 'console', verifier: 'attacker', state: 's', nonce: 'n', redirectUri: 'http://127.0.0.1:1/ui/callback', expiresAt: login.expiresAt };
+    assert.equal(await shared.takeLogin(`${Buffer.from(JSON.stringify(planted)).toString('base64url')}.${login.id.split('.').slice(1).join('.')}`), undefined, 'a verifier of its own under a real signature');
+    assert.equal(await shared.takeLogin(`${body}.${kid}.AAAA`), undefined, 'a made-up signature');
+    assert.equal(await shared.takeLogin(body), undefined, 'unsigned (as before signing)');
+    assert.equal(await shared.takeLogin(Buffer.from('{"issuer":1}').toString('base64url') + '.k.x'), undefined, 'fields of the wrong type');
     const stale = { issuer: 'i', clientId: 'c', verifier: 'v', state: 's', nonce: 'n', redirectUri: 'r', expiresAt: Date.now() - 1 };
-    assert.equal(shared.takeLogin(Buffer.from(JSON.stringify(stale)).toString('base64url')), undefined, 'expired');
+    const signed = async (facts: typeof stale) => `${Buffer.from(JSON.stringify(facts)).toString('base64url')}.${await signer('the brokers key').sign('console-login', facts)}`;
+    assert.equal(await shared.takeLogin(await signed(stale)), undefined, 'expired');
     const far = { ...stale, expiresAt: Date.now() + 3600_000 };
-    assert.equal(shared.takeLogin(Buffer.from(JSON.stringify(far)).toString('base64url')), undefined, 'longer than a sign-in may take');
+    assert.equal(await shared.takeLogin(await signed(far)), undefined, 'longer than a sign-in may take');
+    const fine = { ...stale, expiresAt: Date.now() + 60_000 };
+    assert.equal((await shared.takeLogin(await signed(fine)))?.verifier, 'v', 'the same, well signed and in time, is taken');
     assert.equal(csrfOf('a'.repeat(43)), csrfOf('a'.repeat(43)));
     assert.notEqual(csrfOf('a'.repeat(43)), csrfOf('b'.repeat(43)));
     assert.equal(csrfOf('a'.repeat(43)).includes('a'.repeat(43)), false);
@@ -151,7 +168,16 @@ test('shared sessions (several replicas): the sign-in in progress travels in its
         { ...login, clientId: 'other' },
         { ...login, redirectUri: 'https://attacker.example/ui/callback' },
       ]) {
-        const value = Buffer.from(JSON.stringify({ ...forged, id: undefined })).toString('base64url');
+        const { id: _id, ...facts } = forged;
+        const body = Buffer.from(JSON.stringify(facts)).toString('base64url');
+        // Unsigned, or signed by another key: not a sign-in this console started.
+        for (const value of [body, `${body}.${await signer('another key').sign('console-login', facts)}`]) {
+          const r = await app.inject({ method: 'GET', url: '/ui/callback?code=x&state=s', headers: { cookie: `broker-login=${value}` } });
+          assert.equal(r.statusCode, 401, JSON.stringify(forged));
+          assert.match(r.body, /was not started in this browser/);
+        }
+        // Even signed with the brokers' key (say, the policy changed during the sign-in): refused before any request to it.
+        const value = `${body}.${await signer('the brokers key').sign('console-login', facts)}`;
         const r = await app.inject({ method: 'GET', url: '/ui/callback?code=x&state=s', headers: { cookie: `broker-login=${value}` } });
         assert.equal(r.statusCode, 401, JSON.stringify(forged));
         assert.match(r.body, /names an identity provider the policy no longer offers/);
@@ -161,5 +187,6 @@ test('shared sessions (several replicas): the sign-in in progress travels in its
     }
   } finally {
     shared.close();
+    other.close();
   }
 });
