@@ -30,7 +30,7 @@ import { recordedKey } from './kube-events.ts';
 import { checkEvent } from './log.ts';
 import type { AuditSink } from './sink.ts';
 import { GENESIS_HASH, OPTIONAL_STRING_FIELDS, type AuditEventInput, type AuditRecord, type VerifyResult } from './types.ts';
-import { canonicalRecordJson, ChainVerifier, recordLine, sha256Hex } from './verify.ts';
+import { canonicalRecordJson, ChainVerifier, recordLine, sha256Hex, type VerifyOptions } from './verify.ts';
 import { usedProofsMigration } from '../identity/proof-replay.ts';
 import { consoleMigration } from '../console/migration.ts';
 
@@ -563,11 +563,12 @@ export class PostgresAuditReader {
     }
   }
 
-  result(_complete: boolean): VerifyResult {
+  /** The verdict so far; with `expectLast`, also whether the last record has that hash (ChainVerifier's check, as for a file). */
+  result(_complete: boolean, options: Pick<VerifyOptions, 'expectLast'> = {}): VerifyResult {
     if (this.#broken) return this.#broken;
     const r = this.#verifier.finish(false);
-    if (!r.ok) this.#broken = r;
-    return r;
+    if (!r.ok) return (this.#broken = r);
+    return options.expectLast === undefined ? r : this.#verifier.finish(false, options);
   }
 }
 

@@ -109,14 +109,25 @@ async function verify(file: string, opts: VerifyCommandOptions): Promise<void> {
       { field: '--recordings' },
     );
   }
+  const hint = result.problem === 'torn-tail' ? `; if that is the only problem, \`broker audit repair-tail ${file}\` removes it and records that it did` : '';
+  const recordingsLine = recordings && `session recordings: ${recordings.checked} checked against their hashes in the log, all match\n`;
+  reportVerdict(result, file, opts.output, recordingsLine, hint);
+}
+
+/**
+ * verify's answer, for a file or the store: the summary when the chain holds (text output), else
+ * audit_chain_broken naming `where` (also after -o json: main.ts turns it into exit status 1, and
+ * stdout holds only the JSON).
+ */
+function reportVerdict(result: LiveVerifyResult, where: string, output: OutputFormat, recordingsLine?: string, hint = ''): void {
   if (result.ok) {
-    if (opts.output !== 'json') {
+    if (output !== 'json') {
       let text = `${style.ok('ok')}: ${result.records} records, last hash ${result.lastHash}\n`;
       if (result.expected) {
         const after = result.records - result.expected.seq - 1;
         text += `expected record found: seq ${result.expected.seq} (line ${result.expected.line}), ${after} record${after === 1 ? '' : 's'} after it\n`;
       }
-      if (recordings) text += `session recordings: ${recordings.checked} checked against their hashes in the log, all match\n`;
+      if (recordingsLine) text += recordingsLine;
       if (result.inProgress) {
         text += `in progress: line ${result.inProgress.line} (${result.inProgress.bytes} bytes so far) was being written when read; not checked\n`;
       }
@@ -124,9 +135,7 @@ async function verify(file: string, opts: VerifyCommandOptions): Promise<void> {
     }
     return;
   }
-  // Also after -o json: main.ts turns the BrokerError into exit status 1 (stdout holds only the JSON).
-  if (result.problem === 'expect-not-found') throw new BrokerError('audit_chain_broken', `${file}: ${result.reason}`, { field: '--expect' });
-  const hint = result.problem === 'torn-tail' ? `; if that is the only problem, \`broker audit repair-tail ${file}\` removes it and records that it did` : '';
+  if (result.problem === 'expect-not-found') throw new BrokerError('audit_chain_broken', `${where}: ${result.reason}`, { field: '--expect' });
   throw new BrokerError('audit_chain_broken', describeBreak(result) + hint);
 }
 
@@ -143,33 +152,13 @@ async function verifyStore(url: string, opts: VerifyCommandOptions): Promise<voi
     if (expected === undefined && hash === opts.expect) expected = { hash, seq, line: seq + 1 };
   });
   await reader.read({ keep: false });
-  const chain = reader.result(true);
+  const chain = reader.result(true, { expectLast: opts.expectLast });
   let result: LiveVerifyResult = chain;
-  if (chain.ok && opts.expectLast !== undefined && chain.lastHash !== opts.expectLast) {
-    result = {
-      ok: false,
-      records: chain.records,
-      line: Math.max(chain.records, 1),
-      ...(chain.records > 0 ? { seq: chain.records - 1 } : {}),
-      reason: `the last record's hash ${chain.lastHash} is not the expected ${opts.expectLast} (records were cut from the end, or added)`,
-    };
-  } else if (chain.ok && opts.expect !== undefined) {
+  if (chain.ok && opts.expect !== undefined) {
     result = expected ? { ...chain, expected } : { ok: false, records: chain.records, line: chain.records, reason: `no record has the hash ${opts.expect} (records up to it were cut or changed)`, problem: 'expect-not-found' };
   }
   if (opts.output === 'json') printJson(result);
-  if (result.ok) {
-    if (opts.output !== 'json') {
-      let text = `${style.ok('ok')}: ${result.records} records, last hash ${result.lastHash}\n`;
-      if (result.expected) {
-        const after = result.records - result.expected.seq - 1;
-        text += `expected record found: seq ${result.expected.seq} (line ${result.expected.line}), ${after} record${after === 1 ? '' : 's'} after it\n`;
-      }
-      process.stdout.write(text);
-    }
-    return;
-  }
-  if (result.problem === 'expect-not-found') throw new BrokerError('audit_chain_broken', `${reader.where}: ${result.reason}`, { field: '--expect' });
-  throw new BrokerError('audit_chain_broken', describeBreak(result));
+  reportVerdict(result, reader.where, opts.output);
 }
 
 interface MigrateCommandOptions {

@@ -166,6 +166,12 @@ test('tampering by the superuser: audit verify names the record; an altered last
   const ok = broker(['audit', 'verify', pg.url('task_broker')]);
   assert.equal(ok.status, 0, ok.stderr);
   assert.match(ok.stdout, /^ok: \d+ records, last hash [0-9a-f]{64}\n$/);
+  // --expect-last, as for a file: the last hash kept elsewhere matches, and any other is refused.
+  const last = /last hash ([0-9a-f]{64})/.exec(ok.stdout)![1]!;
+  assert.equal(broker(['audit', 'verify', pg.url('task_broker'), '--expect-last', last]).status, 0);
+  const cut = broker(['audit', 'verify', pg.url('task_broker'), '--expect-last', '0'.repeat(64)]);
+  assert.equal(cut.status, 1);
+  assert.match(cut.stderr, new RegExp(`the last record's hash ${last} is not the expected 0{64} \\(records were cut from the end, or added\\)`));
 
   await pg.query('postgres', `UPDATE task_broker.audit SET line = replace(line, '"actor":"writer-1"', '"actor":"writer-9"') WHERE seq = (SELECT min(seq) FROM task_broker.audit WHERE line LIKE '%"actor":"writer-1"%')`);
   const edited = broker(['audit', 'verify', pg.url('task_broker')]);
