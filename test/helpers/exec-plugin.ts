@@ -3,10 +3,10 @@
  * a kubeconfig whose user runs the plugin entry (what `broker credential` runs) with `--task NAME
  * --broker URL`, holding no secret.
  */
-import { existsSync, writeFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { kubectlPath, type LocalCluster } from '../../src/cluster/local-cluster.ts';
-import { run, type RunResult } from './kube.ts';
+import { run, writeKubeconfig, type RunResult } from './kube.ts';
 
 export const PLUGIN_BUILDS = {
   node: { command: process.execPath, args: [new URL('../../src/credential/main.cts', import.meta.url).pathname] },
@@ -22,19 +22,7 @@ export function pluginBuilds(): PluginBuild[] {
 export function writePluginKubeconfig(dir: string, cluster: LocalCluster, brokerUrl: string, task: string, build: PluginBuild): string {
   const path = join(dir, `plugin-${build}-${task}.kubeconfig`);
   const { command, args } = PLUGIN_BUILDS[build];
-  writeFileSync(
-    path,
-    JSON.stringify({
-      apiVersion: 'v1',
-      kind: 'Config',
-      clusters: [{ name: 'local', cluster: { server: cluster.server, 'certificate-authority': cluster.caFile } }],
-      users: [{ name: 'u', user: { exec: { apiVersion: 'client.authentication.k8s.io/v1', command, args: [...args, '--task', task, '--broker', brokerUrl], interactiveMode: 'Never' } } }],
-      contexts: [{ name: 'local', context: { cluster: 'local', user: 'u' } }],
-      'current-context': 'local',
-    }),
-    { mode: 0o600 },
-  );
-  return path;
+  return writeKubeconfig(path, cluster, { exec: { apiVersion: 'client.authentication.k8s.io/v1', command, args: [...args, '--task', task, '--broker', brokerUrl], interactiveMode: 'Never' } });
 }
 
 /**

@@ -10,21 +10,26 @@ export function adminConfig(cluster: LocalCluster): k8s.KubeConfig {
   return kc;
 }
 
-/** A kubeconfig (JSON) for the cluster with a bearer token user, written to `path`. */
-export function writeTokenKubeconfig(path: string, cluster: LocalCluster, token: string): string {
+/** A kubeconfig (JSON) for the cluster whose one user is `user` (a token, an exec entry), written to `path` (0600). */
+export function writeKubeconfig(path: string, cluster: LocalCluster, user: object): string {
   writeFileSync(
     path,
     JSON.stringify({
       apiVersion: 'v1',
       kind: 'Config',
       clusters: [{ name: 'local', cluster: { server: cluster.server, 'certificate-authority': cluster.caFile } }],
-      users: [{ name: 'u', user: { token } }],
+      users: [{ name: 'u', user }],
       contexts: [{ name: 'local', context: { cluster: 'local', user: 'u' } }],
       'current-context': 'local',
     }),
     { mode: 0o600 },
   );
   return path;
+}
+
+/** A kubeconfig (JSON) for the cluster with a bearer token user, written to `path`. */
+export function writeTokenKubeconfig(path: string, cluster: LocalCluster, token: string): string {
+  return writeKubeconfig(path, cluster, { token });
 }
 
 export interface RunResult {
