@@ -7,12 +7,13 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { randomBytes, randomUUID } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { BrokerEnv, type BrokerProcess } from '../helpers/broker.ts';
 import { kubectl, writeTokenKubeconfig } from '../helpers/kube.ts';
 import { TestPostgres } from '../helpers/postgres.ts';
+import { auditTime, eventList, podEvent, taskUser } from '../helpers/kube-audit-events.ts';
 import { until } from '../helpers/wait.ts';
 
 const MAIN = new URL('../../src/cli/main.ts', import.meta.url).pathname;
@@ -21,28 +22,6 @@ const WEBHOOK = '/v1/audit/kubernetes';
 function cli(args: string[]): { status: number | null; stdout: string; stderr: string } {
   const r = spawnSync(process.execPath, [MAIN, ...args], { encoding: 'utf8', timeout: 60_000 });
   return { status: r.status, stdout: r.stdout, stderr: r.stderr };
-}
-
-/** An audit.k8s.io/v1 event of a task's ServiceAccount, shaped as the API server sends them. */
-function requestEvent(taskNamespace: string, taskId: string, at: Date): Record<string, unknown> {
-  const t = at.toISOString().replace('Z', '000Z');
-  return {
-    kind: 'Event',
-    apiVersion: 'audit.k8s.io/v1',
-    level: 'Metadata',
-    auditID: randomUUID(),
-    stage: 'ResponseComplete',
-    requestURI: '/api/v1/namespaces/team-a/pods?limit=500',
-    verb: 'list',
-    user: { username: `system:serviceaccount:${taskNamespace}:task-${taskId}`, groups: ['system:serviceaccounts', 'system:authenticated'] },
-    sourceIPs: ['127.0.0.1'],
-    userAgent: 'kubectl/v1.34.0',
-    objectRef: { resource: 'pods', namespace: 'team-a', apiVersion: 'v1' },
-    responseStatus: { metadata: {}, code: 200 },
-    requestReceivedTimestamp: t,
-    stageTimestamp: t,
-    annotations: { 'authorization.k8s.io/decision': 'allow', 'authorization.k8s.io/reason': 'RBAC: allowed by RoleBinding' },
-  };
 }
 
 describe('three brokers on one PostgreSQL audit store', () => {
@@ -95,7 +74,7 @@ describe('three brokers on one PostgreSQL audit store', () => {
     assert.equal(ended.status, 200);
 
     // The API server's batch, retried to every replica (after the end; placed by when it was received).
-    const batch = { kind: 'EventList', apiVersion: 'audit.k8s.io/v1', metadata: {}, items: [requestEvent(env!.policy.broker.taskNamespace, id, asked)] };
+    const batch = eventList([podEvent({ username: taskUser(env!.policy.broker.taskNamespace, id), name: null, time: auditTime(asked) })]);
     const answers = await Promise.all(brokers.map(async (b) => (await post(b, batch)).json() as Promise<{ recorded: number; duplicates: number }>));
     assert.deepEqual(answers.map((a) => a.recorded + a.duplicates), [1, 1, 1]);
     const requests = await pg!.query<{ n: string }>('postgres', `SELECT count(*) AS n FROM task_broker.audit WHERE type = 'k8s.request' AND task = $1`, [id]);

@@ -13,7 +13,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { createHash, randomBytes, randomUUID } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { BrowserContext, Page } from 'playwright-core';
@@ -27,6 +27,7 @@ import { BrokerEnv, type BrokerProcess } from '../helpers/broker.ts';
 import { browserAvailable, launchBrowser, type TestBrowser } from '../helpers/browser.ts';
 import { CONSOLE_CLIENT_ID, TestProvider } from '../helpers/oidc-provider.ts';
 import { postgresAvailable, TestPostgres } from '../helpers/postgres.ts';
+import { auditTime, eventList, podEvent, taskUser } from '../helpers/kube-audit-events.ts';
 import { until } from '../helpers/wait.ts';
 
 const MAIN = new URL('../../src/cli/main.ts', import.meta.url).pathname;
@@ -71,29 +72,6 @@ approvers:
     members:
       - oidcGroup: { issuer: "${issuer}", group: sre }
 `;
-}
-
-/** An audit.k8s.io/v1 event of a task's ServiceAccount, shaped as the API server sends them. */
-function requestEvent(taskNamespace: string, taskId: string, at: Date, n: number): Record<string, unknown> {
-  // n microseconds after `at` (n < 1000): all within the millisecond the batch was made, before the task's end.
-  const t = at.toISOString().replace('Z', `${String(n).padStart(3, '0')}Z`);
-  return {
-    kind: 'Event',
-    apiVersion: 'audit.k8s.io/v1',
-    level: 'Metadata',
-    auditID: randomUUID(),
-    stage: 'ResponseComplete',
-    requestURI: `/api/v1/namespaces/team-a/pods/p${n}`,
-    verb: 'get',
-    user: { username: `system:serviceaccount:${taskNamespace}:task-${taskId}`, groups: ['system:serviceaccounts', 'system:authenticated'] },
-    sourceIPs: ['127.0.0.1'],
-    userAgent: 'kubectl/v1.34.0',
-    objectRef: { resource: 'pods', namespace: 'team-a', name: `p${n}`, apiVersion: 'v1' },
-    responseStatus: { metadata: {}, code: 200 },
-    requestReceivedTimestamp: t,
-    stageTimestamp: t,
-    annotations: { 'authorization.k8s.io/decision': 'allow', 'authorization.k8s.io/reason': 'RBAC: allowed by RoleBinding' },
-  };
 }
 
 // In CI (.ci/run sets CI) a missing chromium or PostgreSQL fails the test rather than skipping it.
@@ -197,8 +175,9 @@ describe('web console on three replicas sharing a PostgreSQL audit store', { ski
       return r.status === 200 ? r : undefined;
     });
     const at = new Date();
-    const items = Array.from({ length: REQUESTS }, (_, n) => requestEvent(env!.policy.broker.taskNamespace, taskId, at, n));
-    const posted = await fetch(C().url + WEBHOOK, { method: 'POST', headers: { authorization: `Bearer ${webhookToken}`, 'content-type': 'application/json' }, body: JSON.stringify({ kind: 'EventList', apiVersion: 'audit.k8s.io/v1', metadata: {}, items }) });
+    // n microseconds after `at` (n < 1000): all within the millisecond the batch was made, before the task's end.
+    const items = Array.from({ length: REQUESTS }, (_, n) => podEvent({ username: taskUser(env!.policy.broker.taskNamespace, taskId), name: `p${n}`, time: auditTime(at, n) }));
+    const posted = await fetch(C().url + WEBHOOK, { method: 'POST', headers: { authorization: `Bearer ${webhookToken}`, 'content-type': 'application/json' }, body: JSON.stringify(eventList(items)) });
     assert.equal(posted.status, 200, await posted.text());
     const ended = await A().request('DELETE', '/v1/tasks/shared', alpha);
     assert.equal(ended.status, 200);

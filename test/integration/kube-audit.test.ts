@@ -15,7 +15,7 @@
 import { after, before, describe, test } from 'node:test';
 import { request as httpsRequest } from 'node:https';
 import assert from 'node:assert/strict';
-import { randomBytes, randomUUID } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -34,6 +34,7 @@ import { RecentTasks } from '../../src/tasks/recent.ts';
 import type { TaskStore } from '../../src/tasks/store.ts';
 import { BrokerProcess, mintToken, POLICY_FILE } from '../helpers/broker.ts';
 import { adminConfig, kubectl, run, writeTokenKubeconfig } from '../helpers/kube.ts';
+import { eventList, podEvent } from '../helpers/kube-audit-events.ts';
 import { until } from '../helpers/wait.ts';
 
 const MAIN = new URL('../../src/cli/main.ts', import.meta.url).pathname;
@@ -61,33 +62,6 @@ function records(path: string): Rec[] {
 
 const k8sRequests = (path: string) => records(path).filter((r) => r.type === 'k8s.request');
 
-/** A synthetic audit.k8s.io/v1 event, shaped as the API server sends them. */
-function event(o: { username: string; jti?: string; stage?: string; verb?: string; namespace?: string; name?: string; code?: number; decision?: string; auditID?: string }): Rec {
-  const t = new Date().toISOString().replace('Z', '000Z');
-  return {
-    kind: 'Event',
-    apiVersion: 'audit.k8s.io/v1',
-    level: 'Metadata',
-    auditID: o.auditID ?? randomUUID(),
-    stage: o.stage ?? 'ResponseComplete',
-    requestURI: `/api/v1/namespaces/${o.namespace ?? 'team-a'}/pods/${o.name ?? 'web-1'}`,
-    verb: o.verb ?? 'get',
-    user: {
-      username: o.username,
-      groups: ['system:serviceaccounts', 'system:authenticated'],
-      ...(o.jti ? { extra: { 'authentication.kubernetes.io/credential-id': [`JTI=${o.jti}`] } } : {}),
-    },
-    sourceIPs: ['127.0.0.1'],
-    userAgent: 'synthetic/1.0',
-    objectRef: { resource: 'pods', namespace: o.namespace ?? 'team-a', name: o.name ?? 'web-1', apiVersion: 'v1' },
-    responseStatus: { metadata: {}, code: o.code ?? 200 },
-    requestReceivedTimestamp: t,
-    stageTimestamp: t,
-    annotations: { 'authorization.k8s.io/decision': o.decision ?? 'allow', 'authorization.k8s.io/reason': 'RBAC: allowed by RoleBinding' },
-  };
-}
-
-const eventList = (items: Rec[]) => ({ kind: 'EventList', apiVersion: 'audit.k8s.io/v1', metadata: {}, items });
 
 describe('audit webhook: the API server records task requests through the broker', () => {
   let dir: string;
@@ -297,7 +271,7 @@ describe('audit webhook: the API server records task requests through the broker
   });
 
   test('unauthenticated posts are refused 401 and summarised as failed authentications; nothing is appended', async () => {
-    const batch = eventList([event({ username: `system:serviceaccount:${policy.broker.taskNamespace}:task-${task.id}` })]);
+    const batch = eventList([podEvent({ username: `system:serviceaccount:${policy.broker.taskNamespace}:task-${task.id}` })]);
     const id = batch.items[0]!.auditID;
     const none = await post(batch, ''); // no Authorization header
     assert.equal(none.status, 401);
@@ -318,7 +292,7 @@ describe('audit webhook: the API server records task requests through the broker
 
   test('malformed JSON, a wrong apiVersion or kind, or a malformed event: 400, nothing appended', async () => {
     const size = statSync(auditLog()).size;
-    const good = event({ username: `system:serviceaccount:${policy.broker.taskNamespace}:task-${task.id}` });
+    const good = podEvent({ username: `system:serviceaccount:${policy.broker.taskNamespace}:task-${task.id}` });
     const cases: Array<[string, unknown, string?]> = [
       ['not JSON', undefined, '{"kind":"EventList",'],
       ['wrong kind', { ...eventList([good]), kind: 'Event' }],
@@ -341,11 +315,11 @@ describe('audit webhook: the API server records task requests through the broker
   test('the same batch posted twice is recorded once; RequestReceived and other stages are not recorded', async () => {
     const user = `system:serviceaccount:${policy.broker.taskNamespace}:task-${task.id}`;
     const items = [
-      event({ username: user, verb: 'list' }),
-      event({ username: user, verb: 'get', name: 'a' }),
-      event({ username: user, stage: 'RequestReceived' }),
-      event({ username: user, stage: 'ResponseStarted' }),
-      event({ username: 'system:serviceaccount:kube-system:someone' }),
+      podEvent({ username: user, verb: 'list' }),
+      podEvent({ username: user, verb: 'get', name: 'a' }),
+      podEvent({ username: user, stage: 'RequestReceived' }),
+      podEvent({ username: user, stage: 'ResponseStarted' }),
+      podEvent({ username: 'system:serviceaccount:kube-system:someone' }),
     ];
     const first = await post(eventList(items));
     assert.equal(first.status, 200, JSON.stringify(first.body));
@@ -358,7 +332,7 @@ describe('audit webhook: the API server records task requests through the broker
       assert.equal(n, e.stage === 'ResponseComplete' && e.user.username === user ? 1 : 0, `${e.stage} ${e.user.username}`);
     }
     // Known by its JTI alone (a user outside the task namespace): kept, and tied to the task.
-    const byJti = event({ username: 'system:serviceaccount:elsewhere:x', jti: task.jti });
+    const byJti = podEvent({ username: 'system:serviceaccount:elsewhere:x', jti: task.jti });
     assert.deepEqual((await post(eventList([byJti]))).body, { recorded: 1, duplicates: 0, ignored: 0 });
     const r = k8sRequests(auditLog()).find((x) => x.details.auditID === byJti.auditID)!;
     assert.equal(r.task, task.id);
@@ -399,7 +373,7 @@ describe('audit webhook: the API server records task requests through the broker
 
   test('a 1,000-event batch is accepted and recorded whole, in one answer', async () => {
     const user = `system:serviceaccount:${policy.broker.taskNamespace}:task-${task.id}`;
-    const items = Array.from({ length: 1000 }, (_, i) => event({ username: user, jti: task.jti, name: `pod-${i}` }));
+    const items = Array.from({ length: 1000 }, (_, i) => podEvent({ username: user, jti: task.jti, name: `pod-${i}` }));
     const body = JSON.stringify(eventList(items));
     assert.ok(body.length > 16 * 1024, 'far above the API body limit of the other routes');
     const t0 = Date.now();
@@ -480,9 +454,9 @@ describe('audit webhook: the API server records task requests through the broker
     await broker!.stop();
     broker = await startBroker();
     const user = `system:serviceaccount:${policy.broker.taskNamespace}:task-${start.body.id}`;
-    const later = event({ username: user, jti: cred.body.jti });
-    const byJtiOnly = event({ username: 'system:serviceaccount:elsewhere:x', jti: cred.body.jti });
-    const unknown = event({ username: `system:serviceaccount:${policy.broker.taskNamespace}:task-zzzzzzzzzzzz` });
+    const later = podEvent({ username: user, jti: cred.body.jti });
+    const byJtiOnly = podEvent({ username: 'system:serviceaccount:elsewhere:x', jti: cred.body.jti });
+    const unknown = podEvent({ username: `system:serviceaccount:${policy.broker.taskNamespace}:task-zzzzzzzzzzzz` });
     assert.deepEqual((await post(eventList([later, byJtiOnly, unknown]))).body, { recorded: 3, duplicates: 0, ignored: 0 });
     const byId = (e: Rec) => k8sRequests(auditLog()).find((r) => r.details.auditID === e.auditID)!;
     for (const e of [later, byJtiOnly]) {
@@ -554,7 +528,7 @@ describe('broker audit webhook-config', () => {
 describe('webhook pieces without a cluster: outcomes, the log tail, the dedup bound, recent tasks', () => {
   test('outcome: forbid is denied, 5xx and panics are errors, allow is allowed whatever came after', () => {
     const e = (decision: string | undefined, code: number, stage = 'ResponseComplete') => ({
-      ...(event({ username: 'u', code, stage }) as unknown as KubeAuditEvent),
+      ...(podEvent({ username: 'u', code, stage }) as unknown as KubeAuditEvent),
       annotations: decision === undefined ? {} : { 'authorization.k8s.io/decision': decision },
     });
     assert.equal(outcomeOf(e('allow', 200)), 'allowed');
