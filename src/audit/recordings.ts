@@ -53,3 +53,41 @@ async function digest(path: string): Promise<{ sha256: string; bytes: number } |
   }
   return { sha256: hash.digest('hex'), bytes };
 }
+
+/** One frame of a session recording: what a channel carried, or the command's final status. */
+export type RecordingFrame =
+  | { t: number | undefined; channel: 'stdin' | 'stdout' | 'stderr'; data: string }
+  | { t: number | undefined; channel: 'end'; success: boolean; message: string };
+
+/**
+ * A recording's frames, after its header line (`t`: milliseconds since the session began, when the
+ * frame has it). A frame without a channel is stdout; resize and close frames, and lines that are
+ * not JSON, are left out. `audit show` and the web console's player both read recordings so.
+ */
+export function recordingFrames(raw: Buffer): RecordingFrame[] {
+  const frames: RecordingFrame[] = [];
+  for (const line of raw.toString('utf8').split('\n').slice(1)) {
+    if (line === '') continue;
+    let m: { t?: unknown; ch?: unknown; b64?: unknown };
+    try {
+      m = JSON.parse(line) as typeof m;
+    } catch {
+      continue;
+    }
+    const t = typeof m.t === 'number' && Number.isFinite(m.t) ? m.t : undefined;
+    const data = Buffer.from(typeof m.b64 === 'string' ? m.b64 : '', 'base64').toString('utf8');
+    if (m.ch === 'error') {
+      let status: { status?: string; message?: string } = {};
+      try {
+        status = JSON.parse(data) as typeof status;
+      } catch {
+        status = { message: data };
+      }
+      frames.push({ t, channel: 'end', success: status.status === 'Success', message: status.message ?? data });
+      continue;
+    }
+    const ch = m.ch ?? 'stdout';
+    if (ch === 'stdin' || ch === 'stdout' || ch === 'stderr') frames.push({ t, channel: ch, data });
+  }
+  return frames;
+}

@@ -15,6 +15,7 @@ import { join } from 'node:path';
 import { ChainVerifier } from './verify.ts';
 import type { AuditRecord, JsonValue, VerifyResult } from './types.ts';
 import { leftBehind, leftBehindLine } from './left-behind.ts';
+import { recordingFrames } from './recordings.ts';
 import { printable, safeJson } from '../text.ts';
 export { printable, safeJson };
 
@@ -524,31 +525,20 @@ export function transcript(dir: string, file: string, sha256: string): string[] 
     if (channel !== undefined) for (const l of text.split('\n')) if (l !== '') out.push(printable(`${prefix[channel]}${l}`));
     text = '';
   };
-  for (const line of raw.toString('utf8').split('\n').slice(1)) {
-    if (line === '') continue;
-    const m = JSON.parse(line) as { ch?: string | null; b64?: string };
-    const data = Buffer.from(m.b64 ?? '', 'base64').toString('utf8');
-    if (m.ch === 'error') {
+  for (const frame of recordingFrames(raw)) {
+    if (frame.channel === 'end') {
       // The status of the command at its end: shown unless it is plain success.
-      let status: { status?: string; message?: string } = {};
-      try {
-        status = JSON.parse(data) as typeof status;
-      } catch {
-        status = { message: data };
-      }
-      if (status.status !== 'Success') {
+      if (!frame.success) {
         flush();
-        out.push(printable(`(ended: ${status.message ?? data})`));
+        out.push(printable(`(ended: ${frame.message})`));
       }
       continue;
     }
-    const ch = m.ch ?? 'stdout';
-    if (!(ch in prefix)) continue; // resize, close
-    if (ch !== channel) {
+    if (frame.channel !== channel) {
       flush();
-      channel = ch;
+      channel = frame.channel;
     }
-    text += data;
+    text += frame.data;
   }
   flush();
   return out;

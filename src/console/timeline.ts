@@ -15,6 +15,7 @@ import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { AuditReader, buildStories, eventMicros, summarize, type Story, type Summary } from '../audit/show.ts';
 import type { AuditRecord, JsonValue, VerifyResult } from '../audit/types.ts';
+import { recordingFrames } from '../audit/recordings.ts';
 import { terminalText } from './html.ts';
 
 /**
@@ -153,30 +154,14 @@ export async function readRecording(dir: string, file: string, sha256: string): 
   }
   if (createHash('sha256').update(raw).digest('hex') !== sha256) return { ok: false, problem: 'its SHA-256 does not match the audit log: it was changed after the session' };
   const events: PlayerEvent[] = [];
-  const kinds: Record<string, PlayerEvent['kind']> = { stdin: 'in', stdout: 'out', stderr: 'err' };
-  for (const line of raw.toString('utf8').split('\n').slice(1)) {
-    if (line === '') continue;
-    let m: { t?: unknown; ch?: unknown; b64?: unknown };
-    try {
-      m = JSON.parse(line) as typeof m;
-    } catch {
-      continue;
+  const kinds = { stdin: 'in', stdout: 'out', stderr: 'err' } as const;
+  for (const frame of recordingFrames(raw)) {
+    const t = frame.t ?? events.at(-1)?.t ?? 0;
+    if (frame.channel === 'end') {
+      events.push({ t, kind: 'end', text: terminalText(frame.success ? 'exited: success' : `exited: ${frame.message}`) });
+    } else if (frame.data !== '') {
+      events.push({ t, kind: kinds[frame.channel], text: terminalText(frame.data) });
     }
-    const t = typeof m.t === 'number' && Number.isFinite(m.t) ? m.t : (events.at(-1)?.t ?? 0);
-    const data = Buffer.from(typeof m.b64 === 'string' ? m.b64 : '', 'base64').toString('utf8');
-    if (m.ch === 'error') {
-      let status: { status?: string; message?: string } = {};
-      try {
-        status = JSON.parse(data) as typeof status;
-      } catch {
-        status = { message: data };
-      }
-      events.push({ t, kind: 'end', text: terminalText(status.status === 'Success' ? 'exited: success' : `exited: ${status.message ?? data}`) });
-      continue;
-    }
-    const kind = kinds[typeof m.ch === 'string' ? m.ch : 'stdout'];
-    if (kind === undefined || data === '') continue; // resize, close
-    events.push({ t, kind, text: terminalText(data) });
   }
   return { ok: true, events };
 }

@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AuditLog } from '../../src/audit/log.ts';
 import type { AuditEventInput } from '../../src/audit/types.ts';
+import { recordingFrames } from '../../src/audit/recordings.ts';
 import { eventLine, formatSelection, printable, readAuditFile, requestLine, select } from '../../src/audit/show.ts';
 
 const ROOT = new URL('../..', import.meta.url).pathname;
@@ -406,4 +407,28 @@ test('formatSelection without colour has no escape sequences', async () => {
     const { records } = await readAuditFile(path);
     assert.doesNotMatch(formatSelection(select(records)), /\x1b/);
   });
+});
+
+test('a session recording read as frames: channels in order, no channel is stdout, resize and non-JSON lines left out, the end status', () => {
+  const b64 = (t: string) => Buffer.from(t).toString('base64');
+  const raw = Buffer.from(
+    [
+      JSON.stringify({ v: 1, session: 'header line' }),
+      JSON.stringify({ t: 1, ch: 'stdin', b64: b64('ls\n') }),
+      JSON.stringify({ t: 2, b64: b64('a b\n') }),
+      JSON.stringify({ t: 3, ch: 'resize', b64: b64('{"Width":80}') }),
+      'not json',
+      JSON.stringify({ t: 4, ch: 'stderr', b64: b64('oops\n') }),
+      JSON.stringify({ ch: 'error', b64: b64(JSON.stringify({ status: 'Failure', message: 'exit code 2' })) }),
+      '',
+    ].join('\n'),
+  );
+  assert.deepEqual(recordingFrames(raw), [
+    { t: 1, channel: 'stdin', data: 'ls\n' },
+    { t: 2, channel: 'stdout', data: 'a b\n' },
+    { t: 4, channel: 'stderr', data: 'oops\n' },
+    { t: undefined, channel: 'end', success: false, message: 'exit code 2' },
+  ]);
+  const ok = Buffer.from(`{}\n${JSON.stringify({ ch: 'error', b64: b64('{"status":"Success"}') })}\n`);
+  assert.deepEqual(recordingFrames(ok), [{ t: undefined, channel: 'end', success: true, message: '{"status":"Success"}' }]);
 });
