@@ -32,11 +32,11 @@ import type { AuditSink } from './sink.ts';
 import { GENESIS_HASH, OPTIONAL_STRING_FIELDS, type AuditEventInput, type AuditRecord, type VerifyResult } from './types.ts';
 import { canonicalRecordJson, ChainVerifier, recordLine, sha256Hex, type VerifyOptions } from './verify.ts';
 import { usedProofsMigration } from '../identity/proof-replay.ts';
+import { AUDIT_SCHEMA, AUDIT_TABLE, lacksMigration } from './store-schema.ts';
 import { consoleMigration } from '../console/migration.ts';
 
 /** Schema and table (created by `broker audit migrate`). */
-export const AUDIT_SCHEMA = 'task_broker';
-export const AUDIT_TABLE = `${AUDIT_SCHEMA}.audit`;
+export { AUDIT_SCHEMA, AUDIT_TABLE };
 /** The advisory lock that serialises appends to the one chain ("tbaudit1" as a 64-bit integer). */
 export const AUDIT_LOCK_KEY = '8386102735580079409';
 const PROBE_MS = 500;
@@ -121,8 +121,7 @@ function newPool(url: string, options: PostgresStoreOptions): pg.Pool {
 /** Translates a driver error into what the broker says, never with the URL's password. */
 function storeError(where: string, doing: string, err: unknown): BrokerError {
   if (err instanceof BrokerError) return err;
-  const code = (err as { code?: string }).code;
-  if (code === '42P01' || code === '3F000') {
+  if (lacksMigration(err)) {
     return new BrokerError('audit_unavailable', `the audit store ${where} has no audit table: run \`broker audit migrate ${where}\` first`, { cause: err });
   }
   return new BrokerError('audit_unavailable', `the audit store ${where} cannot ${doing}: ${errText(err)}`, { cause: err });

@@ -7,6 +7,7 @@
 import pg from 'pg';
 import { BrokerError, errText } from '../errors.ts';
 import { redactUrl } from '../audit/postgres.ts';
+import { lacksMigration } from '../audit/store-schema.ts';
 
 /** The console's connections to the store. */
 export class ConsoleDatabase {
@@ -34,8 +35,7 @@ export class ConsoleDatabase {
     try {
       return await this.#pool.query<R>(text, values);
     } catch (err) {
-      const code = (err as { code?: string }).code;
-      if (code === '42P01' || code === '42883') {
+      if (lacksMigration(err)) {
         throw new BrokerError('audit_unavailable', `the audit store ${this.where} lacks the console's tables: run \`broker audit migrate\` (this broker's version) first`, { cause: err });
       }
       throw new BrokerError('audit_unavailable', `the audit store ${this.where} cannot be read for the console: ${errText(err)}`, { cause: err });

@@ -15,14 +15,13 @@
  *   that deletes only rows expired five minutes or more, which migrate runs and each broker calls
  *   every 10 minutes. Rows left there are harmless anyway: every read asks for an unexpired session.
  *
- * No import from src/audit/postgres.ts (which imports this module).
+ * No import from src/audit/postgres.ts (which imports this module): the names from src/audit/store-schema.ts.
  */
-const SCHEMA = 'task_broker';
-const AUDIT_TABLE = `${SCHEMA}.audit`;
+import { AUDIT_SCHEMA, AUDIT_TABLE, expiringTablesMigration } from '../audit/store-schema.ts';
 
-export const SESSIONS_TABLE = `${SCHEMA}.console_sessions`;
-export const SIGNOUTS_TABLE = `${SCHEMA}.console_signouts`;
-export const PRUNE_SESSIONS = `${SCHEMA}.prune_console_sessions()`;
+export const SESSIONS_TABLE = `${AUDIT_SCHEMA}.console_sessions`;
+export const SIGNOUTS_TABLE = `${AUDIT_SCHEMA}.console_signouts`;
+export const PRUNE_SESSIONS = `${AUDIT_SCHEMA}.prune_console_sessions()`;
 
 /** The records that may tie a request to a task (show.ts buildStories): task and approval records. */
 export const LIFECYCLE = `(type LIKE 'task.%' OR type LIKE 'approval.%')`;
@@ -46,20 +45,7 @@ export function consoleMigration(roles: string[]): string[] {
       expires timestamptz NOT NULL
     )`,
     `CREATE TABLE IF NOT EXISTS ${SIGNOUTS_TABLE} (id bytea PRIMARY KEY, expires timestamptz NOT NULL, at timestamptz NOT NULL DEFAULT now())`,
-    `REVOKE ALL ON ${SESSIONS_TABLE} FROM PUBLIC`,
-    `REVOKE ALL ON ${SIGNOUTS_TABLE} FROM PUBLIC`,
-    `CREATE OR REPLACE FUNCTION ${PRUNE_SESSIONS} RETURNS bigint LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-      WITH s AS (DELETE FROM ${SESSIONS_TABLE} WHERE expires < now() - interval '5 minutes' RETURNING 1),
-           o AS (DELETE FROM ${SIGNOUTS_TABLE} WHERE expires < now() - interval '5 minutes' RETURNING 1)
-      SELECT (SELECT count(*) FROM s) + (SELECT count(*) FROM o)
-    $$`,
-    `REVOKE ALL ON FUNCTION ${PRUNE_SESSIONS} FROM PUBLIC`,
-    ...roles.flatMap((r) => [
-      `REVOKE UPDATE, DELETE, TRUNCATE ON ${SESSIONS_TABLE}, ${SIGNOUTS_TABLE} FROM ${r}`,
-      `GRANT SELECT, INSERT ON ${SESSIONS_TABLE}, ${SIGNOUTS_TABLE} TO ${r}`,
-      `GRANT EXECUTE ON FUNCTION ${PRUNE_SESSIONS} TO ${r}`,
-    ]),
-    `SELECT ${PRUNE_SESSIONS}`,
+    ...expiringTablesMigration([SESSIONS_TABLE, SIGNOUTS_TABLE], PRUNE_SESSIONS, roles),
   ];
 }
 

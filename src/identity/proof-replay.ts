@@ -17,11 +17,10 @@
  */
 import { createHash } from 'node:crypto';
 import { BrokerError, errText } from '../errors.ts';
+import { AUDIT_SCHEMA, expiringTablesMigration, lacksMigration } from '../audit/store-schema.ts';
 
-/** The schema of the audit store (src/audit/postgres.ts AUDIT_SCHEMA). */
-const SCHEMA = 'task_broker';
-export const USED_PROOFS_TABLE = `${SCHEMA}.used_proofs`;
-export const PRUNE_FUNCTION = `${SCHEMA}.prune_used_proofs()`;
+export const USED_PROOFS_TABLE = `${AUDIT_SCHEMA}.used_proofs`;
+export const PRUNE_FUNCTION = `${AUDIT_SCHEMA}.prune_used_proofs()`;
 /** How often each broker prunes expired rows. */
 const PRUNE_EVERY_MS = 10 * 60_000;
 /** INSERTs in flight at once; proofs that arrive meanwhile go together in the next (group commit). */
@@ -48,18 +47,7 @@ export interface LedgerDatabase {
 export function usedProofsMigration(roles: string[]): string[] {
   return [
     `CREATE TABLE IF NOT EXISTS ${USED_PROOFS_TABLE} (id bytea PRIMARY KEY, expires timestamptz NOT NULL)`,
-    `REVOKE ALL ON ${USED_PROOFS_TABLE} FROM PUBLIC`,
-    // Deletes only what no broker accepts any more (exp passed; five minutes for clocks that differ).
-    `CREATE OR REPLACE FUNCTION ${PRUNE_FUNCTION} RETURNS bigint LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-      WITH gone AS (DELETE FROM ${USED_PROOFS_TABLE} WHERE expires < now() - interval '5 minutes' RETURNING 1) SELECT count(*) FROM gone
-    $$`,
-    `REVOKE ALL ON FUNCTION ${PRUNE_FUNCTION} FROM PUBLIC`,
-    ...roles.flatMap((r) => [
-      `REVOKE UPDATE, DELETE, TRUNCATE ON ${USED_PROOFS_TABLE} FROM ${r}`,
-      `GRANT SELECT, INSERT ON ${USED_PROOFS_TABLE} TO ${r}`,
-      `GRANT EXECUTE ON FUNCTION ${PRUNE_FUNCTION} TO ${r}`,
-    ]),
-    `SELECT ${PRUNE_FUNCTION}`,
+    ...expiringTablesMigration([USED_PROOFS_TABLE], PRUNE_FUNCTION, roles),
   ];
 }
 
@@ -142,8 +130,7 @@ export class SharedUsedProofs {
 }
 
 function ledgerError(where: string, err: unknown): BrokerError {
-  const code = (err as { code?: string }).code;
-  if (code === '42P01' || code === '42883' || code === '3F000') {
+  if (lacksMigration(err)) {
     return new BrokerError('audit_unavailable', `the audit store ${where} has no table of used agent proofs: run \`broker audit migrate ${where}\` (it adds ${USED_PROOFS_TABLE})`, { cause: err });
   }
   return new BrokerError('audit_unavailable', `the audit store ${where} cannot record a used agent proof: ${errText(err)}`, { cause: err });
