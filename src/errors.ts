@@ -93,3 +93,31 @@ export function describeCause(error: unknown): string {
   }
   return parts.join(': ') || String(error);
 }
+
+/** HTTP status of each error code the API (and the web console) can answer with; any other is 500. */
+const STATUS: Partial<Record<ErrorCode, number>> = {
+  invalid_argument: 400,
+  bad_request: 400,
+  unknown_template: 400,
+  namespace_not_allowed: 400,
+  ttl_out_of_range: 400,
+  body_too_large: 413,
+  unauthenticated: 401,
+  forbidden: 403,
+  not_found: 404,
+  no_active_task: 404,
+  task_exists: 409,
+  rate_limited: 429,
+  quota_exceeded: 403,
+  approval_required: 403,
+  approval_invalid: 403,
+  approval_closed: 409,
+  audit_unavailable: 503,
+  cluster_unavailable: 503,
+  identity_provider_unavailable: 503,
+  internal: 500,
+};
+
+export function statusOf(code: ErrorCode): number {
+  return STATUS[code] ?? 500;
+}

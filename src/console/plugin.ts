@@ -24,7 +24,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import * as oidc from 'openid-client';
 import type { ApprovalService } from '../approvals/service.ts';
 import type { AuditSink } from '../audit/sink.ts';
-import { BrokerError, describeCause, isBrokerError } from '../errors.ts';
+import { BrokerError, describeCause, isBrokerError, statusOf } from '../errors.ts';
 import { actorOf, type Authenticator, type Caller } from '../identity/types.ts';
 import type { Policy } from '../policy/types.ts';
 import { historyView, type TaskStateView } from '../tasks/history.ts';
@@ -156,7 +156,7 @@ async function consoleRoutes(ui: FastifyInstance, deps: ConsoleDeps, sessions: C
 
   ui.setErrorHandler(async (error: Error, req: FastifyRequest, reply: FastifyReply) => {
     const err = isBrokerError(error) ? error : new BrokerError('internal', 'internal error', { cause: error });
-    const status = consoleStatus(err.code);
+    const status = statusOf(err.code);
     if (status >= 500) (deps.log ?? ((l: string) => process.stderr.write(l + '\n')))(`broker: console ${req.method} ${req.url.split('?')[0]}: ${err.code}: ${describeCause(error)}`);
     const message = status >= 500 ? 'internal error' : err.message;
     if (wantsJson(req)) return reply.code(status).send({ error: { code: err.code, message } });
@@ -565,24 +565,6 @@ class LiveUpdates {
     for (const res of [...this.#streams.keys()]) this.#end(res);
     this.#stop();
   }
-}
-
-const STATUS: Record<string, number> = {
-  invalid_argument: 400,
-  bad_request: 400,
-  unauthenticated: 401,
-  forbidden: 403,
-  not_found: 404,
-  no_active_task: 404,
-  approval_closed: 409,
-  rate_limited: 429,
-  audit_unavailable: 503,
-  cluster_unavailable: 503,
-  identity_provider_unavailable: 503,
-};
-
-function consoleStatus(code: string): number {
-  return STATUS[code] ?? 500;
 }
 
 function wantsJson(req: FastifyRequest): boolean {

@@ -6,7 +6,7 @@
 import { randomUUID } from 'node:crypto';
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { AuditSink } from '../audit/sink.ts';
-import { BrokerError, describeCause, isBrokerError, type ErrorCode } from '../errors.ts';
+import { BrokerError, describeCause, isBrokerError, statusOf, type ErrorCode } from '../errors.ts';
 import { acceptedBefore, authenticate } from '../identity/service-account.ts';
 import { actorOf, type Authenticator, type Caller } from '../identity/types.ts';
 import { toView as approvalView } from '../approvals/model.ts';
@@ -22,33 +22,6 @@ import { KUBE_AUDIT_PATH, leftBehindReport, registerKubeAuditRoute, type KubeAud
 import { errorHint, registerInfoRoutes } from './routes-info.ts';
 import { registerAgentRoutes } from './routes-agents.ts';
 
-/** HTTP status of each error code the API can return. */
-const STATUS: Partial<Record<ErrorCode, number>> = {
-  invalid_argument: 400,
-  bad_request: 400,
-  unknown_template: 400,
-  namespace_not_allowed: 400,
-  ttl_out_of_range: 400,
-  body_too_large: 413,
-  unauthenticated: 401,
-  forbidden: 403,
-  not_found: 404,
-  no_active_task: 404,
-  task_exists: 409,
-  rate_limited: 429,
-  quota_exceeded: 403,
-  approval_required: 403,
-  approval_invalid: 403,
-  approval_closed: 409,
-  audit_unavailable: 503,
-  cluster_unavailable: 503,
-  identity_provider_unavailable: 503,
-  internal: 500,
-};
-
-export function statusOf(code: ErrorCode): number {
-  return STATUS[code] ?? 500;
-}
 
 export interface AppDeps {
   tasks: TaskService;
