@@ -9,10 +9,15 @@
  *   (group commit, as the file log shares an fdatasync). A process that appended the last records
  *   itself (no other writer seen since) commits a batch in one round trip, one transaction at a time
  *   (the fast way, #commit); otherwise two round trips (begin, lock and head read; insert and
- *   commit), and up to two transactions in flight. An advisory lock needs no UPDATE right, so the
- *   broker's role keeps only SELECT and INSERT (`broker audit migrate --grant`).
+ *   commit), and up to two transactions in flight. Either way the rows go in through one function,
+ *   AUDIT_APPEND (created by `broker audit migrate`, SECURITY INVOKER: the broker's own INSERT
+ *   right applies), that takes the lock, checks the head and inserts the batch from arrays: one
+ *   statement prepared once per connection, instead of a VALUES list the server parses and plans
+ *   every time. An advisory lock needs no UPDATE right, so the broker's role keeps only SELECT and
+ *   INSERT, and EXECUTE on that function (`broker audit migrate --grant`).
  * - Durable: `append` resolves once COMMIT has returned, with synchronous_commit on for the session
  *   (a startup parameter of every connection, whatever the server's default), so the WAL is flushed.
+ *   Read committed likewise: what is read after the lock sees every batch committed before.
  * - Fail closed, and back: a failed batch rejects every pending append with audit_unavailable and
  *   makes the store unhealthy; a probe (SELECT 1, every 500 ms) makes it healthy again once the
  *   database answers. Unlike a file, a database that was away has lost nothing that was committed.
@@ -32,11 +37,11 @@ import type { AuditSink } from './sink.ts';
 import { GENESIS_HASH, OPTIONAL_STRING_FIELDS, type AuditEventInput, type AuditRecord, type VerifyResult } from './types.ts';
 import { canonicalRecordJson, ChainVerifier, recordLine, sha256Hex, type VerifyOptions } from './verify.ts';
 import { usedProofsMigration } from '../identity/proof-replay.ts';
-import { AUDIT_SCHEMA, AUDIT_TABLE, lacksMigration } from './store-schema.ts';
+import { AUDIT_APPEND, AUDIT_APPEND_SIGNATURE, AUDIT_SCHEMA, AUDIT_TABLE, lacksMigration } from './store-schema.ts';
 import { consoleMigration } from '../console/migration.ts';
 
-/** Schema and table (created by `broker audit migrate`). */
-export { AUDIT_SCHEMA, AUDIT_TABLE };
+/** Schema, table and append function (created by `broker audit migrate`). */
+export { AUDIT_APPEND, AUDIT_SCHEMA, AUDIT_TABLE };
 /** The advisory lock that serialises appends to the one chain ("tbaudit1" as a 64-bit integer). */
 export const AUDIT_LOCK_KEY = '8386102735580079409';
 const PROBE_MS = 500;
@@ -79,7 +84,6 @@ interface Built {
   /** The last record after the batch. */
   tail: Head;
   duplicates: number;
-  keys: string[];
 }
 
 interface Pending {
@@ -111,7 +115,10 @@ function newPool(url: string, options: PostgresStoreOptions): pg.Pool {
     query_timeout: statementTimeout + 1000,
     application_name: 'task-broker',
     // Durable at COMMIT whatever the server's or the role's default (a startup parameter: no extra query).
-    options: '-c synchronous_commit=on',
+    // Read committed whatever the database's default: a statement after the chain's lock must see every
+    // batch committed before it (with repeatable read the snapshot predates the lock: a stale head, and
+    // the next seq already taken).
+    options: '-c synchronous_commit=on -c default_transaction_isolation=read\\ committed',
   });
   // An idle client whose server went away emits here; without a listener it would end the process.
   pool.on('error', () => undefined);
@@ -122,7 +129,8 @@ function newPool(url: string, options: PostgresStoreOptions): pg.Pool {
 function storeError(where: string, doing: string, err: unknown): BrokerError {
   if (err instanceof BrokerError) return err;
   if (lacksMigration(err)) {
-    return new BrokerError('audit_unavailable', `the audit store ${where} has no audit table: run \`broker audit migrate ${where}\` first`, { cause: err });
+    const what = (err as { code?: unknown }).code === '42883' ? `no function ${AUDIT_APPEND}` : 'no audit table';
+    return new BrokerError('audit_unavailable', `the audit store ${where} has ${what}: run \`broker audit migrate ${where}\` first`, { cause: err });
   }
   return new BrokerError('audit_unavailable', `the audit store ${where} cannot ${doing}: ${errText(err)}`, { cause: err });
 }
@@ -177,13 +185,21 @@ export class PostgresAuditStore implements AuditSink {
     const where = redactUrl(url);
     const pool = newPool(url, options);
     try {
-      const rights = await pool.query<{ select: boolean; insert: boolean }>(
-        `SELECT has_table_privilege($1, 'SELECT') AS select, has_table_privilege($1, 'INSERT') AS insert`,
-        [AUDIT_TABLE],
+      const rights = await pool.query<{ select: boolean; insert: boolean; fn: boolean; execute: boolean }>(
+        `SELECT has_table_privilege($1, 'SELECT') AS select, has_table_privilege($1, 'INSERT') AS insert,
+          to_regprocedure($2) IS NOT NULL AS fn, CASE WHEN to_regprocedure($2) IS NULL THEN false ELSE has_function_privilege(to_regprocedure($2), 'EXECUTE') END AS execute`,
+        [AUDIT_TABLE, AUDIT_APPEND_SIGNATURE],
       );
       const r = rights.rows[0];
       if (!r?.select || !r.insert) {
         throw new BrokerError('audit_unavailable', `the audit store ${where}: this role may not ${!r?.select ? 'read' : 'append to'} ${AUDIT_TABLE} (\`broker audit migrate --grant ROLE\`)`);
+      }
+      // A store migrated by an older version: its table is there, the function this version appends with is not.
+      if (!r.fn) {
+        throw new BrokerError('audit_unavailable', `the audit store ${where} has no function ${AUDIT_APPEND}, which this version of the broker appends with: run \`broker audit migrate ${where}\` of this version first`);
+      }
+      if (!r.execute) {
+        throw new BrokerError('audit_unavailable', `the audit store ${where}: this role may not execute ${AUDIT_APPEND} (\`broker audit migrate --grant ROLE\`)`);
       }
       const row = (await pool.query<{ seq: string; line: string }>(`SELECT seq, line FROM ${AUDIT_TABLE} ORDER BY seq DESC LIMIT 1`)).rows[0];
       let head: Head | undefined = null;
@@ -345,7 +361,11 @@ export class PostgresAuditStore implements AuditSink {
       }
       const built = this.#build(batch, head, existing);
       this.#noteOwn(built.tail);
-      await client.query(`${built.values.length > 0 ? `${this.#insertSql(built)}; ` : ''}COMMIT`);
+      if (built.values.length > 0) {
+        // The function's own lock and head check pass (this transaction holds the lock and read the head): its rows and COMMIT in one round trip.
+        const results = (await client.query(`SELECT * FROM ${appendCall(appendArgs(built, head).map(literalArg))}; COMMIT`)) as unknown as pg.QueryResult[];
+        if (results[0]!.rows.length > 0) throw new BrokerError('audit_unavailable', `the audit store ${this.where}: the chain moved under its lock`);
+      } else await client.query('COMMIT');
       this.#committed(built.tail);
       // Nobody else wrote since this process's last batch: once nothing else of it is in flight, the fast way.
       this.#settling = ownHead && this.#tail === undefined;
@@ -405,24 +425,18 @@ export class PostgresAuditStore implements AuditSink {
       seq++;
       prev = hash;
     }
-    return { values, outcome, tail, duplicates, keys: [...new Set(batch.map((p) => p.key).filter((k): k is string => k !== undefined))] };
+    return { values, outcome, tail, duplicates };
   }
 
-  /** The INSERT of a batch, its values as escaped literals (simple protocol: it shares a round trip). */
-  #insertSql(built: Built, where = ''): string {
-    const lit = (v: string | null) => (v === null ? 'NULL' : literal(v));
-    const rows = built.values.map((v) => `(${v.seq},${lit(v.time)}::timestamptz,${lit(v.type)},${lit(v.task)},${lit(v.key)},${lit(v.line)})`);
-    return `INSERT INTO ${AUDIT_TABLE} (seq, time, type, task, event_key, line) SELECT * FROM (VALUES ${rows.join(',')}) AS v(seq, time, type, task, event_key, line)${where}`;
-  }
-
-  /** The fast way: inserts (and commits) only if the head is still `expected` and none of the keys is recorded. */
+  /**
+   * The fast way: one statement, prepared once per connection, in a transaction of its own (the
+   * extended protocol commits at its Sync): AUDIT_APPEND inserts only if the head is still `expected`
+   * and none of the keys is recorded, and otherwise returns what it found (the careful way follows).
+   */
   async #insertIf(client: PoolClient, built: Built, expected: Head): Promise<boolean> {
     if (built.values.length === 0) return true;
-    const lit = literal;
-    let where = ` WHERE (SELECT line FROM ${AUDIT_TABLE} ORDER BY seq DESC LIMIT 1) IS NOT DISTINCT FROM ${expected === null ? 'NULL' : lit(expected.line)}`;
-    if (built.keys.length > 0) where += ` AND NOT EXISTS (SELECT 1 FROM ${AUDIT_TABLE} WHERE event_key IN (${built.keys.map(lit).join(',')}))`;
-    const results = (await client.query(`BEGIN; SELECT pg_advisory_xact_lock(${AUDIT_LOCK_KEY}); ${this.#insertSql(built, where)}; COMMIT`)) as unknown as pg.QueryResult[];
-    return results[2]!.rowCount === built.values.length;
+    const found = await client.query({ name: 'task-broker-append', text: `SELECT * FROM ${appendCall(['$1', '$2', '$3', '$4', '$5', '$6', '$7'])}`, values: appendArgs(built, expected) });
+    return found.rows.length === 0;
   }
 
   #done(batch: Pending[], built: Built): void {
@@ -457,6 +471,26 @@ export class PostgresAuditStore implements AuditSink {
  */
 export function literal(value: string): string {
   return value.includes('\\') ? ` E'${value.replaceAll('\\', '\\\\').replaceAll("'", "''")}'` : `'${value.replaceAll("'", "''")}'`;
+}
+
+/** The append function's arguments for a batch built on `head` (store-schema.ts AUDIT_APPEND_SIGNATURE). */
+function appendArgs(built: Built, head: Head): Array<string | null | Array<string | null>> {
+  const keys = built.values.some((v) => v.key !== null) ? built.values.map((v) => v.key) : null;
+  // One text of lines joined by newlines (a canonical line has none: JSON escapes it): split by the function, no array quoting either side.
+  const lines = built.values.map((v) => v.line).join('\n');
+  return [head === null ? null : String(head.seq), head?.line ?? null, built.values[0]!.time, built.values.map((v) => v.type), built.values.map((v) => v.task), keys, lines];
+}
+
+function appendCall(args: string[]): string {
+  const [seq, line, at, types, tasks, keys, lines] = args;
+  return `${AUDIT_APPEND}(${seq}::bigint, ${line}::text, ${at}::timestamptz, ${types}::text[], ${tasks}::text[], ${keys}::text[], ${lines}::text)`;
+}
+
+/** An argument of appendArgs as an SQL literal (the careful way shares a round trip with COMMIT: simple protocol). */
+function literalArg(value: string | null | Array<string | null>): string {
+  if (value === null) return 'NULL';
+  if (Array.isArray(value)) return `ARRAY[${value.map((v) => (v === null ? 'NULL' : literal(v))).join(',')}]`;
+  return literal(value);
 }
 
 /** The event key of an API server audit event's record (the webhook's dedup key), else undefined. */
@@ -571,6 +605,54 @@ export class PostgresAuditReader {
   }
 }
 
+/**
+ * AUDIT_APPEND: appends one batch to the chain, built by the broker on the head it expects
+ * (`expected_seq`, `expected_line`; both null: an empty chain). Under the chain's advisory lock (held
+ * to the end of the caller's transaction), it reads the last row; if that is not the expected one, it
+ * returns it (`row_kind` 'head'), and it returns the rows already holding any of `keys` ('recorded');
+ * if it returned anything it inserts nothing. Otherwise it inserts row i with seq = expected_seq + i
+ * (from 1), `at`, types[i], tasks[i], keys[i] (keys null: none) and line i of `lines` (the canonical
+ * lines joined by newlines, which none holds) and returns no row. Arrays of different lengths raise an
+ * error. SECURITY INVOKER: it runs with the caller's rights, so the brokers' role still needs its own
+ * SELECT and INSERT (and has no more). PL/pgSQL: each statement takes a new snapshot (read committed),
+ * so the head read after the lock sees every batch committed before it. `CREATE OR REPLACE`: safe to
+ * run twice.
+ */
+function appendFunctionSql(): string {
+  return `CREATE OR REPLACE FUNCTION ${AUDIT_APPEND}(expected_seq bigint, expected_line text, at timestamptz, types text[], tasks text[], keys text[], lines text)
+  RETURNS TABLE (row_kind text, row_seq bigint, row_key text, row_line text)
+  LANGUAGE plpgsql VOLATILE SECURITY INVOKER AS $fn$
+DECLARE
+  each_line text[] := pg_catalog.string_to_array(lines, E'\\n');
+  n integer := pg_catalog.cardinality(types);
+  head_seq bigint;
+  head_line text;
+  missed boolean := false;
+BEGIN
+  IF pg_catalog.cardinality(each_line) IS DISTINCT FROM n OR pg_catalog.cardinality(tasks) IS DISTINCT FROM n
+      OR (keys IS NOT NULL AND pg_catalog.cardinality(keys) IS DISTINCT FROM n) THEN
+    RAISE EXCEPTION 'append_audit: % lines, % types, % tasks, % keys', pg_catalog.cardinality(each_line), n, pg_catalog.cardinality(tasks), pg_catalog.cardinality(keys)
+      USING ERRCODE = '22023';
+  END IF;
+  PERFORM pg_catalog.pg_advisory_xact_lock(${AUDIT_LOCK_KEY});
+  SELECT a.seq, a.line INTO head_seq, head_line FROM ${AUDIT_TABLE} a ORDER BY a.seq DESC LIMIT 1;
+  IF head_seq IS DISTINCT FROM expected_seq OR head_line IS DISTINCT FROM expected_line THEN
+    row_kind := 'head'; row_seq := head_seq; row_key := NULL; row_line := head_line;
+    RETURN NEXT;
+    missed := true;
+  END IF;
+  IF keys IS NOT NULL THEN
+    RETURN QUERY SELECT 'recorded'::text, a.seq, a.event_key, a.line FROM ${AUDIT_TABLE} a WHERE a.event_key = ANY (keys);
+    IF FOUND THEN missed := true; END IF;
+  END IF;
+  IF missed THEN RETURN; END IF;
+  INSERT INTO ${AUDIT_TABLE} (seq, time, type, task, event_key, line)
+    SELECT COALESCE(head_seq, -1) + u.i, at, u.type_, u.task_, u.key_, u.line_
+    FROM ROWS FROM (pg_catalog.unnest(types), pg_catalog.unnest(tasks), pg_catalog.unnest(keys), pg_catalog.unnest(each_line)) WITH ORDINALITY AS u(type_, task_, key_, line_, i);
+END
+$fn$`;
+}
+
 export interface MigrateResult {
   created: boolean;
   granted: string[];
@@ -602,11 +684,15 @@ export async function migrate(url: string, roles: string[]): Promise<MigrateResu
     )`);
     await client.query(`CREATE INDEX IF NOT EXISTS audit_task ON ${AUDIT_TABLE} (task)`);
     await client.query(`REVOKE ALL ON ${AUDIT_TABLE} FROM PUBLIC`);
+    await client.query(appendFunctionSql());
+    // A function is executable by PUBLIC unless revoked.
+    await client.query(`REVOKE ALL ON FUNCTION ${AUDIT_APPEND_SIGNATURE} FROM PUBLIC`);
     for (const role of roles) {
       const r = client.escapeIdentifier(role);
       await client.query(`GRANT USAGE ON SCHEMA ${AUDIT_SCHEMA} TO ${r}`);
       await client.query(`REVOKE UPDATE, DELETE, TRUNCATE ON ${AUDIT_TABLE} FROM ${r}`);
       await client.query(`GRANT SELECT, INSERT ON ${AUDIT_TABLE} TO ${r}`);
+      await client.query(`GRANT EXECUTE ON FUNCTION ${AUDIT_APPEND_SIGNATURE} TO ${r}`);
     }
     // The agent proofs used on any replica (src/identity/proof-replay.ts): its table, and the pruning of expired rows.
     for (const sql of usedProofsMigration(roles.map((r) => client.escapeIdentifier(r)))) await client.query(sql);

@@ -6,12 +6,11 @@
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import { migrate, PostgresAuditReader, PostgresAuditStore, redactUrl } from '../../src/audit/postgres.ts';
 import { isBrokerError } from '../../src/errors.ts';
+import { brokerCli as broker } from '../helpers/broker.ts';
 import { TestPostgres } from '../helpers/postgres.ts';
 
-const MAIN = new URL('../../src/cli/main.ts', import.meta.url).pathname;
 let pg: TestPostgres;
 const open: PostgresAuditStore[] = [];
 
@@ -28,11 +27,6 @@ async function store(): Promise<PostgresAuditStore> {
   const s = await PostgresAuditStore.open(pg.url('task_broker'), { connectTimeoutMs: 1000, statementTimeoutMs: 2000 });
   open.push(s);
   return s;
-}
-
-function broker(args: string[]): { status: number | null; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, [MAIN, ...args], { encoding: 'utf8', timeout: 60_000 });
-  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
 async function readAll(): Promise<{ records: number; chain: ReturnType<PostgresAuditReader['result']> }> {
@@ -52,6 +46,12 @@ test('before the migration the store refuses to open, naming the command; migrat
   assert.equal(JSON.parse(again.stdout).created, false);
   const missing = await migrate(pg.url('postgres'), ['no_such_role']).catch((e: unknown) => e);
   assert.ok(isBrokerError(missing) && missing.code === 'invalid_argument', String(missing));
+  // The append function, once after two runs: the caller's rights (SECURITY INVOKER), EXECUTE for the brokers' role and not for PUBLIC.
+  const fn = await pg.query<{ prosecdef: boolean; acl: string }>('postgres', `SELECT prosecdef, proacl::text AS acl FROM pg_proc WHERE proname = 'append_audit'`);
+  assert.equal(fn.rows.length, 1, JSON.stringify(fn.rows));
+  assert.equal(fn.rows[0]!.prosecdef, false);
+  assert.match(fn.rows[0]!.acl, /task_broker=X\/postgres/);
+  assert.doesNotMatch(fn.rows[0]!.acl, /[{,]=X\//, 'PUBLIC may not execute it');
 });
 
 test('three writers append concurrently: one chain, seq order = commit order, every append acknowledged is there', async () => {
@@ -69,6 +69,25 @@ test('three writers append concurrently: one chain, seq order = commit order, ev
   const verified = broker(['audit', 'verify', pg.url('task_broker'), '-o', 'json']);
   assert.equal(verified.status, 0, verified.stderr);
   assert.equal(JSON.parse(verified.stdout).records, 10_500);
+});
+
+test('a database whose default isolation is repeatable read: the writers still chain (each connection reads committed), every append acknowledged', async () => {
+  const admin = pg.client('postgres', 'postgres');
+  await admin.connect();
+  await admin.query('CREATE DATABASE audit_rr').finally(() => admin.end());
+  await pg.query('postgres', `ALTER DATABASE audit_rr SET default_transaction_isolation = 'repeatable read'`);
+  await migrate(pg.url('postgres', 'audit_rr'), ['task_broker']);
+  const writers: PostgresAuditStore[] = [];
+  for (let i = 0; i < 3; i++) {
+    const w = await PostgresAuditStore.open(pg.url('task_broker', 'audit_rr'), { connectTimeoutMs: 1000, statementTimeoutMs: 2000 });
+    open.push(w);
+    writers.push(w);
+  }
+  const acked = await Promise.all(writers.flatMap((w, i) => Array.from({ length: 600 }, (_, j) => w.append({ type: 'test.rr', actor: `writer-${i}`, task: `t-${j % 5}` }))));
+  assert.equal(new Set(acked.map((r) => r.seq)).size, 1800);
+  const reader = new PostgresAuditReader(pg.url('task_broker', 'audit_rr'));
+  assert.equal((await reader.read()).length, 1800);
+  assert.ok(reader.result(true).ok);
 });
 
 test('one writer under load goes the fast way throughout; after another writer appends, the careful way until the head is its own again', async () => {
@@ -138,6 +157,41 @@ test("the broker's role may insert and select, never update or delete", async ()
   await assert.rejects(pg.query('task_broker', `UPDATE task_broker.audit SET line = line WHERE seq = 0`), /permission denied for table audit/);
   await assert.rejects(pg.query('task_broker', `DELETE FROM task_broker.audit WHERE seq = 0`), /permission denied for table audit/);
   await assert.rejects(pg.query('task_broker', `TRUNCATE task_broker.audit`), /permission denied for table audit/);
+});
+
+test('the append function checks its arguments: arrays of different lengths are refused and nothing is inserted', async () => {
+  const before = (await readAll()).records;
+  await assert.rejects(
+    pg.query('task_broker', `SELECT * FROM task_broker.append_audit(NULL, NULL, now(), ARRAY['test.a', 'test.b'], ARRAY[NULL, NULL]::text[], NULL, '{"seq":0}')`),
+    /append_audit: 1 lines, 2 types, 2 tasks/,
+  );
+  assert.equal((await readAll()).records, before);
+});
+
+test('a store migrated without the append function (an older version): the store names `broker audit migrate` and the function, and takes up again once migrated', async () => {
+  const fn = 'task_broker.append_audit(bigint, text, timestamptz, text[], text[], text[], text)';
+  const s = await store();
+  await s.append({ type: 'test.before-drop', actor: 'me' });
+  await pg.query('postgres', `DROP FUNCTION ${fn}`);
+  // Opening refuses (a broker does not start) ...
+  await assert.rejects(store(), (err: unknown) => isBrokerError(err) && err.code === 'audit_unavailable' && /has no function task_broker\.append_audit, which this version of the broker appends with: run `broker audit migrate postgres:\/\/task_broker:\*\*\*@/.test(err.message));
+  // ... and a store already open fails closed, naming it too.
+  const during = await s.append({ type: 'test.during-drop', actor: 'me' }).catch((e: unknown) => e);
+  assert.ok(isBrokerError(during) && during.code === 'audit_unavailable' && /has no function task_broker\.append_audit: run `broker audit migrate/.test(during.message), String(during));
+  assert.equal(s.healthy, false);
+  const again = broker(['audit', 'migrate', pg.url('postgres'), '--grant', 'task_broker']);
+  assert.equal(again.status, 0, again.stderr);
+  const deadline = Date.now() + 10_000;
+  while (!s.healthy && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+  await s.append({ type: 'test.after-migrate', actor: 'me' });
+  // Without EXECUTE the role is told to be granted it.
+  await pg.query('postgres', `REVOKE EXECUTE ON FUNCTION ${fn} FROM task_broker`);
+  await assert.rejects(store(), (err: unknown) => isBrokerError(err) && /this role may not execute task_broker\.append_audit \(`broker audit migrate --grant ROLE`\)/.test(err.message));
+  assert.equal(broker(['audit', 'migrate', pg.url('postgres'), '--grant', 'task_broker']).status, 0);
+  await (await store()).append({ type: 'test.after-grant', actor: 'me' });
+  const { chain } = await readAll();
+  assert.ok(chain.ok, JSON.stringify(chain));
+  assert.equal((await pg.query('postgres', `SELECT 1 FROM task_broker.audit WHERE type = 'test.during-drop'`)).rowCount, 0);
 });
 
 test('the database stopped: appends fail closed (audit_unavailable, unhealthy), and the store takes up again when it returns', async () => {

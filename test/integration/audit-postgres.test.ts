@@ -6,23 +6,16 @@
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { BrokerEnv, type BrokerProcess } from '../helpers/broker.ts';
+import { brokerCli as cli, BrokerEnv, type BrokerProcess } from '../helpers/broker.ts';
 import { kubectl, writeTokenKubeconfig } from '../helpers/kube.ts';
 import { TestPostgres } from '../helpers/postgres.ts';
 import { auditTime, eventList, podEvent, taskUser } from '../helpers/kube-audit-events.ts';
 import { until } from '../helpers/wait.ts';
 
-const MAIN = new URL('../../src/cli/main.ts', import.meta.url).pathname;
 const WEBHOOK = '/v1/audit/kubernetes';
-
-function cli(args: string[]): { status: number | null; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, [MAIN, ...args], { encoding: 'utf8', timeout: 60_000 });
-  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
-}
 
 describe('three brokers on one PostgreSQL audit store', () => {
   let pg: TestPostgres | undefined;
@@ -176,6 +169,31 @@ describe('three brokers on one PostgreSQL audit store', () => {
     // A replacement replica, as a Deployment would start.
     brokers[1] = await env!.startBroker({ auditStore: store });
     assert.equal((await brokers[1].request('DELETE', '/v1/tasks/load', alpha)).status, 200);
+  });
+
+  test('a store migrated by an older version (no append function): a broker refuses to start, naming `broker audit migrate`; migrated, it starts', async () => {
+    await pg!.query('postgres', 'CREATE DATABASE audit_old');
+    const owner = pg!.url('postgres', 'audit_old');
+    assert.equal(cli(['audit', 'migrate', owner, '--grant', 'task_broker']).status, 0);
+    const admin = pg!.client('postgres', 'audit_old');
+    await admin.connect();
+    await admin.query('DROP FUNCTION task_broker.append_audit(bigint, text, timestamptz, text[], text[], text[], text)').finally(() => admin.end());
+    const old = pg!.url('task_broker', 'audit_old');
+    const serve = ['serve', '--config', env!.policyFile, '--audit-store', old, '--kubeconfig', env!.brokerKubeconfig, '--listen', '127.0.0.1:0', '--insecure-http'];
+    const refused = cli(serve);
+    assert.equal(refused.status, 5, refused.stderr);
+    assert.match(refused.stderr, /has no function task_broker\.append_audit, which this version of the broker appends with: run `broker audit migrate postgres:\/\/task_broker:\*\*\*@127\.0\.0\.1:\d+\/audit_old` of this version first/);
+    assert.ok(!refused.stderr.includes(pg!.brokerPassword), 'no password in the message');
+    assert.equal(cli(['audit', 'migrate', owner, '--grant', 'task_broker']).status, 0);
+    const started = await env!.startBroker({ auditStore: old });
+    try {
+      assert.equal((await started.request('GET', '/readyz', undefined)).status, 200);
+    } finally {
+      await started.stop();
+    }
+    const verified = cli(['audit', 'verify', old, '-o', 'json']);
+    assert.equal(verified.status, 0, verified.stderr);
+    assert.ok(JSON.parse(verified.stdout).records >= 1, 'the broker recorded its start through the function');
   });
 
   test("tampering in the database is named by audit verify; the brokers' role cannot update", async () => {
