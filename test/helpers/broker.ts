@@ -3,7 +3,7 @@
  * an administrator, agent identities (ServiceAccount tokens with the broker's audience), and broker
  * processes (`broker serve`) started and stopped by pid.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -17,6 +17,16 @@ import { adminConfig, writeTokenKubeconfig } from './kube.ts';
 
 export const POLICY_FILE = new URL('../fixtures/broker-policy.yaml', import.meta.url).pathname;
 const MAIN = new URL('../../src/cli/main.ts', import.meta.url).pathname;
+
+/**
+ * `broker ARGS` from this tree's source, run to completion (a CLI step of a test: `audit migrate`,
+ * `audit verify`, ...): its exit status and output. `env`, when given, is its whole environment;
+ * otherwise it inherits the test's.
+ */
+export function brokerCli(args: string[], env?: NodeJS.ProcessEnv): { status: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(process.execPath, [MAIN, ...args], { encoding: 'utf8', timeout: 60_000, ...(env ? { env } : {}) });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
 
 export interface BrokerEnvOptions {
   policyText?: string;
@@ -208,10 +218,16 @@ export class BrokerProcess {
     if (this.child.exitCode === null && this.child.signalCode === null) this.child.kill(signal);
   }
 
+  /** Resolves once the broker has exited (at once if it has). */
+  exited(): Promise<void> {
+    if (this.child.exitCode !== null || this.child.signalCode !== null) return Promise.resolve();
+    return new Promise((done) => this.child.once('exit', () => done()));
+  }
+
   /** Stops the broker and waits for it to exit. */
   async stop(signal: NodeJS.Signals = 'SIGTERM'): Promise<void> {
     if (this.child.exitCode !== null || this.child.signalCode !== null) return;
-    const exited = new Promise((done) => this.child.once('exit', done));
+    const exited = this.exited();
     this.child.kill(signal);
     await exited;
   }

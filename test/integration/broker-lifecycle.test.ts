@@ -82,7 +82,7 @@ describe('broker lifecycle', () => {
       const auditLog = join(env.dir, `${point}.jsonl`);
       const doomed = await env.startBroker({ auditLog, env: { TASK_BROKER_FAILPOINTS: point } });
       await assert.rejects(doomed.request('POST', '/v1/tasks', alpha, { template: 'read-pods', namespace: 'team-b', name: 'crash' }));
-      await new Promise((done) => (doomed.child.exitCode !== null || doomed.child.signalCode !== null ? done(null) : doomed.child.once('exit', done)));
+      await doomed.exited();
       assert.equal(doomed.child.signalCode, 'SIGKILL');
       const leftovers = await env.taskObjects();
       assert.ok(leftovers.secrets.length === 1, `the crash left the task record behind: ${JSON.stringify(leftovers)}`);

@@ -12,7 +12,6 @@
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -23,22 +22,16 @@ import type { AuditRecord } from '../../src/audit/types.ts';
 import { freePort } from '../../src/cluster/local-cluster.ts';
 import { ConsoleDatabase } from '../../src/console/db.ts';
 import { StoreStories } from '../../src/console/store-timeline.ts';
-import { BrokerEnv, type BrokerProcess } from '../helpers/broker.ts';
+import { brokerCli as cli, BrokerEnv, type BrokerProcess } from '../helpers/broker.ts';
 import { browserAvailable, launchBrowser, type TestBrowser } from '../helpers/browser.ts';
 import { CONSOLE_CLIENT_ID, TestProvider } from '../helpers/oidc-provider.ts';
 import { postgresAvailable, TestPostgres } from '../helpers/postgres.ts';
 import { auditTime, eventList, podEvent, taskUser } from '../helpers/kube-audit-events.ts';
 import { until } from '../helpers/wait.ts';
 
-const MAIN = new URL('../../src/cli/main.ts', import.meta.url).pathname;
 const WEBHOOK = '/v1/audit/kubernetes';
 /** More API requests than one page of the timeline holds (200). */
 const REQUESTS = 230;
-
-function cli(args: string[]): { status: number | null; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, [MAIN, ...args], { encoding: 'utf8', timeout: 60_000 });
-  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
-}
 
 function policyFor(issuer: string): string {
   return `apiVersion: task-broker/v1alpha1

@@ -9,24 +9,20 @@
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import { request } from 'node:http';
 import { readFileSync } from 'node:fs';
 import { parseAgentKey, proofHeader, type AgentKey } from '../../src/identity/agent-proof.ts';
-import { BrokerEnv, POLICY_FILE, type BrokerProcess } from '../helpers/broker.ts';
+import { brokerCli, BrokerEnv, POLICY_FILE, type BrokerProcess } from '../helpers/broker.ts';
 import { TestPostgres } from '../helpers/postgres.ts';
 import { until } from '../helpers/wait.ts';
 
-const MAIN = new URL('../../src/cli/main.ts', import.meta.url).pathname;
 
 const POLICY =
   readFileSync(POLICY_FILE, 'utf8').replace('agents:\n', 'agents:\n  - name: keyed\n').replace('agents: [alpha, beta]', 'agents: [alpha, beta, keyed]') +
   'people:\n  - name: root\n    identities: [{ serviceAccount: agents/admin }]\napprovers:\n  - name: admins\n    members: [{ person: root }]\nadministrators: [admins]\n';
 
-function cli(args: string[], env: NodeJS.ProcessEnv = {}): { status: number | null; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, [MAIN, ...args], { encoding: 'utf8', timeout: 60_000, env: { PATH: process.env['PATH'] ?? '/usr/bin:/bin', NO_COLOR: '1', ...env } });
-  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
-}
+/** The CLI with a bare environment: PATH, no colour, and `env`. */
+const cli = (args: string[], env: NodeJS.ProcessEnv = {}) => brokerCli(args, { PATH: process.env['PATH'] ?? '/usr/bin:/bin', NO_COLOR: '1', ...env });
 
 /** GET `path` from the broker at `at`, with the Host header `host` (replica A's): what a load balancer in front of both would pass on. */
 function get(at: string, host: string, path: string, authorization: string): Promise<{ status: number; body: string }> {
