@@ -6,10 +6,17 @@
  *
  * Ed25519 with the broker's approval key (src/approvals/token.ts, a Secret in the broker's own
  * namespace), over `task-broker/KIND/v1\n` + canonical JSON of the facts. Signing reads the key
- * Secret every time, so nothing is signed with a key an operator has just rotated out; verification
- * uses the key set cached for a few seconds, and a signature by a key not in the cache refreshes it
- * once, so a rotation by another replica is picked up on first use. Removing the `previous` key
- * invalidates whatever it signed (docs/approvals.md, "Key rotation").
+ * Secret every time, so nothing that acts is signed with a key an operator has just rotated out. One
+ * exception, for a record created pending and made to act by a later write (a task record:
+ * startPendingSigning): it is signed at once with the key held (read at most the cache window ago),
+ * and the key Secret is read afresh meanwhile; before the activating write that read is awaited and,
+ * when the current key differs from the one that signed, the record is signed again and the new
+ * signature goes in the activating write. So what acts always carries a signature by the key current
+ * at activation, read afresh; only a pending record (never acts, rolled back on failure, swept if
+ * orphaned) may carry one by a key read up to the cache window earlier. Verification uses the key set cached for a few
+ * seconds, and a signature by a key not in the cache refreshes it once, so a rotation by another
+ * replica is picked up on first use. Removing the `previous` key invalidates whatever it signed
+ * (docs/approvals.md, "The signing key and its rotation").
  */
 import { createPrivateKey, createPublicKey, sign, verify, type KeyObject } from 'node:crypto';
 import type { JWK } from 'jose';
@@ -19,6 +26,16 @@ import { publicKeysOf, type ApprovalKeys } from './approvals/token.ts';
 export const SIGNATURE_ANNOTATION = 'task-broker.dev/signature';
 
 export type Facts = { [key: string]: string | number | boolean | null | Facts | Facts[] | string[] };
+
+/** StateSigner.startPendingSigning's two steps. */
+export interface PendingSigning {
+  /** Starts the fresh read of the key Secret, if it has not started. */
+  read(): void;
+  /** The signature for the pending record: by the key held, or (none held) by the fresh read's. */
+  sign(facts: Facts): Promise<string>;
+  /** After sign(): the fresh read awaited; a signature by the current key when it differs from the one that signed, else undefined. */
+  confirm(): Promise<string | undefined>;
+}
 
 interface KeyCache {
   kid: string;
@@ -40,22 +57,48 @@ export class StateSigner {
     this.#now = options.now ?? Date.now;
   }
 
+  /** A signature by the current key, read afresh: one read of the key Secret per signature, never a cached key. */
   async sign(kind: string, facts: Facts): Promise<string> {
-    return this.startSigning(kind)(facts);
+    return signWith(kind, facts, await this.#current(true));
   }
 
   /**
-   * sign() in two steps: the read of the key Secret starts now, the signature is made when the facts
-   * are known (the returned function). The read then overlaps whatever the caller does in between
-   * (a task start: its checks, the ClusterRole read, the approval), and is as fresh as sign()'s: one
-   * read per signature, never a cached key.
+   * A signature for a record that is created pending and acts only once a later write activates it
+   * (a task record), in steps that take the key Secret's read off the path to the create:
+   * - with no key held (none yet, or read more than `cacheMs` ago), the fresh read of the key Secret
+   *   starts now, as sign()'s; with one held, when the caller says (`read()`), at the latest
+   *   at `confirm()`;
+   * - `sign(facts)` signs with the key held, when one is and it is within the cache window (read at
+   *   most `cacheMs` ago, by a signature or a verification); with none, it waits for the fresh read;
+   * - `confirm()`, before the activating write, waits for the fresh read: undefined when the key that
+   *   signed is the current one (same kid, same key), else the same facts signed with the current key,
+   *   for the activating write to carry. A failed read rejects: the record must not be activated.
    */
-  startSigning(kind: string): (facts: Facts) => Promise<string> {
-    const loading = this.#current(true);
-    loading.catch(() => undefined); // observed by the returned function
-    return async (facts) => {
-      const keys = await loading;
-      return `${keys.kid}.${sign(null, payload(kind, facts), keys.privateKey).toString('base64url')}`;
+  startPendingSigning(kind: string): PendingSigning {
+    let fresh: Promise<KeyCache> | undefined;
+    const read = (): Promise<KeyCache> => {
+      if (!fresh) {
+        fresh = this.#current(true);
+        fresh.catch(() => undefined); // observed by confirm(), or by sign() when no key is held
+      }
+      return fresh;
+    };
+    const held = (): KeyCache | undefined => (this.#cache && this.#cache.until > this.#now() ? this.#cache : undefined);
+    if (!held()) void read();
+    let signed: { keys: KeyCache; facts: Facts } | undefined;
+    return {
+      read: () => void read(),
+      sign: async (facts) => {
+        const keys = held() ?? (await read());
+        signed = { keys, facts };
+        return signWith(kind, facts, keys);
+      },
+      confirm: async () => {
+        const keys = await read();
+        if (!signed) throw new Error('StateSigner: confirm() before sign()');
+        if (keys === signed.keys || (keys.kid === signed.keys.kid && keys.privateKey.equals(signed.keys.privateKey))) return undefined;
+        return signWith(kind, signed.facts, keys);
+      },
     };
   }
 
@@ -113,6 +156,10 @@ export class StateSigner {
     this.#cache = cache;
     return cache;
   }
+}
+
+function signWith(kind: string, facts: Facts, keys: KeyCache): string {
+  return `${keys.kid}.${sign(null, payload(kind, facts), keys.privateKey).toString('base64url')}`;
 }
 
 function payload(kind: string, facts: Facts): Buffer {

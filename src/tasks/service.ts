@@ -15,7 +15,7 @@ import { ApprovalRequiredError, type StartGate } from './gate.ts';
 import { formatDuration, parseDuration } from '../policy/duration.ts';
 import { gatedPairsHitBy } from '../policy/grants.ts';
 import type { GatedPair, Policy, PolicyRule, Template } from '../policy/types.ts';
-import type { StateSigner } from '../state-signature.ts';
+import { SIGNATURE_ANNOTATION, type StateSigner } from '../state-signature.ts';
 import { checkFreeText } from '../text.ts';
 import {
   LABEL,
@@ -311,9 +311,12 @@ export class TaskService {
       throw err;
     }
     const { template, name, ttl } = checked;
-    // The task record's signature: the key Secret's read starts now, so it overlaps the checks below
-    // (the ClusterRole read, the approval) and the write-ahead record; the record is signed after them.
-    const signTask = this.#signer?.startSigning('task');
+    // The task record's signature: made with the key held (read at most 5 s ago) when there is one,
+    // else after a read of the key Secret, which then starts now (overlapping the checks below: the
+    // ClusterRole read, the approval). The key Secret is read afresh in either case, and that read is
+    // awaited before the record is activated (#createObjects): what is active carries a signature by
+    // the key current then (src/state-signature.ts, startPendingSigning).
+    const signTask = this.#signer?.startPendingSigning('task');
     let approvalId: string | undefined;
     let gate: Awaited<ReturnType<TaskService['gatedHits']>>;
     try {
@@ -365,10 +368,16 @@ export class TaskService {
     const facts = { ...base, task: task.id, taskName: name, expiresAt: task.expiresAt.toISOString() };
 
     // Write-ahead: the attempt is on record before anything exists; an unwritable log stops it here.
-    // The record is signed meanwhile (the key Secret's read, started above, overlaps the fsync).
-    const signing = signTask?.(taskFacts(task));
+    // The record is signed meanwhile (with no key held, the key Secret's read overlaps the fsync).
+    const signing = signTask?.sign(taskFacts(task));
     signing?.catch(() => undefined); // observed below, after the record
-    await this.#audit.append({ ...facts, type: 'task.requested', outcome: 'ok', ...(req.reason ? { reason: req.reason } : {}) });
+    const requested = this.#audit.append({ ...facts, type: 'task.requested', outcome: 'ok', ...(req.reason ? { reason: req.reason } : {}) });
+    // With a key held, its fresh read starts once the record's write is under way: the file log hands
+    // the write to the thread pool from the setImmediate its append queued, before this one. Sending
+    // the GET first delayed the write's start by 0.6 to 0.8 ms of the event loop's time; now it
+    // overlaps the write (docs/benchmarks.md, "Task start", fourth pass).
+    if (signTask) setImmediate(signTask.read);
+    await requested;
     try {
       if (signing) task.signature = await signing;
     } catch (err) {
@@ -380,7 +389,7 @@ export class TaskService {
       // answer waits for both, so it is durable before the caller hears of the task. If either fails,
       // what was created is removed and the refusal recorded (after a `task.started` that was
       // written, the refusal says the start did not complete).
-      await this.#createObjects(task, template, () => this.#audit.append({ ...facts, type: 'task.started', outcome: 'allowed' }));
+      await this.#createObjects(task, template, () => this.#audit.append({ ...facts, type: 'task.started', outcome: 'allowed' }), signTask?.confirm);
     } catch (err) {
       await this.#refuse({ ...base, task: task.id }, name, err);
       throw err;
@@ -403,8 +412,15 @@ export class TaskService {
    * two leaves either an active record whose `task.started` is missing (as a crash after the patch
    * always could: a replica adopts it, `broker.started` names it) or a pending one after a
    * `task.started` (the orphan sweep removes it and records `task.cleaned`).
+   *
+   * `confirm` (the signature's fresh key read, StateSigner.startPendingSigning) is awaited beside the
+   * ServiceAccount and the RoleBinding, before `task.started` and the patch: a failed read rolls back
+   * like a failed create. When the key current now differs from the one the pending record was signed
+   * with, the activating patch also replaces the signature annotation (one write: the record never
+   * acts under the older signature). The ServiceAccount and the RoleBinding keep the first signature
+   * as created: nothing verifies theirs, the record's is the one trusted.
    */
-  async #createObjects(task: Task, template: Template, record: () => Promise<unknown>): Promise<void> {
+  async #createObjects(task: Task, template: Template, record: () => Promise<unknown>, confirm?: () => Promise<string | undefined>): Promise<void> {
     const ns = this.taskNamespace;
     const labels = taskLabels(task);
     const annotations = taskAnnotations(task);
@@ -448,23 +464,26 @@ export class TaskService {
           },
           (err: unknown) => Promise.reject(clusterError('creating the task RoleBinding', err)),
         );
-      // Both settled before anything is rolled back, so a RoleBinding still in flight is not missed.
-      const [a, b] = await Promise.allSettled([account, binding]);
+      // All settled before anything is rolled back, so a RoleBinding still in flight is not missed.
+      const [a, b, c] = await Promise.allSettled([account, binding, confirm?.()]);
       if (a.status === 'rejected') throw a.reason;
       if (b.status === 'rejected') throw b.reason;
+      if (c.status === 'rejected') throw c.reason;
+      const resigned = c.value;
+      const activate = [{ op: 'replace', path: `/metadata/labels/${LABEL.state.replace('/', '~1')}`, value: 'active' }];
+      if (resigned !== undefined) activate.push({ op: 'replace', path: `/metadata/annotations/${SIGNATURE_ANNOTATION.replace('/', '~1')}`, value: resigned });
 
       const recorded = record();
       // Tests only: the crash once the record is durable and before the patch is sent (the state a
       // crash between the two leaves when the record wins; the patch usually does, on loopback).
       if (RECORD_FIRST_FAILPOINT) await recorded.then(() => failpoint('start-after-started-record'));
       const activated = this.#kube.core
-        .patchNamespacedSecret(
-          { name: task.secretName, namespace: ns, body: [{ op: 'replace', path: `/metadata/labels/${LABEL.state.replace('/', '~1')}`, value: 'active' }] },
-        )
+        .patchNamespacedSecret({ name: task.secretName, namespace: ns, body: activate })
         .catch((err) => Promise.reject(clusterError('activating the task', err)));
       const [p, r] = await Promise.allSettled([activated, recorded]);
       if (r.status === 'rejected') throw r.reason;
       if (p.status === 'rejected') throw p.reason;
+      if (resigned !== undefined) task.signature = resigned;
       task.state = 'active';
       failpoint('start-after-activate');
     } catch (err) {
