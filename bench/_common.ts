@@ -80,13 +80,26 @@ export function spawnListening(script: string, args: string[], env?: NodeJS.Proc
   });
 }
 
+/** Milliseconds in a clock tick, the unit of /proc's CPU times. */
+const TICK_MS = 1000 / (Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100);
+
+/** The fields of a /proc `stat` file after the command name: [0] the state, [1] the parent's pid, [11] utime, ... */
+export function procStat(path: string): string[] {
+  const stat = readFileSync(path, 'utf8');
+  return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+}
+
 /** CPU time (user + system) a process (or one of its threads) has used so far, ms (/proc). */
 export function cpuMs(pid: number, thread?: number): number {
-  const stat = readFileSync(thread === undefined ? `/proc/${pid}/stat` : `/proc/${pid}/task/${thread}/stat`, 'utf8');
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(fields[11]) + Number(fields[12])) * (1000 / CLOCK_TICKS);
+  const fields = procStat(thread === undefined ? `/proc/${pid}/stat` : `/proc/${pid}/task/${thread}/stat`);
+  return (Number(fields[11]) + Number(fields[12])) * TICK_MS;
 }
-const CLOCK_TICKS = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
+
+/** CPU time (user + system) a process's children used that have ended and been reaped, ms (/proc cutime, cstime). */
+export function reapedChildrenCpuMs(pid: number | 'self'): number {
+  const fields = procStat(`/proc/${pid}/stat`);
+  return (Number(fields[13]) + Number(fields[14])) * TICK_MS;
+}
 
 export function percentile(xs: readonly number[], p: number): number {
   if (xs.length === 0) return NaN;

@@ -18,8 +18,7 @@
  * archive` of the parent commit with a node_modules symlink) with the store, on a database of its
  * own on the same server, in the same alternating slices: a before/after of a store change in one run.
  */
-import { spawnSync } from 'node:child_process';
-import { readdirSync, readFileSync } from 'node:fs';
+import { readdirSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -27,7 +26,7 @@ import { parseArgs } from 'node:util';
 import { migrate, PostgresAuditReader } from '../src/audit/postgres.ts';
 import { verifyAuditFile } from '../src/audit/verify.ts';
 import { TestPostgres } from '../test/helpers/postgres.ts';
-import { autocannon, type CannonResult, cpuMs, DEFAULT_TIMINGS, startCheckoutBroker, table, withEnv } from './_common.ts';
+import { autocannon, type CannonResult, cpuMs, DEFAULT_TIMINGS, procStat, reapedChildrenCpuMs, startCheckoutBroker, table, withEnv } from './_common.ts';
 
 
 const { values: flags } = parseArgs({
@@ -51,21 +50,19 @@ const LIMITS_OFF = [
 ];
 const loadAtStart = loadavg().map((l) => l.toFixed(2)).join(' ');
 
-const TICK_MS = 1000 / (Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100);
 /** CPU time (ms) of a process and its live children, with what its exited children used (the database server: postmaster, backends, WAL writer). */
 function treeCpuMs(root: number): number {
   let total = 0;
   for (const entry of readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
-    let stat: string;
+    let f: string[];
     try {
-      stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
+      f = procStat(`/proc/${entry}/stat`);
     } catch {
       continue; // gone meanwhile
     }
-    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
     const pid = Number(entry);
-    if (pid === root) total += cpuMs(pid) + (Number(f[13]) + Number(f[14])) * TICK_MS;
+    if (pid === root) total += cpuMs(pid) + reapedChildrenCpuMs(pid);
     else if (Number(f[1]) === root) total += cpuMs(pid);
   }
   return total;

@@ -28,7 +28,7 @@
  * line's write(2) waits behind the log's journal commits (23 us a line, measured: more than the
  * whole of the rest of the request log).
  *
- * --baseline-args "ARGS" runs the second broker with its limits on and these flags besides (e.g.
+ * --baseline-args "ARGS" runs the second broker (this tree's, or the --baseline-checkout one) with its limits on and these flags besides (e.g.
  * "--log-level warn": the same build without its request log), so a flag's cost shows in one run.
  *
  * --profile DIR runs the broker (limits on) and the bare route with `--cpu-prof --cpu-prof-dir=DIR`
@@ -121,7 +121,7 @@ await withEnv(async (env) => {
     ...logTo('broker-on.log'),
   });
   const unlimited = baselineCheckout
-    ? await startCheckoutBroker(env, baselineCheckout, { auditLog: join(env.dir, 'audit-baseline.jsonl'), extraArgs: [...DEFAULT_TIMINGS, ...LIMITS_ON], ...logTo('broker-baseline.log') })
+    ? await startCheckoutBroker(env, baselineCheckout, { auditLog: join(env.dir, 'audit-baseline.jsonl'), extraArgs: [...DEFAULT_TIMINGS, ...LIMITS_ON, ...(baselineArgs ?? [])], ...logTo('broker-baseline.log') })
     : await env.startBroker({
         auditLog: join(env.dir, 'audit-limits-off.jsonl'),
         extraArgs: [...DEFAULT_TIMINGS, ...(baselineArgs ? [...LIMITS_ON, ...baselineArgs] : LIMITS_OFF)],
@@ -210,7 +210,7 @@ await withEnv(async (env) => {
     // whatever else runs on the machine does not decide it (the ratio of the means is printed too).
     const ratios = ourRuns.map((r, i) => r.requests.average / offRuns[i]!.requests.average).sort((a, b) => a - b);
     const limitsRatio = (ratios[Math.floor((ratios.length - 1) / 2)]! + ratios[Math.ceil((ratios.length - 1) / 2)]!) / 2;
-    const offName = baselineCheckout ? `baseline checkout ${baselineCheckout}, limits on` : baselineArgs ? `limits on, ${baselineArgs.join(' ')}` : 'limits off';
+    const offName = baselineCheckout ? `baseline checkout ${baselineCheckout}, limits on${baselineArgs ? `, ${baselineArgs.join(' ')}` : ''}` : baselineArgs ? `limits on, ${baselineArgs.join(' ')}` : 'limits off';
     const row = (what: string, m: Measured) => [what, Math.round(m.rps), `${m.p50} ms`, `${m.p99} ms`, `${m.max} ms`, m.ok, m.non2xx, m.errors];
     console.log(`credential endpoint, token in memory: autocannon ${connections} connections, ${warmup} s warm-up, then ${duration} s measured each in ${rounds} alternating slices; loopback; answer ${answerBytes} bytes`);
     console.log(

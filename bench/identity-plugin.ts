@@ -15,7 +15,7 @@
  * (needs dist/ built: npm run build; the native build: ./install.sh)
  */
 import { spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -25,15 +25,10 @@ import * as oidc from 'openid-client';
 import { TestKeyring } from '../test/helpers/keyring.ts';
 import { TestProvider, signInAs, CLI_CLIENT_ID } from '../test/helpers/oidc-provider.ts';
 import { newAgentKey, parseAgentKey, proofHeader } from '../src/identity/agent-proof.ts';
+import { reapedChildrenCpuMs } from './_common.ts';
 
 const { values: flags } = parseArgs({ options: { 'baseline-plugin': { type: 'string' } } });
 const baselinePlugin = flags['baseline-plugin'] ? resolve(flags['baseline-plugin'], 'main.cjs') : undefined;
-/** CPU time (user + system) of this process's children that have ended, ms (/proc/self/stat cutime, cstime). */
-function childrenCpuMs(): number {
-  const stat = readFileSync('/proc/self/stat', 'utf8');
-  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(f[13]) + Number(f[14])) * 10; // clock ticks of 10 ms (USER_HZ 100)
-}
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 async function time(cmd: string, args: string[], env: NodeJS.ProcessEnv, n = 15): Promise<number> {
   const xs: number[] = [];
@@ -113,9 +108,9 @@ try {
   const cpu = variants.map(() => 0); // each run's CPU is its process's alone: one child at a time
   for (let round = 0; round < 31; round++) {
     for (const [i, [, cmd, a, e]] of variants.entries()) {
-      const before = childrenCpuMs();
+      const before = reapedChildrenCpuMs('self');
       samples[i]!.push(await time(cmd, a, e, 1));
-      cpu[i]! += childrenCpuMs() - before;
+      cpu[i]! += reapedChildrenCpuMs('self') - before;
     }
   }
   variants.forEach(([name], i) => rows.push([name, median(samples[i]!), cpu[i]! / 31]));
