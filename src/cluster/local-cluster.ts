@@ -224,8 +224,10 @@ export class LocalCluster {
     const state = readState(dir);
     // The node first (it ends its containers' process groups), with the controllers; the API server last.
     const others = (state.components ?? []).filter((c) => c.name !== 'kube-apiserver');
+    const groups = state.nodeDir ? readProcessGroups(state.nodeDir) : [];
     await Promise.all(others.map((c) => killAndWait(c.pid, timeoutMs)));
     if (state.nodeDir) killProcessGroups(state.nodeDir);
+    await groupsGone(groups, timeoutMs);
     await killAndWait(state.pid, timeoutMs);
     rmSync(dir, { recursive: true, force: true });
     return state;
@@ -244,6 +246,7 @@ export class LocalCluster {
     this.#stopped = true;
     attached.delete(this);
     const others = this.components.slice(1);
+    const groups = this.nodeDir ? readProcessGroups(this.nodeDir) : [];
     await Promise.all(
       others.map((c) => {
         const child = this.#others.find((p) => p.pid === c.pid);
@@ -251,6 +254,7 @@ export class LocalCluster {
       }),
     );
     if (this.nodeDir) killProcessGroups(this.nodeDir);
+    await groupsGone(groups, timeoutMs);
     if (this.#child) await stopChild(this.#child, timeoutMs);
     else await killAndWait(this.pid, timeoutMs);
     rmSync(this.dir, { recursive: true, force: true });
@@ -579,6 +583,37 @@ function killProcessGroups(nodeDir: string): void {
       // gone
     }
   }
+}
+
+/**
+ * Waits until none of `groups` has a live member. The node reaps a container's first process and
+ * SIGKILLs its group, but does not wait for the rest of the group: a child of the container's shell is
+ * still dying, or a zombie waiting for init, when the node has exited. A zombie is not alive (it holds
+ * nothing and runs nothing), but it keeps its group in the kernel's tables until it is reaped.
+ */
+async function groupsGone(groups: number[], timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (groups.some(groupAlive)) {
+    if (Date.now() > deadline) throw new BrokerError('internal', `process group(s) ${groups.filter(groupAlive).join(', ')} still running after the node stopped`);
+    await sleep(20);
+  }
+}
+
+/** Whether process group `pgid` has a member that is not a zombie (Linux: /proc/PID/stat). */
+export function groupAlive(pgid: number): boolean {
+  try {
+    process.kill(-pgid, 0);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EPERM') return false;
+  }
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    const stat = safeRead(`/proc/${entry}/stat`);
+    // After the command's closing parenthesis: state, ppid, pgrp.
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    if (Number(fields[2]) === pgid && fields[0] !== 'Z') return true;
+  }
+  return false;
 }
 
 /** The process groups of containers and execs the node lists as alive. */

@@ -6,11 +6,11 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { alive, freePort, kubectlPath, LocalCluster, NODE_NAME, readProcessGroups } from '../../src/cluster/local-cluster.ts';
+import { alive, freePort, groupAlive, kubectlPath, LocalCluster, NODE_NAME, readProcessGroups } from '../../src/cluster/local-cluster.ts';
 import { kubectl, run } from '../helpers/kube.ts';
 
 interface PodJson {
@@ -61,23 +61,6 @@ function pidOf(pod: PodJson, container?: string): number {
   const pid = Number(/^process:\/\/(\d+)$/.exec(status?.containerID ?? '')?.[1]);
   assert.ok(pid > 0, `no pid in ${JSON.stringify(pod.status)}`);
   return pid;
-}
-
-/** Whether any process of the group runs (zombies, exited and waiting for their parent to reap them, do not). */
-function groupAlive(pgid: number): boolean {
-  for (const entry of readdirSync('/proc')) {
-    if (!/^\d+$/.test(entry)) continue;
-    let stat: string;
-    try {
-      stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
-    } catch {
-      continue; // gone meanwhile
-    }
-    // pid (comm) state ppid pgrp ...
-    const [state, , pgrp] = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    if (Number(pgrp) === pgid && state !== 'Z') return true;
-  }
-  return false;
 }
 
 describe('full local cluster', () => {
