@@ -2,6 +2,8 @@ import { existsSync } from 'node:fs';
 import { Command } from 'commander';
 import { BrokerError } from '../errors.ts';
 import { checkRecordings } from '../audit/recordings.ts';
+// Imports nothing: the PostgreSQL driver loads only when a store is named.
+import { isPostgresUrl } from '../audit/store-schema.ts';
 import { describeBreak, verifyLiveFile, type LiveVerifyResult } from '../audit/verify.ts';
 import type { AuditRecord, VerifyResult } from '../audit/types.ts';
 import { outputOption, printJson, style, type OutputFormat } from './output.ts';
@@ -88,7 +90,7 @@ async function verify(file: string, opts: VerifyCommandOptions): Promise<void> {
     }
   }
   let result: LiveVerifyResult;
-  if (isStoreUrl(file)) return verifyStore(file, opts);
+  if (isPostgresUrl(file)) return verifyStore(file, opts);
   try {
     result = await verifyLiveFile(file, { expect: opts.expect, expectLast: opts.expectLast, strict: opts.strict });
   } catch (err) {
@@ -139,10 +141,6 @@ function reportVerdict(result: LiveVerifyResult, where: string, output: OutputFo
   throw new BrokerError('audit_chain_broken', describeBreak(result) + hint);
 }
 
-/** A PostgreSQL audit store: without the driver loaded unless one is named. */
-function isStoreUrl(value: string): boolean {
-  return /^postgres(ql)?:\/\//i.test(value);
-}
 
 /** `audit verify postgres://...`: the same checks and output as for a file; a row is a line. */
 async function verifyStore(url: string, opts: VerifyCommandOptions): Promise<void> {
@@ -191,7 +189,7 @@ function migrateCommand(): Command {
       ].join('\n'),
     )
     .action(async (url: string, opts: MigrateCommandOptions) => {
-      if (!isStoreUrl(url)) throw new BrokerError('invalid_argument', 'expected a postgres:// or postgresql:// URL', { field: 'URL' });
+      if (!isPostgresUrl(url)) throw new BrokerError('invalid_argument', 'expected a postgres:// or postgresql:// URL', { field: 'URL' });
       const { migrate, redactUrl } = await import('../audit/postgres.ts');
       const r = await migrate(url, opts.grant);
       if (opts.output === 'json') return printJson({ store: redactUrl(url), created: r.created, granted: r.granted });
@@ -270,7 +268,7 @@ async function show(file: string, opts: ShowCommandOptions): Promise<void> {
   // chalk alone does not look at NO_COLOR; stdout must be a terminal too.
   const colour = process.stdout.isTTY === true && !process.env['NO_COLOR'];
   const paint = colour ? { denied: style.error, dim: style.dim, ok: style.ok } : NO_PAINT;
-  const store = isStoreUrl(file);
+  const store = isPostgresUrl(file);
   const reader = store ? new (await import('../audit/postgres.ts')).PostgresAuditReader(file) : new AuditReader(file);
   if (store) file = (reader as { where: string }).where; // never a password in a message
   const readOrFail = async () => {

@@ -1,6 +1,7 @@
 import { delimiter } from 'node:path';
 import { Command, Option } from 'commander';
 import { BrokerError } from '../errors.ts';
+import { isPostgresUrl } from '../audit/store-schema.ts';
 // The policy parser (yaml, ajv) and the Kubernetes client load only when a command needs them.
 import type { AffectedTask, Change, ClusterRoleGate } from '../policy/apply.ts';
 import type { GatedPair, Identity, Policy, PolicyIssue } from '../policy/types.ts';
@@ -14,6 +15,7 @@ interface ApplyOptions {
   kubeconfig?: string;
   dryRun: boolean;
   auditLog?: string;
+  auditStore?: string;
   endAffectedTasks: boolean;
   /** yaml: the objects themselves, as manifests (with --dry-run only; for the Helm chart or kubectl apply). */
   output: OutputFormat | 'yaml';
@@ -90,7 +92,8 @@ export function policyCommand(): Command {
     .option('--kubeconfig <path>', "an administrator's kubeconfig (policy apply creates RBAC objects; default: $KUBECONFIG)")
     .option('--dry-run', 'show what would change without changing anything', false)
     .option('--audit-log <file>', "record a policy.applied event in this audit log (e.g. the broker's)")
-    .option('--end-affected-tasks', 'end the active tasks whose template, or namespace, the policy removes (each recorded in --audit-log), then apply', false)
+    .option('--audit-store <url>', 'record the apply, and each task it ends, in the PostgreSQL audit store the brokers share (in place of --audit-log): postgres://ROLE@HOST:PORT/DB, the password in PGPASSWORD, a role that may append to it')
+    .option('--end-affected-tasks', 'end the active tasks whose template, or namespace, the policy removes (each recorded in --audit-log or --audit-store), then apply', false)
     .addOption(
       new Option('-o, --output <format>', 'output format; yaml (with --dry-run): the objects apply would make exist, as manifests (for the Helm chart)')
         .choices(['text', 'json', 'yaml'])
@@ -186,6 +189,9 @@ async function apply(file: string, opts: ApplyOptions): Promise<void> {
     });
   }
   // An administrator's kubeconfig, never an implicit one (~/.kube/config or in-cluster): --kubeconfig, else $KUBECONFIG, said which.
+  if (opts.auditLog !== undefined && opts.auditStore !== undefined) {
+    throw new BrokerError('usage', 'give one of --audit-log FILE and --audit-store postgres://...: the apply records in one place, the one the brokers record in', { field: '--audit-store' });
+  }
   const fromEnv = opts.kubeconfig === undefined ? process.env['KUBECONFIG'] || undefined : undefined;
   const kubeconfig = opts.kubeconfig ?? fromEnv;
   if (kubeconfig === undefined) {
@@ -197,8 +203,8 @@ async function apply(file: string, opts: ApplyOptions): Promise<void> {
   const { policy, text } = await loadPolicyFile(file);
   process.stderr.write(style.dim(`policy apply: kubeconfig ${fromEnv === undefined ? `from --kubeconfig: ${kubeconfig}` : `from $KUBECONFIG: ${kubeconfig}`}\n`));
   const kube = kubeApis(loadKubeConfig(kubeconfig));
-  // Opened first: an unwritable log stops the apply before anything changes.
-  const audit = opts.auditLog && !opts.dryRun ? await openApplyLog(opts.auditLog) : undefined;
+  // Opened first: an unwritable log or store stops the apply before anything changes.
+  const audit = opts.dryRun ? undefined : opts.auditStore !== undefined ? await openApplyStore(opts.auditStore) : opts.auditLog ? await openApplyLog(opts.auditLog) : undefined;
   let changes: Change[];
   let gates: ClusterRoleGate[];
   let ended: AffectedTask[];
@@ -299,6 +305,19 @@ async function apply(file: string, opts: ApplyOptions): Promise<void> {
 /** What a running broker does about an apply (docs/operations.md): it reads the policy file itself. */
 export const RELOAD_NOTE =
   "note: policy apply changes the cluster's RBAC only; running brokers reload the policy file themselves when it changes and on SIGHUP (each reload recorded in the broker's own audit log as policy.reloaded)";
+
+/**
+ * The PostgreSQL audit store `--audit-store` names: the one chain every replica appends to, so the
+ * tasks an apply ends and the apply itself are in the trail `broker audit show` reads for all of
+ * them. Any number of writers may append (src/audit/postgres.ts), so a running broker is no obstacle.
+ */
+async function openApplyStore(url: string): Promise<import('../audit/postgres.ts').PostgresAuditStore> {
+  if (!isPostgresUrl(url)) {
+    throw new BrokerError('invalid_argument', 'the audit store is a PostgreSQL URL, postgres://ROLE@HOST:PORT/DB (a file goes to --audit-log)', { field: '--audit-store' });
+  }
+  const { PostgresAuditStore } = await import('../audit/postgres.ts');
+  return PostgresAuditStore.open(url);
+}
 
 /**
  * The audit log `--audit-log` names, locked for this apply (src/audit/lock.ts). A log a running broker

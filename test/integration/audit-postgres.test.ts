@@ -7,8 +7,9 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { freePort } from '../../src/cluster/local-cluster.ts';
 import { brokerCli as cli, BrokerEnv, type BrokerProcess } from '../helpers/broker.ts';
 import { kubectl, writeTokenKubeconfig } from '../helpers/kube.ts';
 import { TestPostgres } from '../helpers/postgres.ts';
@@ -194,6 +195,60 @@ describe('three brokers on one PostgreSQL audit store', () => {
     const verified = cli(['audit', 'verify', old, '-o', 'json']);
     assert.equal(verified.status, 0, verified.stderr);
     assert.ok(JSON.parse(verified.stdout).records >= 1, 'the broker recorded its start through the function');
+  });
+
+  test('policy apply --end-affected-tasks --audit-store: the task it ends and the apply are on the brokers\' chain; a store it cannot use stops it before anything changes', async () => {
+    const [one, two] = brokers as [BrokerProcess, BrokerProcess, BrokerProcess];
+    const start = await one.request('POST', '/v1/tasks', alpha, { template: 'configmap-writer', namespace: 'team-a', name: 'writer', ttl: '10m' });
+    assert.equal(start.status, 201, JSON.stringify(start.body));
+    const id = start.body.id as string;
+    await until('the second broker to see the task', 15_000, async () => (await two.request('GET', '/v1/tasks', alpha)).body.tasks?.some((t: { id: string }) => t.id === id));
+    // The policy without the task's template (the brokers keep reading their own file).
+    const full = readFileSync(env!.policyFile, 'utf8');
+    const cut = full.indexOf('  - name: configmap-writer');
+    assert.ok(cut > 0, 'the fixture has the template');
+    const removed = join(env!.dir, 'without-writer.yaml');
+    writeFileSync(removed, full.slice(0, cut));
+    const apply = (...more: string[]) => cli(['policy', 'apply', removed, '--kubeconfig', env!.cluster.kubeconfig, '--end-affected-tasks', ...more]);
+    const clusterRole = async () => (await kubectl(env!.cluster.kubeconfig, 'get', 'clusterrole', 'task-broker:template:configmap-writer', '-o', 'name')).code;
+    const objects = await env!.taskObjects();
+    assert.ok(objects.secrets.length > 0 && (await clusterRole()) === 0);
+
+    const both = apply('--audit-log', join(env!.dir, 'apply.jsonl'), '--audit-store', store);
+    assert.equal(both.status, 2, both.stderr);
+    assert.match(both.stderr, /give one of --audit-log FILE and --audit-store postgres:\/\/\.\.\./);
+    const notStore = apply('--audit-store', 'mysql://task_broker@127.0.0.1:3306/audit');
+    assert.equal(notStore.status, 2, notStore.stderr);
+    assert.match(notStore.stderr, /--audit-store.*PostgreSQL URL|PostgreSQL URL.*--audit-store/);
+    const away = apply('--audit-store', `postgres://task_broker@127.0.0.1:${await freePort()}/audit`);
+    assert.equal(away.status, 5, away.stderr);
+    assert.match(away.stderr, /audit store postgres:\/\/task_broker@127\.0\.0\.1:\d+\/audit cannot/);
+    assert.deepEqual(await env!.taskObjects(), objects, 'no refusal ended anything');
+    assert.equal(await clusterRole(), 0, 'no refusal applied anything');
+
+    const seqBefore = Number((await pg!.query<{ n: string }>('postgres', 'SELECT max(seq) AS n FROM task_broker.audit')).rows[0]!.n);
+    const done = apply('--audit-store', store);
+    assert.equal(done.status, 0, done.stderr);
+    assert.match(done.stdout, new RegExp(`^ended task ${id} \\(agent alpha, name writer, template configmap-writer, namespace team-a: template removed\\)$`, 'm'));
+    assert.ok(!done.stdout.includes(pg!.brokerPassword) && !done.stderr.includes(pg!.brokerPassword), 'no password printed');
+    assert.notEqual(await clusterRole(), 0, 'the template\'s ClusterRole is gone');
+    assert.deepEqual((await env!.taskObjects()).secrets.filter((n) => n.includes(id)), [], 'the task record is gone');
+
+    // Its records, on the one chain, after everything before the apply: the end, then the apply.
+    const after = await pg!.query<{ type: string; line: string }>('postgres', 'SELECT type, line FROM task_broker.audit WHERE seq > $1 AND type IN ($2, $3) ORDER BY seq', [seqBefore, 'task.ended', 'policy.applied']);
+    assert.deepEqual(after.rows.map((r) => r.type), ['task.ended', 'policy.applied']);
+    const ended = JSON.parse(after.rows[0]!.line);
+    assert.deepEqual(
+      { actor: ended.actor, agent: ended.agent, task: ended.task, template: ended.template, namespace: ended.namespace, reason: ended.reason },
+      { actor: 'user:policy-apply', agent: 'alpha', task: id, template: 'configmap-writer', namespace: 'team-a', reason: 'template removed by policy apply' },
+    );
+    assert.equal(JSON.parse(after.rows[1]!.line).details.endedTasks, 1);
+    const shown = cli(['audit', 'show', '--task', id, store]);
+    assert.equal(shown.status, 0, shown.stderr);
+    assert.match(shown.stdout, /task started[\s\S]*task ended/);
+    const verified = cli(['audit', 'verify', store]);
+    assert.equal(verified.status, 0, verified.stderr);
+    for (const b of brokers) await until('every broker to see the task gone', 15_000, async () => !(await b.request('GET', '/v1/tasks', alpha)).body.tasks?.some((t: { id: string }) => t.id === id));
   });
 
   test("tampering in the database is named by audit verify; the brokers' role cannot update", async () => {
