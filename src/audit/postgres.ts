@@ -37,11 +37,11 @@ import type { AuditSink } from './sink.ts';
 import { GENESIS_HASH, OPTIONAL_STRING_FIELDS, type AuditEventInput, type AuditRecord, type VerifyResult } from './types.ts';
 import { canonicalRecordJson, ChainVerifier, recordLine, sha256Hex, type VerifyOptions } from './verify.ts';
 import { usedProofsMigration } from '../identity/proof-replay.ts';
-import { AUDIT_APPEND, AUDIT_APPEND_SIGNATURE, AUDIT_SCHEMA, AUDIT_TABLE, isPostgresUrl, lacksMigration } from './store-schema.ts';
+import { AUDIT_APPEND, AUDIT_APPEND_SIGNATURE, AUDIT_SCHEMA, AUDIT_TABLE, lacksMigration } from './store-schema.ts';
 import { consoleMigration } from '../console/migration.ts';
 
 /** Schema, table and append function (created by `broker audit migrate`). */
-export { AUDIT_APPEND, AUDIT_SCHEMA, AUDIT_TABLE, isPostgresUrl };
+export { AUDIT_APPEND, AUDIT_SCHEMA, AUDIT_TABLE };
 /** The advisory lock that serialises appends to the one chain ("tbaudit1" as a 64-bit integer). */
 export const AUDIT_LOCK_KEY = '8386102735580079409';
 const PROBE_MS = 500;

@@ -8,16 +8,15 @@
  * No imports: src/audit/postgres.ts and the modules whose migrations it runs all use it.
  */
 export const AUDIT_SCHEMA = 'task_broker';
+export const AUDIT_TABLE = `${AUDIT_SCHEMA}.audit`;
+/** The function the brokers append a batch with (src/audit/postgres.ts appendFunctionSql), and its argument types. */
+export const AUDIT_APPEND = `${AUDIT_SCHEMA}.append_audit`;
+export const AUDIT_APPEND_SIGNATURE = `${AUDIT_APPEND}(bigint, text, timestamptz, text[], text[], text[], text)`;
 
 /** Whether a command's argument names a PostgreSQL audit store (postgres:// or postgresql://) rather than a file. */
 export function isPostgresUrl(value: string): boolean {
   return /^postgres(ql)?:\/\//i.test(value);
 }
-
-export const AUDIT_TABLE = `${AUDIT_SCHEMA}.audit`;
-/** The function the brokers append a batch with (src/audit/postgres.ts appendFunctionSql), and its argument types. */
-export const AUDIT_APPEND = `${AUDIT_SCHEMA}.append_audit`;
-export const AUDIT_APPEND_SIGNATURE = `${AUDIT_APPEND}(bigint, text, timestamptz, text[], text[], text[], text)`;
 
 /** Whether a driver error says the store lacks a schema, table or function that `broker audit migrate` makes. */
 export function lacksMigration(err: unknown): boolean {

@@ -576,7 +576,11 @@ async function stopChild(child: ChildProcess, timeoutMs: number): Promise<void> 
  * node's own clean exit, so this matters only when the node itself was killed.
  */
 function killProcessGroups(nodeDir: string): void {
-  for (const pgid of readProcessGroups(nodeDir)) {
+  killGroups(readProcessGroups(nodeDir));
+}
+
+function killGroups(pgids: number[]): void {
+  for (const pgid of pgids) {
     try {
       process.kill(-pgid, 'SIGKILL');
     } catch {
@@ -593,16 +597,14 @@ function killProcessGroups(nodeDir: string): void {
  */
 async function groupsGone(groups: number[], timeoutMs: number): Promise<void> {
   const deadline = Date.now() + timeoutMs;
-  while (groups.some(groupAlive) && Date.now() < deadline) await sleep(20);
+  let left = groups.filter(groupAlive);
+  while (left.length > 0 && Date.now() < deadline) {
+    await sleep(20);
+    left = left.filter(groupAlive);
+  }
   // Past the deadline: SIGKILL what is left and go on stopping the rest (the API server, the
   // directory); whoever checks the groups afterwards still sees one that outlived this.
-  for (const pgid of groups.filter(groupAlive)) {
-    try {
-      process.kill(-pgid, 'SIGKILL');
-    } catch {
-      // gone meanwhile
-    }
-  }
+  killGroups(left);
 }
 
 /** Whether process group `pgid` has a member that is not a zombie (Linux: /proc/PID/stat). */
@@ -614,12 +616,16 @@ export function groupAlive(pgid: number): boolean {
   }
   for (const entry of readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
-    const stat = safeRead(`/proc/${entry}/stat`);
-    // After the command's closing parenthesis: state, ppid, pgrp.
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    if (Number(fields[2]) === pgid && fields[0] !== 'Z') return true;
+    const [state, , pgrp] = statFields(entry);
+    if (Number(pgrp) === pgid && state !== 'Z') return true;
   }
   return false;
+}
+
+/** The fields of /proc/PID/stat after the command's closing parenthesis: state, ppid, pgrp, ... (none once it is gone). */
+function statFields(pid: number | string): string[] {
+  const stat = safeRead(`/proc/${pid}/stat`);
+  return stat ? stat.slice(stat.lastIndexOf(')') + 2).split(' ') : [];
 }
 
 /** The process groups of containers and execs the node lists as alive. */
@@ -741,9 +747,7 @@ export function alive(pid: number): boolean {
   } catch (err) {
     return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
-  // Linux: the state is the field after the command's closing parenthesis in /proc/PID/stat.
-  const stat = safeRead(`/proc/${pid}/stat`);
-  return !/\) Z /.test(stat);
+  return statFields(pid)[0] !== 'Z';
 }
 
 function readState(dir: string): LocalClusterState {
