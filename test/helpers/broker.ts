@@ -8,6 +8,8 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as k8s from '@kubernetes/client-node';
+import { calculateJwkThumbprint, exportJWK, generateKeyPair } from 'jose';
+import { KEY_SECRET } from '../../src/approvals/token.ts';
 import { LocalCluster, type LocalClusterOptions } from '../../src/cluster/local-cluster.ts';
 import { kubeApis, type KubeApis } from '../../src/kube/config.ts';
 import { applyPolicy } from '../../src/policy/apply.ts';
@@ -151,6 +153,27 @@ export class BrokerEnv {
     for (const b of this.#brokers) b.kill('SIGKILL');
     await this.cluster.stop();
     rmSync(this.dir, { recursive: true, force: true });
+  }
+
+  /**
+   * The brokers' signing key rotated as an operator rotates it (docs/approvals.md): a new Ed25519
+   * `current` in the key Secret, the old one kept as `previous` (its public part). `dropPrevious()`
+   * then removes `previous`, which voids whatever the old key signed.
+   */
+  async rotateSigningKey(): Promise<{ old: { kid: string }; current: { kid: string }; dropPrevious: () => Promise<void> }> {
+    const ns = this.policy.broker.namespace;
+    const write = async (keys: object) => {
+      const secret = await this.admin.core.readNamespacedSecret({ name: KEY_SECRET, namespace: ns });
+      await this.admin.core.replaceNamespacedSecret({ name: KEY_SECRET, namespace: ns, body: { ...secret, data: { 'keys.json': Buffer.from(JSON.stringify(keys)).toString('base64') } } });
+    };
+    const held = await this.admin.core.readNamespacedSecret({ name: KEY_SECRET, namespace: ns });
+    const old = (JSON.parse(Buffer.from(held.data!['keys.json']!, 'base64').toString()) as { current: Record<string, string> & { kid: string } }).current;
+    const { d: _private, ...previous } = old;
+    const { privateKey } = await generateKeyPair('EdDSA', { crv: 'Ed25519', extractable: true });
+    const jwk = await exportJWK(privateKey);
+    const current = { ...jwk, kid: await calculateJwkThumbprint(jwk) };
+    await write({ current, previous });
+    return { old, current, dropPrevious: () => write({ current }) };
   }
 
   /** Task objects in the cluster, by kind, for assertions that nothing is left standing. */

@@ -228,26 +228,14 @@ describe('approvals', () => {
     // Two tokens signed with the key in use now.
     const first = await approvedToken('beta', body, ['bob']);
     const second = await approvedToken('alpha', body, ['bob']);
-    const ns = env.policy.broker.namespace;
-    const name = 'task-broker-approval-key';
-    const keys = async () => JSON.parse(Buffer.from((await env.admin.core.readNamespacedSecret({ name, namespace: ns })).data!['keys.json']!, 'base64').toString()) as { current: Record<string, string> };
-    const write = async (value: object) => {
-      const secret = await env.admin.core.readNamespacedSecret({ name, namespace: ns });
-      await env.admin.core.replaceNamespacedSecret({ name, namespace: ns, body: { ...secret, data: { 'keys.json': Buffer.from(JSON.stringify(value)).toString('base64') } } });
-    };
-    const { d: _private, ...previous } = (await keys()).current;
-    const { privateKey } = await generateKeyPair('EdDSA', { crv: 'Ed25519', extractable: true });
-    const jwk = await exportJWK(privateKey);
-    const current = { ...jwk, kid: await calculateJwkThumbprint(jwk) };
-
-    await write({ current, previous });
+    const { current, dropPrevious } = await env.rotateSigningKey();
     const start = await a.request('POST', '/v1/tasks', tokens['beta'], { ...body, approvalToken: first.token });
     assert.equal(start.status, 201, JSON.stringify(start.body));
     assert.equal((await a.request('DELETE', '/v1/tasks/rotated', tokens['beta'])).status, 200);
     const fresh = await approvedToken('beta', { ...body, name: 'rotated-2' }, ['bob']);
     assert.equal(decodeProtectedHeader(fresh.token).kid, current.kid, 'new tokens are signed with the new key');
 
-    await write({ current });
+    await dropPrevious();
     const refused = await a.request('POST', '/v1/tasks', tokens['alpha'], { ...body, approvalToken: second.token });
     assert.equal(refused.status, 403, JSON.stringify(refused.body));
     assert.match(refused.body.error.message, /a key this broker does not have/);

@@ -16,7 +16,6 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import * as k8s from '@kubernetes/client-node';
-import { calculateJwkThumbprint, exportJWK, generateKeyPair } from 'jose';
 import { verifyAuditFile } from '../../src/audit/verify.ts';
 import { SIGNATURE_ANNOTATION } from '../../src/state-signature.ts';
 import { LABEL, TASK_SELECTOR } from '../../src/tasks/model.ts';
@@ -75,8 +74,6 @@ describe('task start: task.started written beside the activation', () => {
   test('a key rotated just before a start: the active record is signed by the new key; removing previous at once revokes nothing', async () => {
     const auditLog = join(env.dir, 'rotation.jsonl');
     const broker = await env.startBroker({ auditLog });
-    const ns = env.policy.broker.namespace;
-    const keySecret = 'task-broker-approval-key';
     const taskNs = env.policy.broker.taskNamespace;
     const stop: Array<() => void> = [];
     try {
@@ -85,17 +82,6 @@ describe('task start: task.started written beside the activation', () => {
       const held = Date.now();
       assert.equal(warm.status, 201, JSON.stringify(warm.body));
       assert.equal((await broker.request('DELETE', '/v1/tasks/warm', alpha)).status, 200);
-      const write = async (value: object) => {
-        const secret = await env.admin.core.readNamespacedSecret({ name: keySecret, namespace: ns });
-        await env.admin.core.replaceNamespacedSecret({ name: keySecret, namespace: ns, body: { ...secret, data: { 'keys.json': Buffer.from(JSON.stringify(value)).toString('base64') } } });
-      };
-      const read = await env.admin.core.readNamespacedSecret({ name: keySecret, namespace: ns });
-      const old = (JSON.parse(Buffer.from(read.data!['keys.json']!, 'base64').toString()) as { current: Record<string, string> & { kid: string } }).current;
-      const { d: _private, ...previous } = old;
-      const { privateKey } = await generateKeyPair('EdDSA', { crv: 'Ed25519', extractable: true });
-      const jwk = await exportJWK(privateKey);
-      const current = { ...jwk, kid: await calculateJwkThumbprint(jwk) };
-
       // Every signature the record 'rotated' carries in the cluster, in order (pending, then active).
       const seen: Array<{ state: string | undefined; kid: string | undefined }> = [];
       const watch = await new k8s.Watch(env.admin.config).watch(`/api/v1/namespaces/${taskNs}/secrets`, { labelSelector: TASK_SELECTOR }, (_type, obj: k8s.V1Secret) => {
@@ -106,7 +92,7 @@ describe('task start: task.started written beside the activation', () => {
       }, () => undefined);
       stop.push(() => watch.abort());
 
-      await write({ current, previous });
+      const { old, current, dropPrevious } = await env.rotateSigningKey();
       const heldFor = Date.now() - held;
       const start = await broker.request('POST', '/v1/tasks', alpha, { template: 'read-pods', namespace: 'team-a', name: 'rotated' });
       assert.equal(start.status, 201, JSON.stringify(start.body));
@@ -120,7 +106,7 @@ describe('task start: task.started written beside the activation', () => {
       else console.log(`the key was read ${heldFor} ms before the start: not held any more, the re-signing is not exercised`);
 
       // previous removed at once: a replica started now trusts the task, and it still serves credentials.
-      await write({ current });
+      await dropPrevious();
       const replica = await env.startBroker({ auditLog: join(env.dir, 'rotation-replica.jsonl') });
       try {
         const listed = await replica.request('GET', '/v1/tasks', alpha);
